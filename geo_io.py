@@ -1,0 +1,237 @@
+"""Reading scenes and labels, and writing georeferenced rasters: one code path for every script.
+
+Data preparation and inference read imagery the same way: the first three bands as RGB (a single
+band replicated), alpha / nodata / internal masks as an *invalid* region, uint16 and other
+non-uint8 data stretched to uint8 by per-scene percentiles (2-98 by default, the SpaceNet method)
+or a fixed range. Labels are read with geopandas, reprojected to the image CRS and repaired.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import ColorInterp
+from rasterio.errors import RasterioError, RasterioIOError
+from rasterio.windows import Window
+
+from common import UserError, atomic_path
+
+# Values for the `stretch` option.
+STRETCH_PERCENTILE = "percentile"
+STRETCH_RANGE = "range"
+STRETCH_NONE = "none"
+
+
+def open_raster(path: str | os.PathLike) -> rasterio.io.DatasetReader:
+    """Open a raster, turning missing or unreadable files into a one-line `UserError`."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: image file does not exist")
+    try:
+        ds = rasterio.open(path)
+    except RasterioIOError as err:
+        raise UserError(f"{path}: not a readable raster ({_first_line(err)})") from None
+    return ds
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def check_readable(ds, path=None) -> None:
+    """Read the last block of the first band so truncated/corrupt files fail early, not mid-run."""
+    try:
+        h, w = ds.height, ds.width
+        ds.read(1, window=Window(max(0, w - 1), max(0, h - 1), 1, 1))
+        ds.read(1, window=Window(0, 0, 1, 1))
+    except RasterioError as err:
+        raise UserError(f"{path or ds.name}: corrupt or truncated raster ({_first_line(err)})") from None
+
+
+def raster_gsd(ds) -> float | None:
+    """Ground sample distance in metres per pixel, or None for plain (non-georeferenced) images."""
+    if ds.crs is None or ds.transform.is_identity:
+        return None
+    res_x = math.hypot(ds.transform.a, ds.transform.d)
+    if ds.crs.is_geographic:
+        # degrees -> metres at the scene centre latitude
+        lat = (ds.transform * (ds.width / 2, ds.height / 2))[1]
+        return res_x * 111_320.0 * math.cos(math.radians(lat))
+    try:
+        factor = ds.crs.linear_units_factor[1]
+    except Exception:
+        factor = 1.0
+    gsd = res_x * factor
+    if ds.crs.to_epsg() == 3857:
+        # Web Mercator metres are stretched by 1/cos(latitude); report true ground metres.
+        _, lat = rasterio.warp.transform(ds.crs, "EPSG:4326", [ds.bounds.left], [(ds.bounds.bottom + ds.bounds.top) / 2])
+        gsd *= math.cos(math.radians(lat[0]))
+    return gsd
+
+
+def band_layout(ds) -> tuple[list[int], int | None]:
+    """Return the 1-based band indexes used as RGB and the alpha band index (or None)."""
+    interp = list(ds.colorinterp)
+    alpha = next((i + 1 for i, c in enumerate(interp) if c == ColorInterp.alpha), None)
+    colour = [i + 1 for i in range(ds.count) if i + 1 != alpha]
+    if not colour:
+        raise UserError(f"{ds.name}: raster has no colour bands")
+    rgb = colour[:3] if len(colour) >= 3 else [colour[0]] * 3
+    return rgb, alpha
+
+
+def stretch_range(ds, bands: list[int], method: str = STRETCH_PERCENTILE, low: float = 2, high: float = 98,
+                  value_range: tuple[float, float] | None = None) -> np.ndarray | None:
+    """Per-band (lo, hi) mapping to 0..255, or None when the data are already uint8.
+
+    Percentiles are computed once per scene on a decimated read (at most ~1024 px on a side) over
+    valid pixels only, so the cost does not grow with the scene.
+    """
+    if method == STRETCH_NONE or (ds.dtypes[0] == "uint8" and method != STRETCH_RANGE):
+        return None
+    if method == STRETCH_RANGE:
+        if value_range is None:
+            raise UserError("stretch=range needs stretch_range=[lo,hi]")
+        return np.array([list(value_range)] * len(bands), dtype=np.float64)
+    step = max(1, int(math.ceil(max(ds.width, ds.height) / 1024)))
+    shape = (max(1, ds.height // step), max(1, ds.width // step))
+    data = ds.read(bands, out_shape=(len(bands),) + shape, resampling=rasterio.enums.Resampling.nearest).astype(np.float64)
+    valid = _valid_mask(ds, data, bands, None, window=None, out_shape=shape)
+    out = []
+    for band in data:
+        values = band[valid] if valid.any() else band.ravel()
+        lo, hi = np.percentile(values, [low, high]) if values.size else (0.0, 1.0)
+        out.append([lo, hi if hi > lo else lo + 1])
+    return np.asarray(out)
+
+
+def _valid_mask(ds, data, bands, alpha, window, out_shape=None) -> np.ndarray:
+    """Pixels with imagery: alpha > 0, not nodata, inside the dataset's internal mask."""
+    valid = np.ones(data.shape[1:], dtype=bool)
+    if alpha is not None:
+        a = ds.read(alpha, window=window, boundless=window is not None, fill_value=0, out_shape=out_shape)
+        valid &= a > 0
+    elif ds.nodata is not None:
+        valid &= ~np.all(data == ds.nodata, axis=0)
+    elif any(m.name == "per_dataset" for m in ds.mask_flag_enums[0]):
+        m = ds.read_masks(1, window=window, boundless=window is not None, out_shape=out_shape)
+        valid &= m > 0
+    return valid
+
+
+def read_window(ds, window: Window | None = None, stretch: np.ndarray | None = None,
+                zero_is_nodata: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Read `window` (may extend past the edges) as (RGB uint8 [H, W, 3], valid bool [H, W]).
+
+    Pixels outside the raster, under alpha 0, or equal to nodata are invalid and set to 0.
+    `zero_is_nodata` also treats pixels that are 0 in every band as invalid (SpaceNet mosaic edges).
+    """
+    bands, alpha = band_layout(ds)
+    boundless = window is not None and (
+        window.col_off < 0 or window.row_off < 0
+        or window.col_off + window.width > ds.width or window.row_off + window.height > ds.height
+    )
+    try:
+        data = ds.read(bands, window=window, boundless=boundless, fill_value=ds.nodata or 0)
+        valid = _valid_mask(ds, data, bands, alpha, window if boundless else window)
+    except RasterioError as err:
+        raise UserError(f"{ds.name}: corrupt or truncated raster ({_first_line(err)})") from None
+    if boundless:
+        inside = np.zeros(data.shape[1:], dtype=bool)
+        r0, c0 = int(-min(0, window.row_off)), int(-min(0, window.col_off))
+        r1 = int(min(window.height, ds.height - window.row_off))
+        c1 = int(min(window.width, ds.width - window.col_off))
+        inside[r0:r1, c0:c1] = True
+        valid &= inside
+    if zero_is_nodata:
+        valid &= np.any(data != 0, axis=0)
+    if stretch is not None:
+        lo = stretch[:, 0][:, None, None]
+        hi = stretch[:, 1][:, None, None]
+        data = np.clip((data.astype(np.float32) - lo) / (hi - lo) * 255.0, 0, 255).round()
+    rgb = np.ascontiguousarray(np.moveaxis(data.astype(np.uint8), 0, -1))
+    rgb[~valid] = 0
+    return rgb, valid
+
+
+def load_footprints(path: str | os.PathLike, crs=None):
+    """Read building polygons, reproject them to `crs`, repair invalid ones, drop empty/zero-area.
+
+    Returns a GeoDataFrame of Polygons/MultiPolygons (possibly empty) that keeps its CRS.
+    """
+    import geopandas as gpd
+    import shapely
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: label file does not exist")
+    try:
+        gdf = gpd.read_file(path)
+    except Exception as err:  # pyogrio raises several types for unreadable files
+        raise UserError(f"{path}: not a readable vector file ({_first_line(err)})") from None
+    if len(gdf) == 0:
+        return gdf.set_crs(crs or "EPSG:4326", allow_override=True) if gdf.crs is None else gdf
+    if gdf.crs is None:
+        raise UserError(f"{path}: labels have no CRS; add one (e.g. re-save as GeoJSON in EPSG:4326)")
+    geoms = shapely.make_valid(gdf.geometry.values)
+    geoms = [_polygonal(g) for g in geoms]
+    gdf = gpd.GeoDataFrame(gdf.drop(columns="geometry"), geometry=geoms, crs=gdf.crs)
+    gdf = gdf[~gdf.geometry.is_empty & gdf.geometry.notna()]
+    if crs is not None:
+        gdf = gdf.to_crs(crs)
+    gdf = gdf[gdf.geometry.area > 0]
+    return gdf.reset_index(drop=True)
+
+
+def _polygonal(geom):
+    """Keep the polygonal part of a repaired geometry (make_valid may return collections)."""
+    import shapely
+    from shapely.geometry import GeometryCollection, MultiPolygon, Polygon
+
+    if geom is None or geom.is_empty:
+        return Polygon()
+    if isinstance(geom, (Polygon, MultiPolygon)):
+        return geom
+    if isinstance(geom, GeometryCollection) or hasattr(geom, "geoms"):
+        parts = [g for g in shapely.get_parts(geom) if isinstance(g, Polygon) and not g.is_empty]
+        return MultiPolygon(parts) if parts else Polygon()
+    return Polygon()
+
+
+def rasterize_footprints(geoms, shape: tuple[int, int], transform, all_touched: bool = False) -> np.ndarray:
+    """Burn polygons into a uint8 0/1 mask on the given grid (rasterio's pixel-centre rule by default)."""
+    from rasterio.features import rasterize
+
+    geoms = [g for g in geoms if g is not None and not g.is_empty]
+    if not geoms:
+        return np.zeros(shape, dtype=np.uint8)
+    return rasterize(((g, 1) for g in geoms), out_shape=shape, transform=transform, fill=0,
+                     all_touched=all_touched, dtype="uint8")
+
+
+def output_profile(ds, count: int = 1, dtype: str = "uint8", **overrides) -> dict:
+    """Profile for a raster aligned with `ds`: same size, CRS and transform; tiled and compressed."""
+    profile = {
+        "driver": "GTiff", "width": ds.width, "height": ds.height, "count": count, "dtype": dtype,
+        "crs": ds.crs, "transform": ds.transform, "compress": "deflate", "nodata": None,
+    }
+    if ds.width >= 256 and ds.height >= 256:
+        profile.update(tiled=True, blockxsize=256, blockysize=256)
+    profile.update(overrides)
+    return profile
+
+
+def write_raster(path: str | os.PathLike, array: np.ndarray, profile: dict, tags: dict | None = None) -> None:
+    """Write a whole array ([H, W] or [C, H, W]) atomically with `profile`."""
+    arr = array[None] if array.ndim == 2 else array
+    profile = dict(profile, count=arr.shape[0], height=arr.shape[1], width=arr.shape[2], dtype=str(arr.dtype))
+    with atomic_path(path) as tmp:
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(arr)
+            if tags:
+                dst.update_tags(**{k: str(v) for k, v in tags.items()})

@@ -1,0 +1,22 @@
+"""Shared fixtures: the real data beside the checkout and a small generated demo scene."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from common import shared_dir  # noqa: E402
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """`../shared` (or $SHARED_DIR): real imagery, labels and reference vectors."""
+    path = shared_dir()
+    assert (path / "data").is_dir(), f"shared data not found at {path}; set SHARED_DIR"
+    return path

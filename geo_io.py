@@ -184,7 +184,7 @@ def load_footprints(path: str | os.PathLike, crs=None):
     gdf = gdf[~gdf.geometry.is_empty & gdf.geometry.notna()]
     if crs is not None:
         gdf = gdf.to_crs(crs)
-    gdf = gdf[gdf.geometry.area > 0]
+    gdf = gdf[shapely.area(gdf.geometry.values) > 0]  # sign test only: units do not matter
     return gdf.reset_index(drop=True)
 
 

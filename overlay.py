@@ -1,0 +1,95 @@
+"""Draw predicted (and true) footprints over an image as a PNG a person can open.
+
+    python overlay.py image=scene.tif pred=out/footprints/scene.geojson gt=labels/scene.geojson output=overlay.png
+
+Predicted outlines are drawn in magenta, ground-truth outlines in green. The image is read at reduced
+resolution (at most `max_size` pixels on its longer side) so a whole-city mosaic still gives a small
+PNG quickly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+from rasterio.enums import Resampling
+
+import geo_io
+from common import UserError, atomic_path, cli
+
+PRED_COLOUR = (255, 0, 255)  # RGB magenta
+GT_COLOUR = (0, 230, 0)  # RGB green
+
+
+def _read_preview(ds, max_size: int) -> tuple[np.ndarray, float]:
+    """RGB uint8 preview of the whole raster and the factor from raster pixels to preview pixels."""
+    factor = min(1.0, max_size / max(ds.width, ds.height))
+    shape = (max(1, round(ds.height * factor)), max(1, round(ds.width * factor)))
+    bands, _ = geo_io.band_layout(ds)
+    stretch = geo_io.stretch_range(ds, bands)
+    data = ds.read(bands, out_shape=(len(bands),) + shape, resampling=Resampling.average).astype(np.float32)
+    if stretch is not None:
+        data = (data - stretch[:, :1, None]) / (stretch[:, 1:, None] - stretch[:, :1, None]) * 255
+    rgb = np.clip(np.moveaxis(data, 0, -1), 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(rgb), factor
+
+
+def _pixel_rings(gdf, ds, factor: float) -> list[np.ndarray]:
+    """Exterior rings of every polygon, in preview pixel coordinates (int32, for cv2.polylines)."""
+    import shapely
+
+    if ds.crs is not None and gdf.crs is not None:
+        gdf = gdf.to_crs(ds.crs)
+    inverse = ~ds.transform
+    rings = []
+    for poly in shapely.get_parts(gdf.geometry.values):
+        if poly.is_empty or poly.geom_type != "Polygon":
+            continue
+        xy = np.asarray(poly.exterior.coords)[:, :2]
+        cols, rows = inverse * (xy[:, 0], xy[:, 1])
+        rings.append(np.round(np.stack([cols, rows], axis=1) * factor).astype(np.int32))
+    return rings
+
+
+def draw_overlay(image: str | Path, output: str | Path, pred: str | Path | None = None,
+                 gt: str | Path | None = None, max_size: int = 1600) -> Path:
+    """Write `output` (PNG): the image with ground-truth (green) and predicted (magenta) outlines."""
+    with geo_io.open_raster(image) as ds:
+        canvas, factor = _read_preview(ds, max_size)
+        thickness = max(1, round(2 * max(canvas.shape[:2]) / 1600))
+        for path, colour in ((gt, GT_COLOUR), (pred, PRED_COLOUR)):
+            if path:
+                rings = _pixel_rings(geo_io.load_footprints(path), ds, factor)
+                cv2.polylines(canvas, rings, isClosed=True, color=colour, thickness=thickness, lineType=cv2.LINE_AA)
+    _legend(canvas, pred is not None, gt is not None)
+    output = Path(output)
+    with atomic_path(output) as tmp:
+        if not cv2.imwrite(str(tmp), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
+            raise UserError(f"{output}: could not write PNG")
+    return output
+
+
+def _legend(canvas: np.ndarray, has_pred: bool, has_gt: bool) -> None:
+    entries = [("predicted", PRED_COLOUR)] * has_pred + [("ground truth", GT_COLOUR)] * has_gt
+    for i, (text, colour) in enumerate(entries):
+        y = 24 + 24 * i
+        cv2.rectangle(canvas, (8, y - 16), (150, y + 6), (0, 0, 0), -1)
+        cv2.putText(canvas, text, (14, y), cv2.FONT_HERSHEY_SIMPLEX, 0.55, colour, 1, cv2.LINE_AA)
+
+
+def run(cfg) -> Path:
+    if not cfg.image or not cfg.output:
+        raise UserError("overlay.py needs image=<raster> and output=<file.png>")
+    path = draw_overlay(cfg.image, cfg.output, cfg.pred, cfg.gt, cfg.max_size)
+    print(f"overlay written to {path}")
+    return path
+
+
+@cli("overlay")
+def main(cfg):
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The Open Cities 3rd-place workflow as one re-runnable pipeline over the public CLIs.
+#
+#   stage 1  data preparation (scales 1, 2, 0.5) and training of the b1 model
+#   stage 2  self-training: negative mining and TTA pseudo-labels on unlabelled images, soft labels,
+#            then training of the b2 model (Mish, context block, drop-connect 0.5) on them
+#   stage 3  the final TTA ensemble of both models on the test images, and evaluation when labels exist
+#
+# Usage: scripts/pipeline.sh [STAGE ...]        (default: 1 2 3)
+# Settings (environment variables, defaults in brackets):
+#   DATA_DIR      labelled training data for dataset.py (STAC catalog, CSV index or image/label pairs) [built-in demo]
+#   TEST_DIR      images to predict in stage 3 (folder, file or STAC catalog)                       [demo test images]
+#   TEST_LABELS   ground-truth footprints for TEST_DIR (file or folder) to evaluate against           [demo test labels]
+#   UNLABELED_DIR images used for negative mining and pseudo-labels in stage 2 (test, tier 2)         [TEST_DIR]
+#   OUT           output root                                                                         [outputs/pipeline]
+#   GPUS          processes per node for training (torchrun when > 1)                                 [1]
+#   B1_ARGS, B2_ARGS   extra train.py overrides (e.g. "max_steps=40000 batch_size=5")
+#   B1_WIDTH, B2_WIDTH inference widths of the two models in stage 3                                  [672, 1024]
+#   PREP_SCALES   scales for dataset.py in stage 1                                                    ["1 2 0.5"]
+#   INFER_ARGS    extra inference.py overrides for every inference call
+# Each command is echoed before it runs; the first failure stops the pipeline; a finished stage leaves
+# OUT/.stage<N>.done and is skipped when the pipeline is run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+
+OUT=${OUT:-outputs/pipeline}
+GPUS=${GPUS:-1}
+DEMO_DIR=${BUILDINGS_DEMO_DIR:-data/demo}
+if [ -z "${DATA_DIR:-}" ]; then
+  "$PY" -c "import demo_scene; demo_scene.ensure_demo_scene()"
+  DATA_DIR=$DEMO_DIR
+  TEST_DIR=${TEST_DIR:-$DEMO_DIR/test/images}
+  TEST_LABELS=${TEST_LABELS:-$DEMO_DIR/test/labels}
+fi
+TEST_DIR=${TEST_DIR:?set TEST_DIR to the images to predict}
+UNLABELED_DIR=${UNLABELED_DIR:-$TEST_DIR}
+PREP_SCALES=${PREP_SCALES:-"1 2 0.5"}
+B1_WIDTH=${B1_WIDTH:-672}
+B2_WIDTH=${B2_WIDTH:-1024}
+TTA="[none,hflip,vflip,hvflip,transpose]"
+
+run() { echo "+ $*"; "$@"; }
+train() {
+  if [ "$GPUS" -gt 1 ]; then run "$PY" -m torch.distributed.run --nproc_per_node="$GPUS" train.py "$@"
+  else run "$PY" train.py "$@"; fi
+}
+done_mark() { echo "$OUT/.stage$1.done"; }
+
+stage1() {
+  for s in $PREP_SCALES; do
+    run "$PY" dataset.py base_dir="$DATA_DIR" out_dir="$OUT/chips" scale="$s"
+  done
+  # shellcheck disable=SC2086
+  train data_dir="$OUT/chips" fold=0 model_name=efficientnet-b1 output_dir="$OUT/b1" ${B1_ARGS:-}
+}
+
+stage2() {
+  local b1="$OUT/b1/best.pth"
+  # Negative mining: confidently empty images join the training chips as negatives (no mask file).
+  # shellcheck disable=SC2086
+  run "$PY" inference.py model="$b1" data_dir="$UNLABELED_DIR" width=512 mine_empty=True \
+    output_dir="$OUT/mining" output_dir_empty="$OUT/chips/mined_negatives" ${INFER_ARGS:-}
+  # Pseudo-labels: TTA at two scales, averaged into soft labels.
+  # shellcheck disable=SC2086
+  run "$PY" inference.py model="$b1" data_dir="$UNLABELED_DIR" "tta=$TTA" "widths=[512,$B1_WIDTH]" \
+    output_dir="$OUT/pseudo/b1" ${INFER_ARGS:-}
+  run "$PY" combine_images.py base_dir="$OUT/pseudo" add_mask_suffix=True out_dir="$OUT/soft_labels"
+  # shellcheck disable=SC2086
+  train data_dir="$OUT/chips" fold=0 model_name=efficientnet-b2 use_mish=True use_context_block=True \
+    drop_connect_rate=0.5 soft_labels_dir="$OUT/soft_labels" model="$b1" output_dir="$OUT/b2" ${B2_ARGS:-}
+}
+
+stage3() {
+  local models="[$OUT/b1/best.pth]"
+  [ -f "$OUT/b2/best.pth" ] && models="[$OUT/b1/best.pth,$OUT/b2/best.pth]"
+  # shellcheck disable=SC2086
+  run "$PY" inference.py "model=$models" data_dir="$TEST_DIR" "tta=$TTA" "widths=[$B1_WIDTH,$B2_WIDTH]" \
+    threshold=0.56 output_dir="$OUT/final" ${INFER_ARGS:-}
+  if [ -n "${TEST_LABELS:-}" ]; then
+    run "$PY" evaluate.py gt="$TEST_LABELS" pred="$OUT/final/footprints" pred_masks="$OUT/final/masks" \
+      images="$TEST_DIR" output="$OUT/final/scores.json"
+  fi
+}
+
+stages=${*:-1 2 3}
+for s in $stages; do
+  if [ -f "$(done_mark "$s")" ]; then echo "= stage $s already done ($(done_mark "$s"))"; continue; fi
+  echo "== stage $s"
+  "stage$s"
+  mkdir -p "$OUT"; touch "$(done_mark "$s")"
+done
+echo "outputs in $OUT"

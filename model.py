@@ -1,0 +1,743 @@
+"""The segmentation network: EfficientNet encoder -> FPN decoder -> heads, and its checkpoints.
+
+The architecture is the Open Cities AI Challenge 3rd-place `EfficientFPN`, numerically the same, so
+the original pipeline's published checkpoints (`m40000.pth`, `ave.pth`, ...) load and give the same
+outputs. The code is laid out the way segmentation_models_pytorch lays out a model: an encoder that
+exposes its feature channels, a decoder that turns a list of features into one map, small heads, and
+a model class that only wires them together.
+
+    encoder   EfficientNet (efficientnet-pytorch); Mish after the stem and the head conv, as the
+              original forward did; features after the last block at strides 4, 8, 16 and after the
+              1x1 head conv (stride 32).
+    decoder   lateral 1x1 convs to 64 ch, top-down nearest upsampling + add, three branches brought
+              to stride 4 (conv-GroupNorm-ReLU-bilinear x2 blocks), concatenation (192 ch), dropout,
+              optional GCNet context block, optional ASPP (rates 4/8/12), conv-BN-ReLU|Mish to 64 ch,
+              optional tanh attention gate.
+    heads     1x1 convs: 2-class segmentation logits (focal loss) and 1-ch dice logits at stride 4;
+              linear building-present (2 logits) and scale-regression (1 value) heads on the pooled,
+              dropped-out encoder head features.
+
+Checkpoints written by `save_checkpoint` describe themselves (model config, weights, metadata) and
+load with `torch.load(weights_only=True)`; `load_model` also reads the original pipeline's files,
+inferring the architecture from their parameter names and shapes.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from common import VERSION, UserError, atomic_path
+
+# ----------------------------------------------------------------------------------------------
+# Public constants: output keys, model options, input normalisation
+# ----------------------------------------------------------------------------------------------
+
+SEG = "seg"  # [N, 2, H/4, W/4] logits; softmax(...)[:, 1] is the building probability
+DICE = "dice"  # [N, 1, H/4, W/4] logits trained with the dice loss
+CLS = "cls"  # [N, 2] building-present logits (used for negative mining)
+SCALE = "scale"  # [N, 1] scale regression
+OUTPUT_KEYS = (SEG, DICE, CLS, SCALE)
+
+MODEL_KEYS = (
+    "model_name",
+    "in_channels",
+    "use_context_block",
+    "use_mish",
+    "use_attention",
+    "use_ASPP",
+    "drop_connect_rate",
+)
+STRIDE = 32  # input height and width must be multiples of this
+OUTPUT_STRIDE = 4  # segmentation maps are 1/4 of the input size
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+CHECKPOINT_FORMAT = "buildings-efficient-fpn"
+CHECKPOINT_FORMAT_VERSION = 1
+
+DECODER_CHANNELS = 64
+ASPP_RATES = (4, 8, 12)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (or 0..255 float) images [N,C,H,W] or [C,H,W] -> float32 ImageNet-normalised input.
+
+    This is the model's input contract: every caller (training data, inference, export) goes through
+    it, so the model always sees what the pretrained encoder expects. Channels beyond RGB are
+    normalised with the mean of the RGB statistics.
+    """
+    c = x.shape[-3]
+    mean = list(IMAGENET_MEAN[:c]) + [sum(IMAGENET_MEAN) / 3] * max(0, c - 3)
+    std = list(IMAGENET_STD[:c]) + [sum(IMAGENET_STD) / 3] * max(0, c - 3)
+    shape = (c, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape) * 255.0
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape) * 255.0
+    return (x.float() - mean_t) / std_t
+
+
+class InputSizeError(UserError, ValueError):
+    """An input whose height or width is not a multiple of 32 (callers that tile should pad)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoder
+# ----------------------------------------------------------------------------------------------
+
+
+def encoder_layout(model_name: str) -> dict:
+    """Block count, per-block output channels/strides and head width of an EfficientNet, without weights.
+
+    Used to pick the feature blocks and to recognise an encoder from a checkpoint's shapes.
+    """
+    from efficientnet_pytorch.model import VALID_MODELS
+    from efficientnet_pytorch.utils import get_model_params, round_filters, round_repeats
+
+    if model_name not in VALID_MODELS:
+        raise UserError(f"model_name={model_name}: unknown encoder; use one of {', '.join(VALID_MODELS)}")
+    blocks_args, gp = get_model_params(model_name, {})
+    channels, strides, stride = [], [], 2
+    for args in blocks_args:
+        stride *= args.stride[0] if isinstance(args.stride, (list, tuple)) else args.stride
+        n = round_repeats(args.num_repeat, gp)
+        channels += [round_filters(args.output_filters, gp)] * n
+        strides += [stride] * n
+    return {
+        "stem": round_filters(32, gp),
+        "block_channels": channels,
+        "block_strides": strides,
+        "head": round_filters(1280, gp),
+    }
+
+
+def feature_blocks(layout: dict) -> list[int]:
+    """Indices of the last block at strides 4, 8 and 16 (b1: outputs of 24, 40 and 112 channels)."""
+    last = {}
+    for idx, s in enumerate(layout["block_strides"]):
+        last[s] = idx
+    return [last[4], last[8], last[16]]
+
+
+def adapt_stem_weight(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """Reuse RGB stem filters for `in_channels` inputs, keeping the activation scale roughly unchanged.
+
+    One channel gets the sum of the RGB filters (a grey image gives the RGB response); more than
+    three reuse RGB and give extra channels the mean RGB filter, all scaled by 3 / in_channels.
+    """
+    if in_channels == 3:
+        return weight
+    if in_channels == 1:
+        return weight.sum(1, keepdim=True)
+    extra = weight.mean(1, keepdim=True).expand(-1, max(0, in_channels - 3), -1, -1)
+    return torch.cat([weight[:, :in_channels], extra], 1) * (3.0 / in_channels)
+
+
+class EfficientNetEncoder(nn.Module):
+    """EfficientNet trunk with the original pipeline's forward: Mish after stem and head conv.
+
+    efficientnet-pytorch's own forward uses Swish there, so the loop over blocks is written here. The
+    blocks' internal Swish is kept (as nn.SiLU: same function, traceable, ONNX-exportable).
+    Drop-connect: 0.2 for the first four blocks, `drop_connect_rate` after, scaled by depth.
+    (The original also ran the b2 stem under `no_grad`, freezing it in training; that is not copied:
+    it changes no output, and a trainable stem is what the other encoders had.)
+    """
+
+    def __init__(self, model_name: str, in_channels: int = 3, pretrained: bool = False,
+                 drop_connect_rate: float = 0.2):
+        super().__init__()
+        net = _efficientnet(model_name, pretrained)
+        self._conv_stem = net._conv_stem
+        if in_channels != 3:
+            self._conv_stem.weight = nn.Parameter(adapt_stem_weight(net._conv_stem.weight.detach(), in_channels))
+            self._conv_stem.in_channels = in_channels
+        self._bn0 = net._bn0
+        self._blocks = net._blocks
+        self._conv_head = net._conv_head
+        self._bn1 = net._bn1
+        for block in self._blocks:
+            block._swish = nn.SiLU()
+        layout = encoder_layout(model_name)
+        self.feature_indices = feature_blocks(layout)
+        self.out_channels = [layout["block_channels"][i] for i in self.feature_indices] + [layout["head"]]
+        n = len(self._blocks)
+        self.drop_connect = [(0.2 if idx < 4 else drop_connect_rate) * idx / n for idx in range(n)]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Features at strides 4, 8, 16 and 32 (the last one is the 1x1 head conv's output)."""
+        x = F.mish(self._bn0(self._conv_stem(x)))
+        features = []
+        for idx, block in enumerate(self._blocks):
+            x = block(x, drop_connect_rate=self.drop_connect[idx])
+            if idx in self.feature_indices:
+                features.append(x)
+        features.append(F.mish(self._bn1(self._conv_head(x))))
+        return features
+
+
+def _efficientnet(model_name: str, pretrained: bool):
+    """An efficientnet-pytorch model, with ImageNet weights when asked.
+
+    Built with the library's per-model image size, which fixes each conv's static "same" padding; the
+    original pipeline's checkpoints (and the reference vectors) depend on exactly that padding.
+    """
+    from efficientnet_pytorch import EfficientNet
+
+    encoder_layout(model_name)  # validates the name with a one-line error
+    if not pretrained:
+        return EfficientNet.from_name(model_name)
+    try:
+        return EfficientNet.from_pretrained(model_name)
+    except Exception as err:  # noqa: BLE001 - any download/cache failure means the same to the user
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise UserError(
+            f"could not download ImageNet weights for {model_name} ({reason}); "
+            "train from scratch with pretrained=false, or start from a checkpoint with model=<path>"
+        ) from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoder
+# ----------------------------------------------------------------------------------------------
+
+
+class ConvGNUp(nn.Module):
+    """3x3 conv (no bias) -> GroupNorm(32) -> ReLU -> bilinear x2: one step toward stride 4."""
+
+    def __init__(self, channels: int, groups: int = 32):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.gn = nn.GroupNorm(groups, channels)
+
+    def forward(self, x):
+        x = F.relu(self.gn(self.conv(x)))
+        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+
+
+class ContextBlock(nn.Module):
+    """GCNet global context block (attention pooling, channel-add fusion)."""
+
+    def __init__(self, channels: int, hidden: int = 8):
+        super().__init__()
+        self.conv_mask = nn.Conv2d(channels, 1, 1)
+        self.channel_add_conv = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1),
+            nn.LayerNorm([hidden, 1, 1]),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1),
+        )
+        nn.init.zeros_(self.channel_add_conv[-1].weight)  # starts as the identity, as in GCNet
+        nn.init.zeros_(self.channel_add_conv[-1].bias)
+
+    def forward(self, x):
+        n, c = x.shape[:2]
+        weights = torch.softmax(self.conv_mask(x).reshape(n, 1, -1), dim=2)  # [N, 1, HW]
+        context = torch.bmm(x.reshape(n, c, -1), weights.transpose(1, 2)).reshape(n, c, 1, 1)
+        return x + self.channel_add_conv(context)
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
+    padding = dilation * (kernel // 2)
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, padding=padding, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling: 1x1, three dilated 3x3 and an image-pooling branch, projected."""
+
+    def __init__(self, channels: int, rates=ASPP_RATES, dropout: float = 0.1):
+        super().__init__()
+        self.convs = nn.ModuleList([_conv_bn_relu(channels, channels)])
+        self.convs.extend(_conv_bn_relu(channels, channels, 3, r) for r in rates)
+        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(channels, channels))
+        self.project = nn.Sequential(*_conv_bn_relu(channels * (len(rates) + 2), channels), nn.Dropout(dropout))
+
+    def forward(self, x):
+        pooled = self.pool(x).expand(-1, -1, x.shape[2], x.shape[3])
+        return self.project(torch.cat([conv(x) for conv in self.convs] + [pooled], 1))
+
+
+class FPNDecoder(nn.Module):
+    """Features at strides 4/8/16/32 -> one 64-channel map at stride 4 (see the module docstring)."""
+
+    def __init__(self, encoder_channels: list[int], channels: int = DECODER_CHANNELS, *,
+                 use_context_block: bool = False, use_mish: bool = False, use_attention: bool = True,
+                 use_ASPP: bool = True, context_hidden: int = 8, fuse_context: bool = False):
+        super().__init__()
+        # deepest first, as the top-down pass consumes them
+        self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in reversed(encoder_channels))
+        self.branches = nn.ModuleList([
+            nn.Sequential(ConvGNUp(channels), ConvGNUp(channels)),  # stride 16 -> 4
+            nn.Sequential(ConvGNUp(channels)),  # stride 8 -> 4
+            nn.Conv2d(channels, channels, 3, padding=1),  # stride 4
+        ])
+        merged = channels * len(self.branches)
+        self.dropout = nn.Dropout(0.2)
+        self.context = ContextBlock(merged, context_hidden) if use_context_block else None
+        self.aspp = ASPP(merged) if use_ASPP else None
+        fuse = [nn.Conv2d(merged, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                nn.Mish() if use_mish else nn.ReLU(inplace=True)]
+        if fuse_context:  # layout of the original pipeline's non-b2 context models
+            fuse.insert(0, ContextBlock(merged, 8))
+        self.fuse = nn.Sequential(*fuse)
+        self.attention = nn.Conv2d(channels, channels, 1, bias=False) if use_attention else None
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        deepest, *rest = reversed(features)
+        top = self.lateral[0](deepest)
+        pyramid = []
+        for lateral, feature in zip(self.lateral[1:], rest):
+            top = F.interpolate(top, scale_factor=2.0, mode="nearest") + lateral(feature)
+            pyramid.append(top)  # strides 16, 8, 4
+        x = torch.cat([branch(p) for branch, p in zip(self.branches, pyramid)], 1)
+        x = self.dropout(x)
+        if self.context is not None:
+            x = self.context(x)
+        if self.aspp is not None:
+            x = self.aspp(x)
+        x = self.fuse(x)
+        if self.attention is not None:
+            x = x * torch.tanh(self.attention(x))
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Heads and the model
+# ----------------------------------------------------------------------------------------------
+
+
+class ImageHeads(nn.Module):
+    """Building-present logits and scale regression from globally pooled encoder head features."""
+
+    def __init__(self, channels: int, dropout: float = 0.2):
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.cls = nn.Linear(channels, 2)
+        self.scale = nn.Linear(channels, 1)
+
+    def forward(self, x):
+        x = self.dropout(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        return self.cls(x), self.scale(x)
+
+
+class EfficientFPN(nn.Module):
+    """EfficientNet encoder -> FPN decoder -> heads; `forward(x)` returns {SEG, DICE, CLS, SCALE}."""
+
+    def __init__(self, config: dict, pretrained: bool = False):
+        super().__init__()
+        self.config = dict(config)
+        self.meta: dict = {}
+        self.encoder = EfficientNetEncoder(config["model_name"], config["in_channels"], pretrained,
+                                           config["drop_connect_rate"])
+        self.decoder = FPNDecoder(
+            self.encoder.out_channels,
+            use_context_block=config["use_context_block"],
+            use_mish=config["use_mish"],
+            use_attention=config["use_attention"],
+            use_ASPP=config["use_ASPP"],
+            context_hidden=config.get("context_hidden", 8),
+            fuse_context=config.get("fuse_context", False),
+        )
+        self.seg_head = nn.Conv2d(DECODER_CHANNELS, 2, 1)
+        self.dice_head = nn.Conv2d(DECODER_CHANNELS, 1, 1, bias=False)
+        self.image_heads = ImageHeads(self.encoder.out_channels[-1])
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Normalised images [N, in_channels, H, W] (H, W multiples of 32) -> dict of logits (see SEG...)."""
+        if not torch.jit.is_tracing():
+            check_input_size(x)
+        features = self.encoder(x)
+        cls, scale = self.image_heads(features[-1])
+        y = self.decoder(features)
+        return {SEG: self.seg_head(y), DICE: self.dice_head(y), CLS: cls, SCALE: scale}
+
+
+def check_input_size(x: torch.Tensor) -> None:
+    """Reject inputs the encoder cannot reduce 32x exactly (the FPN's top-down adds would misalign)."""
+    h, w = x.shape[-2:]
+    if h % STRIDE or w % STRIDE:
+        up = [-(-int(v) // STRIDE) * STRIDE for v in (h, w)]
+        raise InputSizeError(
+            f"input of {h}x{w} pixels: height and width must be multiples of {STRIDE}; "
+            f"pad it to {up[0]}x{up[1]} or choose a tile width that is a multiple of {STRIDE}"
+        )
+
+
+def build_model(model_name: str = "efficientnet-b1", *, pretrained: bool = False, in_channels: int = 3,
+                use_context_block: bool = False, use_mish: bool = False, use_attention: bool = True,
+                use_ASPP: bool = True, drop_connect_rate: float = 0.2, **layout) -> EfficientFPN:
+    """Build the network; defaults are the original pipeline's (b1, attention and ASPP on).
+
+    `layout` takes only the internal keys `context_hidden`/`fuse_context` that `load_model` uses to
+    rebuild the original pipeline's non-b2 context models; new models never need them.
+    """
+    unknown = set(layout) - {"context_hidden", "fuse_context"}
+    if unknown:
+        raise TypeError(f"build_model() got unexpected arguments: {', '.join(sorted(unknown))}")
+    if int(in_channels) < 1:
+        raise UserError(f"in_channels={in_channels}: must be at least 1")
+    if not 0.0 <= float(drop_connect_rate) < 1.0:
+        raise UserError(f"drop_connect_rate={drop_connect_rate}: must be in [0, 1)")
+    config = {
+        "model_name": str(model_name),
+        "in_channels": int(in_channels),
+        "use_context_block": bool(use_context_block),
+        "use_mish": bool(use_mish),
+        "use_attention": bool(use_attention),
+        "use_ASPP": bool(use_ASPP),
+        "drop_connect_rate": float(drop_connect_rate),
+    }
+    if layout.get("context_hidden", 8) != 8 or layout.get("fuse_context", False):
+        config["context_hidden"] = int(layout.get("context_hidden", 8))
+        config["fuse_context"] = bool(layout.get("fuse_context", False))
+    return EfficientFPN(config, pretrained=pretrained)
+
+
+def model_kwargs_from_cfg(cfg) -> dict:
+    """`build_model` keyword arguments from a flat Hydra config (MODEL_KEYS + pretrained), None = unset."""
+    out = {}
+    for key in (*MODEL_KEYS, "pretrained"):
+        try:
+            value = cfg.get(key)
+        except Exception:  # noqa: BLE001 - struct configs without the key
+            value = None
+        if value is not None:
+            out[key] = value
+    return out
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------
+# The original pipeline's parameter names
+# ----------------------------------------------------------------------------------------------
+
+# (original prefix, our prefix); matched longest first. Encoder keys keep efficientnet-pytorch's names.
+SEED_PREFIXES = [
+    ("_conv_stem.", "encoder._conv_stem."),
+    ("_bn0.", "encoder._bn0."),
+    ("_blocks.", "encoder._blocks."),
+    ("_conv_head.", "encoder._conv_head."),
+    ("_bn1.", "encoder._bn1."),
+    ("lateral0.", "decoder.lateral.0."),
+    ("lateral1.", "decoder.lateral.1."),
+    ("lateral2.", "decoder.lateral.2."),
+    ("lateral3.", "decoder.lateral.3."),
+    ("top1.", "decoder.branches.0."),
+    ("top2.", "decoder.branches.1."),
+    ("top3.0.", "decoder.branches.2."),
+    ("ctx.", "decoder.context."),
+    ("aspp.atrous0.", "decoder.aspp.convs.0."),
+    ("aspp.atrous1.module.", "decoder.aspp.convs.1."),
+    ("aspp.atrous2.module.", "decoder.aspp.convs.2."),
+    ("aspp.atrous3.module.", "decoder.aspp.convs.3."),
+    ("aspp.atrous4.module.", "decoder.aspp.pool."),
+    ("aspp.combine.", "decoder.aspp.project."),
+    ("top4.", "decoder.fuse."),
+    ("conv_att.", "decoder.attention."),
+    ("bce_logit.", "seg_head."),
+    ("dice.", "dice_head."),
+    ("_fc.", "image_heads.cls."),
+    ("_fc2.", "image_heads.scale."),
+]
+_SEED_ORDER = sorted(SEED_PREFIXES, key=lambda p: -len(p[0]))
+_OURS_ORDER = sorted(SEED_PREFIXES, key=lambda p: -len(p[1]))
+
+
+def _rename(key: str, table) -> str | None:
+    for old, new in table:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
+
+
+def from_seed_names(state_dict: dict) -> dict:
+    """Original pipeline parameter names -> ours (unknown keys kept, so a strict load reports them)."""
+    return {(_rename(k, _SEED_ORDER) or k): v for k, v in state_dict.items()}
+
+
+def to_seed_names(state_dict: dict) -> dict:
+    """Our parameter names -> the original pipeline's (to hand weights back to its code)."""
+    swapped = [(new, old) for old, new in _OURS_ORDER]
+    return {(_rename(k, swapped) or k): v for k, v in state_dict.items()}
+
+
+def _strip_wrappers(state_dict: dict) -> dict:
+    """Drop DataParallel/DDP (`module.`) and torch.compile (`_orig_mod.`) prefixes."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def infer_config(state_dict: dict, path, overrides: dict) -> dict:
+    """Architecture of a checkpoint that does not describe itself, from its (our-named) keys and shapes.
+
+    Encoder from the stem/head widths and block count, context block, ASPP and attention from the keys
+    present. Only Mish in the fusion conv without a context block is invisible in the weights: it comes
+    from `use_mish` (default off). With a context block the original pipeline always used Mish there.
+    """
+    from efficientnet_pytorch.model import VALID_MODELS
+
+    def need(key):
+        if key not in state_dict:
+            raise UserError(f"{path}: not a model checkpoint of this architecture (no '{key}'); "
+                            "pass a checkpoint saved by train.py or by the Open Cities 3rd-place pipeline")
+        return state_dict[key].shape
+
+    stem = need("encoder._conv_stem.weight")
+    head = need("encoder._conv_head.weight")
+    blocks = {int(k.split(".")[2]) for k in state_dict if k.startswith("encoder._blocks.")}
+    widths = [state_dict[f"decoder.lateral.{i}.weight"].shape[1] for i in range(4)
+              if f"decoder.lateral.{i}.weight" in state_dict]
+    found = None
+    for name in VALID_MODELS:
+        layout = encoder_layout(name)
+        feats = [layout["block_channels"][i] for i in feature_blocks(layout)]
+        if (layout["stem"], layout["head"], len(layout["block_channels"])) == (stem[0], head[0], len(blocks)) \
+                and widths == [layout["head"], *reversed(feats)]:
+            found = name
+            break
+    if found is None:
+        raise UserError(f"{path}: encoder with {len(blocks)} blocks and a {head[0]}-channel head matches no "
+                        "EfficientNet b0-b8/l2 of this architecture; is it a checkpoint of another model?")
+    ctx = "decoder.context.conv_mask.weight" in state_dict
+    config = {
+        "model_name": found,
+        "in_channels": int(stem[1]),
+        "use_context_block": ctx,
+        "use_mish": True if ctx else bool(overrides.get("use_mish", False)),
+        "use_attention": "decoder.attention.weight" in state_dict,
+        "use_ASPP": any(k.startswith("decoder.aspp.") for k in state_dict),
+        "drop_connect_rate": 0.2,
+    }
+    if ctx:
+        hidden = int(state_dict["decoder.context.channel_add_conv.0.weight"].shape[0])
+        fuse_ctx = "decoder.fuse.0.conv_mask.weight" in state_dict
+        if hidden != 8 or fuse_ctx:
+            config["context_hidden"], config["fuse_context"] = hidden, fuse_ctx
+    return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _plain(obj, where: str = "checkpoint"):
+    """Convert to what `torch.load(weights_only=True)` accepts: tensors, numbers, strings, containers.
+
+    numpy arrays become tensors and numpy scalars Python numbers (e.g. `np.random.get_state()`),
+    OmegaConf configs plain dicts, paths strings; anything else is a bug in the caller.
+    """
+    import numpy as np
+
+    if obj is None or isinstance(obj, (torch.Tensor, torch.dtype, torch.device)):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind == "u" else obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    for kind in (bool, int, float, str, bytes):  # exact types: subclasses (TorchVersion, ...) pickle as objects
+        if isinstance(obj, kind):
+            return kind(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, dict):
+        return {k: _plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    raise TypeError(f"{where}: cannot store {type(obj).__name__} in a weights-only checkpoint")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The EfficientFPN inside DDP/DataParallel and torch.compile wrappers."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def save_checkpoint(path, model: nn.Module, **extra) -> None:
+    """Write a self-describing checkpoint atomically: format marker, model config, weights, metadata.
+
+    `extra` (optimizer/scheduler/scaler state, rng, step, epoch, metrics, train_config, meta, ...) is
+    stored alongside; `meta` is merged over the code version and time stamp. The file loads with
+    `torch.load(weights_only=True)`: nothing in it needs unpickling code.
+    """
+    net = unwrap(model)
+    meta = {"version": VERSION, "torch": torch.__version__,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
+    meta.update(extra.pop("meta", None) or {})
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_FORMAT_VERSION,
+        "model_config": dict(net.config),
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "meta": meta,
+    }
+    for key, value in extra.items():
+        if key in payload:
+            raise TypeError(f"save_checkpoint(): '{key}' is reserved")
+        payload[key] = value
+    payload = _plain(payload)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(path) -> dict:
+    """Read a checkpoint as plain data (weights-only), or fail with one line naming the file.
+
+    `.safetensors` files give {"state_dict": ..., "model_config"/"meta" from their metadata}.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, not a checkpoint file; pass the .pth file with model=<path>")
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found; check the model=<path> argument")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        msg = str(err)
+        if "Weights only load failed" in msg and ("GLOBAL" in msg or "global" in msg):
+            raise UserError(f"{path}: checkpoint contains pickled Python objects, which are not loaded for "
+                            "safety; re-save it with plain tensors (state_dict) only") from None
+        raise UserError(f"{path}: checkpoint is corrupt or not a PyTorch file; re-download or re-train it") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as err:
+        kind = "truncated or corrupt" if path.stat().st_size else "empty"
+        raise UserError(f"{path}: checkpoint is {kind} ({type(err).__name__}); re-download or re-train it") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: checkpoint holds a {type(data).__name__}, not a dict of weights")
+    return data
+
+
+def _load_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, safe_open
+
+    try:
+        state_dict = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
+    out = {"state_dict": state_dict}
+    for key in ("model_config", "meta"):
+        if key in metadata:
+            out[key] = json.loads(metadata[key])
+    return out
+
+
+def _state_dict_of(ckpt: dict, path) -> dict:
+    """The weights inside a checkpoint dict: ours, the original pipeline's, or a bare state_dict."""
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt
+    raise UserError(f"{path}: no model weights found (expected a 'state_dict' entry)")
+
+
+_NON_STRUCTURAL = ("drop_connect_rate",)
+
+
+def load_model(path, **overrides) -> EfficientFPN:
+    """Rebuild a model from a checkpoint alone, in eval mode, with `.config` and `.meta`.
+
+    Our checkpoints carry their config; the original pipeline's are recognised from their parameter
+    names and shapes. `overrides` (MODEL_KEYS; None = unset) may set what the weights cannot tell
+    (`use_mish` for an original checkpoint without context block) and `drop_connect_rate` for
+    fine-tuning; an override contradicting the checkpoint is an error rather than a silent rebuild.
+    """
+    unknown = set(overrides) - set(MODEL_KEYS) - {"pretrained"}
+    if unknown:
+        raise TypeError(f"load_model() got unexpected arguments: {', '.join(sorted(unknown))}")
+    overrides = {k: v for k, v in overrides.items() if v is not None and k != "pretrained"}
+    ckpt = load_checkpoint(path)
+    state_dict = from_seed_names(_strip_wrappers(_state_dict_of(ckpt, path)))
+    if isinstance(ckpt.get("model_config"), dict):
+        config = dict(ckpt["model_config"])
+        source = "checkpoint"
+        mismatch = [k for k in MODEL_KEYS if k in overrides and k not in _NON_STRUCTURAL
+                    and _differs(overrides[k], config.get(k))]
+    else:
+        config = infer_config(state_dict, path, overrides)
+        source = "weights"
+        # use_mish is honoured as given (or ignored with a context block, as the original pipeline did)
+        mismatch = [k for k in MODEL_KEYS if k in overrides and k not in (*_NON_STRUCTURAL, "use_mish")
+                    and _differs(overrides[k], config.get(k))]
+    if mismatch:
+        given = ", ".join(f"{k}={overrides[k]}" for k in mismatch)
+        found = ", ".join(f"{k}={config.get(k)}" for k in mismatch)
+        raise UserError(f"{path}: {given} does not match the checkpoint ({found} from its {source}); "
+                        "drop these overrides, the checkpoint describes its architecture")
+    for key in _NON_STRUCTURAL:
+        if key in overrides:
+            config[key] = float(overrides[key])
+    kwargs = {k: v for k, v in config.items() if k != "model_name"}
+    model = build_model(config["model_name"], pretrained=False, **kwargs)
+    _load_weights(model, state_dict, path)
+    model.meta = dict(ckpt.get("meta") or {})
+    for key in ("step", "epoch", "metrics"):
+        if key in ckpt and key not in model.meta:
+            model.meta[key] = ckpt[key]
+    model.meta.setdefault("source", "efficient-fpn" if source == "checkpoint" else "open-cities-3rd-place")
+    return model.eval()
+
+
+def _differs(given, stored) -> bool:
+    if isinstance(stored, float) or isinstance(given, float):
+        try:
+            return not math.isclose(float(given), float(stored))
+        except (TypeError, ValueError):
+            return True
+    if isinstance(stored, bool):
+        return bool(given) != stored
+    return given != stored
+
+
+def _load_weights(model: nn.Module, state_dict: dict, path) -> None:
+    """Strict load with float16/float32 casting, reporting mismatches in one line."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [k for k in own if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
+        raise UserError(f"{path}: weights do not fit the model {model.config['model_name']} "
+                        f"({', '.join(parts)}); check the architecture overrides or the file")
+    with torch.no_grad():
+        for k, v in own.items():
+            v.copy_(state_dict[k].to(v.dtype))

@@ -1,0 +1,297 @@
+"""model.py: the original pipeline's exact architecture, our checkpoints, and the model's edges."""
+
+import math
+import pickle
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import model as M
+from common import UserError, compose_config
+
+REFERENCES = {
+    "seed_b1.pt": {"model_name": "efficientnet-b1", "use_context_block": False, "use_mish": False},
+    "seed_b2_context_mish.pt": {"model_name": "efficientnet-b2", "use_context_block": True, "use_mish": True},
+}
+OUTPUT_OF = {M.SEG: "focal_logits", M.DICE: "dice_logits", M.CLS: "cls_logits", M.SCALE: "scale"}
+
+
+@pytest.fixture(scope="module")
+def reference(shared, tmp_path_factory):
+    """Each reference vector plus a file holding only `{"state_dict": weights}` in the original names."""
+    out = {}
+    tmp = tmp_path_factory.mktemp("reference")
+    for name in REFERENCES:
+        data = torch.load(shared / "reference" / name, weights_only=True)
+        path = tmp / name
+        torch.save({"state_dict": data["state_dict"]}, path)
+        out[name] = (data, path)
+    return out
+
+
+def _randomise_buffers(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics, so a round trip that dropped buffers would show."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model.eval()
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in M.OUTPUT_KEYS)
+
+
+@pytest.mark.parametrize("name", list(REFERENCES))
+def test_reference_vectors_reproduced_by_load_model_alone(reference, name):
+    data, path = reference[name]
+    model = M.load_model(path)
+    for key, value in REFERENCES[name].items():
+        assert model.config[key] == value
+    assert not model.training
+    with torch.no_grad():
+        out = model(data["input"])
+    for ours, theirs in OUTPUT_OF.items():
+        ref = data["outputs"][theirs]
+        assert out[ours].shape == ref.shape
+        rel = (out[ours] - ref).abs().max().item() / ref.abs().mean().item()
+        assert rel <= 1e-3, f"{ours}: max error / mean |output| = {rel:.2e}"
+
+
+@pytest.mark.parametrize("preset,count,reference_name", [
+    ("b1", 8_129_061, "seed_b1.pt"),
+    ("b2_context_mish", 9_329_952, "seed_b2_context_mish.pt"),
+])
+def test_presets_build_the_original_architectures(reference, preset, count, reference_name):
+    """Parameter counts and every parameter name/shape map one-to-one onto the original checkpoints."""
+    cfg = compose_config(None, [f"+arch={preset}"])
+    model = M.build_model(**M.model_kwargs_from_cfg(cfg))
+    assert M.count_parameters(model) == count
+    original = reference[reference_name][0]["state_dict"]
+    ours = M.to_seed_names(model.state_dict())
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in original.items()}
+    assert set(M.from_seed_names(original)) == set(model.state_dict())
+
+
+@pytest.mark.parametrize("preset", ["b0", "b2", "b2_context_mish"])
+def test_save_load_round_trip_gives_identical_outputs(tmp_path, preset):
+    kwargs = M.model_kwargs_from_cfg(compose_config(None, [f"+arch={preset}"]))
+    model = _randomise_buffers(M.build_model(**kwargs))
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        before = model(x)
+    assert before[M.SEG].shape == (2, 2, 16, 24) and before[M.DICE].shape == (2, 1, 16, 24)
+    assert before[M.CLS].shape == (2, 2) and before[M.SCALE].shape == (2, 1)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    path = tmp_path / "last.pth"
+    M.save_checkpoint(path, model, optimizer=opt.state_dict(), step=7, epoch=1, metrics={"jaccard": np.float64(0.5)},
+                      rng={"numpy": np.random.get_state(), "torch": torch.get_rng_state()},
+                      train_config={"width": 512}, meta={"ref_scale": 0.3})
+    raw = torch.load(path, weights_only=True)  # nothing in it needs unpickling code
+    assert raw["format"] == M.CHECKPOINT_FORMAT and raw["model_config"] == model.config
+    assert raw["step"] == 7 and raw["metrics"] == {"jaccard": 0.5} and raw["meta"]["version"]
+    assert raw["rng"]["numpy"][1].shape == (624,)
+    assert not list(tmp_path.glob(".*"))  # no temporary file left beside it
+
+    loaded = M.load_model(path)
+    assert not loaded.training and loaded.config == model.config
+    assert loaded.meta["ref_scale"] == 0.3 and loaded.meta["step"] == 7
+    with torch.no_grad():
+        after = loaded(x)
+    assert all(torch.equal(before[k], after[k]) for k in M.OUTPUT_KEYS)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_checkpoint_refused_with_one_line(tmp_path, damage):
+    good = tmp_path / "good.pth"
+    M.save_checkpoint(good, M.build_model("efficientnet-b0"))
+    raw = good.read_bytes()
+    bad = tmp_path / f"{damage}.pth"
+    bad.write_bytes({"truncated": raw[: len(raw) // 2], "garbage": b"not a checkpoint" * 64, "empty": b""}[damage])
+    with pytest.raises(UserError) as err:
+        M.load_model(bad)
+    msg = str(err.value)
+    assert str(bad) in msg and "\n" not in msg
+    assert ("empty" if damage == "empty" else "corrupt") in msg
+
+
+class Payload:
+    """Stands in for any pickled object that `weights_only` loading must not execute."""
+
+
+def test_checkpoint_with_pickled_object_refused(tmp_path):
+    path = tmp_path / "pickled.pth"
+    torch.save({"state_dict": M.build_model("efficientnet-b0").state_dict(), "extra": Payload()}, path)
+    with pytest.raises(UserError, match="pickled Python objects") as err:
+        M.load_checkpoint(path)
+    assert str(path) in str(err.value)
+    with pytest.raises(pickle.UnpicklingError):  # the refusal comes from torch's weights-only loader
+        torch.load(path, weights_only=True)
+
+
+def test_missing_checkpoint_and_directory_refused(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        M.load_model(tmp_path / "nope.pth")
+    with pytest.raises(UserError, match="directory"):
+        M.load_model(tmp_path)
+
+
+def test_overrides_contradicting_a_checkpoint_refused(tmp_path, reference):
+    path = tmp_path / "ours.pth"
+    M.save_checkpoint(path, M.build_model("efficientnet-b0", use_mish=True))
+    with pytest.raises(UserError, match="use_mish=False does not match") as err:
+        M.load_model(path, use_mish=False)
+    assert str(path) in str(err.value)
+    assert M.load_model(path, model_name="efficientnet-b0", drop_connect_rate=0.5).config["drop_connect_rate"] == 0.5
+    _, seed_b1 = reference["seed_b1.pt"]
+    with pytest.raises(UserError, match="use_context_block=True does not match"):
+        M.load_model(seed_b1, use_context_block=True)
+    with pytest.raises(UserError, match="model_name=efficientnet-b2"):
+        M.load_model(seed_b1, model_name="efficientnet-b2")
+
+
+def test_weights_that_do_not_fit_the_stored_config_refused(tmp_path):
+    b0 = M.build_model("efficientnet-b0")
+    path = tmp_path / "mixed.pth"
+    torch.save({"format": M.CHECKPOINT_FORMAT, "model_config": dict(b0.config, use_ASPP=False),
+                "state_dict": b0.state_dict()}, path)
+    with pytest.raises(UserError, match="do not fit") as err:
+        M.load_model(path)
+    assert str(path) in str(err.value) and "unexpected" in str(err.value)
+
+
+def test_seed_mish_override_honoured_only_without_context_block(reference):
+    data, seed_b1 = reference["seed_b1.pt"]
+    mish = M.load_model(seed_b1, use_mish=True)
+    assert mish.config["use_mish"] and isinstance(mish.decoder.fuse[-1], nn.Mish)
+    with torch.no_grad():
+        out = mish(data["input"])
+    assert (out[M.SEG] - data["outputs"]["focal_logits"]).abs().max() > 1e-3  # a different network
+    assert torch.allclose(out[M.CLS], data["outputs"]["cls_logits"], atol=1e-4)  # same encoder
+
+    _, seed_b2 = reference["seed_b2_context_mish.pt"]
+    ctx = M.load_model(seed_b2, use_mish=False)  # the original always used Mish with its context block
+    assert ctx.config["use_mish"] and isinstance(ctx.decoder.fuse[-1], nn.Mish)
+
+
+def test_original_context_layout_of_non_b2_encoders_recognised(tmp_path):
+    """The original built b0/b1/b3 context models with a 4-wide context block plus one inside `top4`."""
+    model = _randomise_buffers(M.build_model("efficientnet-b0", use_context_block=True, use_mish=True,
+                                             context_hidden=4, fuse_context=True))
+    for p in model.decoder.parameters():
+        p.data.normal_(0, 0.05)
+    original = M.to_seed_names(model.state_dict())
+    assert original["ctx.channel_add_conv.0.weight"].shape[0] == 4 and "top4.0.conv_mask.weight" in original
+    path = tmp_path / "seed_b0_context.pth"
+    torch.save({"state_dict": {k: v.half() for k, v in original.items()}}, path)
+    loaded = M.load_model(path)
+    assert loaded.config["context_hidden"] == 4 and loaded.config["fuse_context"]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert _max_diff(model(x), loaded(x)) < 1e-2  # float16 storage
+
+
+def test_original_weights_load_from_safetensors(tmp_path, reference):
+    from safetensors.torch import save_file
+
+    data, pt_path = reference["seed_b1.pt"]
+    st_path = tmp_path / "m40000.safetensors"
+    save_file({k: v.contiguous() for k, v in data["state_dict"].items()}, str(st_path))
+    x = data["input"][:1, :, :64, :64]
+    with torch.no_grad():
+        assert _max_diff(M.load_model(st_path)(x), M.load_model(pt_path)(x)) == 0.0
+
+
+def test_input_size_not_multiple_of_32_rejected():
+    model = M.build_model("efficientnet-b0").eval()
+    with pytest.raises(ValueError, match="multiples of 32") as err:
+        model(torch.zeros(1, 3, 65, 64))
+    assert isinstance(err.value, UserError) and "96x64" in str(err.value)
+
+
+def test_four_channel_input_adapts_stem(tmp_path):
+    model = M.build_model("efficientnet-b0", in_channels=4).eval()
+    assert model.encoder._conv_stem.weight.shape[1] == 4
+    with torch.no_grad():
+        out = model(torch.randn(1, 4, 64, 64))
+    assert out[M.SEG].shape == (1, 2, 16, 16)
+    M.save_checkpoint(tmp_path / "m.pth", model)
+    assert M.load_model(tmp_path / "m.pth").config["in_channels"] == 4
+
+    rgb = torch.randn(8, 3, 3, 3)
+    four = M.adapt_stem_weight(rgb, 4)
+    assert torch.allclose(four[:, :3], rgb * 0.75) and torch.allclose(four[:, 3], rgb.mean(1) * 0.75)
+    assert torch.allclose(M.adapt_stem_weight(rgb, 1)[:, 0], rgb.sum(1))
+
+
+def test_pretrained_uses_imagenet_weights_from_efficientnet_pytorch(monkeypatch):
+    from efficientnet_pytorch import EfficientNet
+    from efficientnet_pytorch import utils as effnet_utils
+
+    imagenet = EfficientNet.from_name("efficientnet-b0").state_dict()
+    requested = []
+
+    def fake_download(url, *args, **kwargs):
+        requested.append(url)
+        return {k: v.clone() for k, v in imagenet.items()}
+
+    monkeypatch.setattr(effnet_utils.model_zoo, "load_url", fake_download)
+    model = M.build_model("efficientnet-b0", pretrained=True, in_channels=4)
+    assert requested and "efficientnet-b0" in requested[0]
+    assert torch.equal(model.encoder._conv_head.weight, imagenet["_conv_head.weight"])
+    assert torch.allclose(model.encoder._conv_stem.weight, M.adapt_stem_weight(imagenet["_conv_stem.weight"], 4))
+
+
+def test_pretrained_offline_gives_one_line_user_error(monkeypatch):
+    from efficientnet_pytorch import utils as effnet_utils
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(effnet_utils.model_zoo, "load_url", offline)
+    with pytest.raises(UserError) as err:
+        M.build_model("efficientnet-b0", pretrained=True)
+    msg = str(err.value)
+    assert "could not download" in msg and "pretrained=false" in msg and "model=<path>" in msg and "\n" not in msg
+
+
+def test_drop_connect_follows_original_schedule():
+    model = M.build_model("efficientnet-b1", drop_connect_rate=0.5)
+    rates, n = model.encoder.drop_connect, len(model.encoder._blocks)
+    assert n == 23
+    assert rates[3] == pytest.approx(0.2 * 3 / n) and rates[4] == pytest.approx(0.5 * 4 / n)
+    assert rates[-1] == pytest.approx(0.5 * 22 / n)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
+def test_trace_channels_last_and_compile_match_eager():
+    model = _randomise_buffers(M.build_model("efficientnet-b0", use_context_block=True, use_mish=True))
+    x, other = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        eager, eager_other = model(x), model(other)
+        traced = torch.jit.trace(model, x, strict=False)
+        assert _max_diff(traced(other), eager_other) < 1e-5  # not just replaying the example
+        channels_last = model.to(memory_format=torch.channels_last)
+        assert _max_diff(channels_last(x.to(memory_format=torch.channels_last)), eager) < 1e-4
+        model.to(memory_format=torch.contiguous_format)
+        # Whole-graph capture (no graph breaks) with dynamo + AOT autograd; the inductor C++ backend
+        # also works but needs minutes of compilation on a small CPU, too slow for this suite.
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        assert _max_diff(compiled(x), eager) < 1e-5
+
+
+def test_normalize_and_kwargs_from_cfg():
+    x = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 3, 1, 1)
+    expected = [(v / 255 - m) / s for v, m, s in zip([0, 128, 255], M.IMAGENET_MEAN, M.IMAGENET_STD)]
+    assert torch.allclose(M.normalize(x).flatten(), torch.tensor(expected), atol=1e-6)
+    assert M.normalize(x[0]).shape == (3, 1, 1)
+    cfg = {"model_name": "efficientnet-b2", "use_mish": None, "pretrained": False, "width": 512}
+    assert M.model_kwargs_from_cfg(cfg) == {"model_name": "efficientnet-b2", "pretrained": False}
+    assert set(M.build_model("efficientnet-b0").config) == set(M.MODEL_KEYS)
+    assert math.isclose(M.build_model("efficientnet-b0", drop_connect_rate=0.3).config["drop_connect_rate"], 0.3)

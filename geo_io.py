@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import rasterio.warp
 from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
@@ -64,7 +65,7 @@ def raster_gsd(ds) -> float | None:
         return res_x * 111_320.0 * math.cos(math.radians(lat))
     try:
         factor = ds.crs.linear_units_factor[1]
-    except Exception:
+    except Exception:  # noqa: BLE001 - unusual CRS definitions: assume metres
         factor = 1.0
     gsd = res_x * factor
     if ds.crs.to_epsg() == 3857:
@@ -98,10 +99,14 @@ def stretch_range(ds, bands: list[int], method: str = STRETCH_PERCENTILE, low: f
         if value_range is None:
             raise UserError("stretch=range needs stretch_range=[lo,hi]")
         return np.array([list(value_range)] * len(bands), dtype=np.float64)
-    step = max(1, int(math.ceil(max(ds.width, ds.height) / 1024)))
+    step = max(1, math.ceil(max(ds.width, ds.height) / 1024))
     shape = (max(1, ds.height // step), max(1, ds.width // step))
     data = ds.read(bands, out_shape=(len(bands),) + shape, resampling=rasterio.enums.Resampling.nearest).astype(np.float64)
-    valid = _valid_mask(ds, data, bands, None, window=None, out_shape=shape)
+    _, alpha = band_layout(ds)
+    valid = _valid_mask(ds, data, bands, alpha, window=None, out_shape=shape)
+    # Black fill (0 in every band) is never a radiometric sample of non-uint8 imagery (SpaceNet mosaic
+    # edges cover up to 75 % of a tile); counting it would pull the low percentile down to 0.
+    valid &= np.any(data != 0, axis=0)
     out = []
     for band in data:
         values = band[valid] if valid.any() else band.ravel()
@@ -130,24 +135,37 @@ def read_window(ds, window: Window | None = None, stretch: np.ndarray | None = N
 
     Pixels outside the raster, under alpha 0, or equal to nodata are invalid and set to 0.
     `zero_is_nodata` also treats pixels that are 0 in every band as invalid (SpaceNet mosaic edges).
+    Colour and alpha bands come from one read of the part of the window inside the raster, pasted
+    into the padded result: rasterio's `boundless` reads go through a warped VRT and decode every
+    block again for each band set, which made chip extraction several times slower.
     """
     bands, alpha = band_layout(ds)
-    boundless = window is not None and (
-        window.col_off < 0 or window.row_off < 0
-        or window.col_off + window.width > ds.width or window.row_off + window.height > ds.height
-    )
-    try:
-        data = ds.read(bands, window=window, boundless=boundless, fill_value=ds.nodata or 0)
-        valid = _valid_mask(ds, data, bands, alpha, window if boundless else window)
-    except RasterioError as err:
-        raise UserError(f"{ds.name}: corrupt or truncated raster ({_first_line(err)})") from None
-    if boundless:
-        inside = np.zeros(data.shape[1:], dtype=bool)
-        r0, c0 = int(-min(0, window.row_off)), int(-min(0, window.col_off))
-        r1 = int(min(window.height, ds.height - window.row_off))
-        c1 = int(min(window.width, ds.width - window.col_off))
-        inside[r0:r1, c0:c1] = True
-        valid &= inside
+    if window is None:
+        window = Window(0, 0, ds.width, ds.height)
+    col, row = round(window.col_off), round(window.row_off)
+    h, w = round(window.height), round(window.width)
+    c0, r0 = max(col, 0), max(row, 0)
+    c1, r1 = min(col + w, ds.width), min(row + h, ds.height)
+    data = np.full((len(bands), h, w), ds.nodata or 0, dtype=ds.dtypes[bands[0] - 1])
+    valid = np.zeros((h, w), dtype=bool)
+    if c1 > c0 and r1 > r0:
+        inner = Window(c0, r0, c1 - c0, r1 - r0)
+        wanted = sorted(set(bands) | ({alpha} if alpha is not None else set()))
+        try:
+            arr = ds.read(wanted, window=inner)
+            part = arr[[wanted.index(b) for b in bands]]
+            ok = np.ones(part.shape[1:], dtype=bool)
+            if alpha is not None:
+                ok &= arr[wanted.index(alpha)] > 0
+            elif ds.nodata is not None:
+                ok &= ~np.all(part == ds.nodata, axis=0)
+            elif any(m.name == "per_dataset" for m in ds.mask_flag_enums[0]):
+                ok &= ds.read_masks(1, window=inner) > 0
+        except RasterioError as err:
+            raise UserError(f"{ds.name}: corrupt or truncated raster ({_first_line(err)})") from None
+        rows, cols = slice(r0 - row, r1 - row), slice(c0 - col, c1 - col)
+        data[:, rows, cols] = part
+        valid[rows, cols] = ok
     if zero_is_nodata:
         valid &= np.any(data != 0, axis=0)
     if stretch is not None:
@@ -164,6 +182,14 @@ def load_footprints(path: str | os.PathLike, crs=None):
 
     Returns a GeoDataFrame of Polygons/MultiPolygons (possibly empty) that keeps its CRS.
     """
+    return load_footprints_report(path, crs)[0]
+
+
+def load_footprints_report(path: str | os.PathLike, crs=None):
+    """`load_footprints` plus what was done to the input: (gdf, {"read", "repaired", "dropped"}).
+
+    Callers use the counts to warn about invalid or zero-area geometries instead of hiding them.
+    """
     import geopandas as gpd
     import shapely
 
@@ -172,20 +198,24 @@ def load_footprints(path: str | os.PathLike, crs=None):
         raise UserError(f"{path}: label file does not exist")
     try:
         gdf = gpd.read_file(path)
-    except Exception as err:  # pyogrio raises several types for unreadable files
+    except Exception as err:  # noqa: BLE001 - pyogrio raises several types for unreadable files
         raise UserError(f"{path}: not a readable vector file ({_first_line(err)})") from None
+    report = {"read": len(gdf), "repaired": 0, "dropped": 0}
     if len(gdf) == 0:
-        return gdf.set_crs(crs or "EPSG:4326", allow_override=True) if gdf.crs is None else gdf
+        gdf = gdf.set_crs(crs or "EPSG:4326", allow_override=True) if gdf.crs is None else gdf
+        return gdf, report
     if gdf.crs is None:
         raise UserError(f"{path}: labels have no CRS; add one (e.g. re-save as GeoJSON in EPSG:4326)")
-    geoms = shapely.make_valid(gdf.geometry.values)
-    geoms = [_polygonal(g) for g in geoms]
+    raw = gdf.geometry.values
+    report["repaired"] = int((~shapely.is_missing(raw) & ~shapely.is_valid(raw)).sum())
+    geoms = [_polygonal(g) for g in shapely.make_valid(raw)]
     gdf = gpd.GeoDataFrame(gdf.drop(columns="geometry"), geometry=geoms, crs=gdf.crs)
     gdf = gdf[~gdf.geometry.is_empty & gdf.geometry.notna()]
     if crs is not None:
         gdf = gdf.to_crs(crs)
     gdf = gdf[shapely.area(gdf.geometry.values) > 0]  # sign test only: units do not matter
-    return gdf.reset_index(drop=True)
+    report["dropped"] = report["read"] - len(gdf)
+    return gdf.reset_index(drop=True), report
 
 
 def _polygonal(geom):
@@ -230,8 +260,7 @@ def write_raster(path: str | os.PathLike, array: np.ndarray, profile: dict, tags
     """Write a whole array ([H, W] or [C, H, W]) atomically with `profile`."""
     arr = array[None] if array.ndim == 2 else array
     profile = dict(profile, count=arr.shape[0], height=arr.shape[1], width=arr.shape[2], dtype=str(arr.dtype))
-    with atomic_path(path) as tmp:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(arr)
-            if tags:
-                dst.update_tags(**{k: str(v) for k, v in tags.items()})
+    with atomic_path(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        dst.write(arr)
+        if tags:
+            dst.update_tags(**{k: str(v) for k, v in tags.items()})

@@ -1,0 +1,368 @@
+"""Inference benchmark: one batched TTA run against the original one-run-per-TTA way, precision, memory.
+
+    python benchmarks/bench_inference.py                          # full: 16 tiles of 1024 px, b1 at 672
+    python benchmarks/bench_inference.py --tiles 4 --size 512 --width 320 --memory-width 128   # quick
+
+Figures printed (each against a baseline measured in the same process, same model and tiles):
+1. 5-way TTA (none, hflip, vflip, hvflip, transpose) over generated tiles with one b1 model (random
+   weights, pretrained=False): `inference.py` as one run (windows read and resized once, TTA batched,
+   channels_last, every output written) against the original pipeline's way, emulated in-process: one
+   run per TTA with batch 1, each run loading the model, re-reading and resizing every image and writing
+   its maps, then averaging the five runs' maps. Process start-up of the original's five separate
+   processes is *not* counted, which flatters the baseline.
+2. Model-only forward throughput (the same batches of TTA inputs, no I/O) against pipeline throughput.
+3. Precision: fp32 (NCHW), fp32 channels_last, bf16 autocast + channels_last: forward time and how many
+   mask pixels agree with fp32. On CPUs without native bf16 (no AMX / AVX512-BF16) bf16 is emulated
+   and measured at a small size only.
+4. Peak resident memory of `inference.py` on a 2048^2 and an 8192^2 scene (separate processes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import cv2
+import numpy as np
+import rasterio
+import torch
+import torch.nn.functional as F
+
+import engine
+import model as M
+from common import compose_config
+
+TTA = ["none", "hflip", "vflip", "hvflip", "transpose"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+def make_tiles(folder: Path, n: int, size: int) -> list[Path]:
+    """Demo-style drone tiles (roofs, roads, ground texture) as RGBA GeoTIFFs, like the test tiles."""
+    import demo_scene
+
+    paths = []
+    for i in range(n):
+        scene = demo_scene.generate_scene(1000 + i, size=(size, size), detail=False, nodata_corner=False)
+        p = folder / f"tile_{i:02d}.tif"
+        demo_scene.write_scene(scene, p, folder.parent / "labels" / f"tile_{i:02d}.geojson")
+        paths.append(p)
+    return paths
+
+
+def make_big_scene(path: Path, size: int, block: int = 1024) -> Path:
+    """A size^2 RGBA GeoTIFF written block by block (repeating one generated block): no big array in memory."""
+    import demo_scene
+
+    scene = demo_scene.generate_scene(7, size=(block, block), detail=False, nodata_corner=False)
+    profile = {"driver": "GTiff", "width": size, "height": size, "count": 4, "dtype": "uint8", "crs": scene.crs,
+               "transform": scene.transform, "tiled": True, "blockxsize": 256, "blockysize": 256,
+               "compress": "deflate", "photometric": "RGB"}
+    with rasterio.open(path, "w", **profile) as dst:
+        for r in range(0, size, block):
+            for c in range(0, size, block):
+                h, w = min(block, size - r), min(block, size - c)
+                dst.write(scene.rgba[:, :h, :w], window=rasterio.windows.Window(c, r, w, h))
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# The two ways
+# ----------------------------------------------------------------------------------------------
+
+def ours(tiles_dir: Path, ckpt: Path, out: Path, size: int, width: int, batch_size: int, device: str,
+         tta: list[str] = TTA) -> float:
+    import inference
+
+    cfg = compose_config("inference", [
+        f"data_dir={tiles_dir}", f"model={ckpt}", f"output_dir={out}", f"tile_size={size}", f"width={width}",
+        f"tta=[{','.join(tta)}]", f"batch_size={batch_size}", "progress=false", f"device={device}", "precision=fp32"])
+    start, cpu = time.perf_counter(), time.process_time()
+    inference.run(cfg)
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def export_onnx(ckpt: Path, out: Path, width: int) -> tuple[Path, float]:
+    """export.py: the model with the 5 TTA transforms baked into one ONNX graph."""
+    import export
+
+    start = time.perf_counter()
+    res = export.run(compose_config("export", [f"model={ckpt}", f"tta=[{','.join(TTA)}]", f"width={width}",
+                                               "formats=[onnx]", f"output={out}", "check=false"]))
+    return Path(res["onnx"]), time.perf_counter() - start
+
+
+def original_way(tiles: list[Path], ckpt: Path, out: Path, width: int, threshold: float = 0.5) -> float:
+    """One run per TTA (model loaded each run), batch 1, re-read + resize each image, write maps; then average."""
+    start, cpu = time.perf_counter(), time.process_time()
+    for name in TTA:
+        run_dir = out / name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        net = M.load_model(ckpt)
+        for path in tiles:
+            with rasterio.open(path) as ds:
+                rgb = np.moveaxis(ds.read([1, 2, 3]), 0, -1)
+            h, w = rgb.shape[:2]
+            x = cv2.resize(rgb, (width, width), interpolation=cv2.INTER_LINEAR)
+            t = M.normalize(torch.from_numpy(x).permute(2, 0, 1)[None])
+            t = engine.tta_forward(t, name).contiguous()
+            with torch.no_grad():
+                seg = net(t)[M.SEG]
+            prob = engine.tta_inverse(torch.softmax(seg, 1)[:, 1:2], name)
+            prob = F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+            cv2.imwrite(str(run_dir / f"{path.stem}.png"), (prob * 255).round().byte().numpy())
+    for path in tiles:  # the original combine step: average the runs' maps, threshold, write masks
+        maps = [cv2.imread(str(out / name / f"{path.stem}.png"), cv2.IMREAD_GRAYSCALE).astype(np.float32)
+                for name in TTA]
+        mean = np.mean(maps, 0) / 255.0
+        (out / "ensemble").mkdir(exist_ok=True)
+        cv2.imwrite(str(out / "ensemble" / f"{path.stem}.png"), np.where(mean >= threshold, 255, 0).astype(np.uint8))
+        cv2.imwrite(str(out / "ensemble" / f"{path.stem}_prob.png"), np.round(mean * 255).astype(np.uint8))
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+# ----------------------------------------------------------------------------------------------
+# Model-only and precision
+
+def pipeline_vs_model(ckpt: Path, tiles: list[Path], out: Path, args, device) -> tuple[float, float]:
+    """Inputs/s of the whole per-image pipeline (read, resize, TTA, model, blend, write) and of the model
+    alone on the same batches, measured alternately tile by tile so that both see the same machine load."""
+    import inference
+
+    cfg = compose_config("inference", [f"model={ckpt}", f"output_dir={out}", f"tile_size={args.size}",
+                                       f"width={args.width}", f"tta=[{','.join(TTA)}]", f"batch_size={args.batch_size}",
+                                       "progress=false", f"device={device}", "precision=fp32", "overwrite=true"])
+    eng, _ = inference.build_engine(cfg, [M.load_model(ckpt)], device=device)
+    net = eng.models[0]
+    per_call = max(1, args.batch_size // len(TTA)) * len(TTA)
+    x = torch.randn(per_call, 3, args.width, args.width, device=device).contiguous(memory_format=torch.channels_last)
+    time_forward(net, x, repeats=1)  # warm-up of both paths
+    inference.predict_image(eng, inference.ImageInput(tiles[0].stem, tiles[0]),
+                            inference.output_paths(out, "warmup", "none"), cfg, {})
+    t_pipe = t_fwd = 0.0
+    inputs = 0
+    for tile in tiles:
+        start = time.perf_counter()
+        paths = inference.output_paths(out, tile.stem, "gpkg")
+        inference.predict_image(eng, inference.ImageInput(tile.stem, tile), paths, cfg, {})
+        _sync(device)
+        t_pipe += time.perf_counter() - start
+        calls = math.ceil(eng.stats.windows * len(TTA) / per_call)
+        inputs += eng.stats.windows * len(TTA)
+        t_fwd += time_forward(net, x, repeats=calls, warmup=False)[0] * calls
+    return inputs / t_fwd, inputs / t_pipe
+
+# ----------------------------------------------------------------------------------------------
+
+def time_forward(net, x: torch.Tensor, dtype=None, repeats: int = 2, warmup: bool = True) -> tuple[float, torch.Tensor]:
+    """Seconds per forward (after one warm-up) and the building probability."""
+    ctx = torch.autocast(x.device.type, dtype=dtype) if dtype is not None else torch.autocast(x.device.type,
+                                                                                              enabled=False)
+    with torch.inference_mode(), ctx:
+        if warmup:
+            net(x)
+        _sync(x.device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = net(x)
+        _sync(x.device)
+    return (time.perf_counter() - start) / repeats, torch.softmax(out[M.SEG].float(), 1)[:, 1]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def precision_table(ckpt: Path, tiles: list[Path], size: int, batch: int, device) -> list[dict]:
+    net = M.load_model(ckpt).to(device)
+    imgs = []
+    for p in (tiles * batch)[:batch]:
+        with rasterio.open(p) as ds:
+            imgs.append(cv2.resize(np.moveaxis(ds.read([1, 2, 3]), 0, -1), (size, size), interpolation=cv2.INTER_AREA))
+    x = M.normalize(torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2)).to(device)
+    rows = []
+    t_ref, p_ref = time_forward(net, x.contiguous())
+    rows.append({"mode": "fp32 NCHW", "s_per_batch": t_ref, "agree": 1.0, "max_diff": 0.0})
+    net_cl = net.to(memory_format=torch.channels_last)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    cands = [("fp32 channels_last", None), ("bf16 autocast + channels_last", torch.bfloat16)]
+    if device.type == "cuda":
+        cands.append(("fp16 autocast + channels_last", torch.float16))
+    thr_median = float(p_ref.median())
+    for label, dtype in cands:
+        t, p = time_forward(net_cl, xc, dtype)
+        rows.append({"mode": label, "s_per_batch": t,
+                     "agree": float(((p >= 0.5) == (p_ref >= 0.5)).float().mean()),
+                     "agree_at_median": float(((p >= thr_median) == (p_ref >= thr_median)).float().mean()),
+                     "max_diff": float((p - p_ref).abs().max())})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Memory (child processes)
+# ----------------------------------------------------------------------------------------------
+
+def memory_child(args) -> None:
+    import inference
+
+    torch.set_num_threads(args.threads)
+    cfg = compose_config("inference", [
+        f"data_dir={args.scene}", f"model={args.ckpt}", f"output_dir={args.out}", "tile_size=1024", "overlap=256",
+        f"width={args.memory_width}", "progress=false", "precision=fp32", f"device={args.device}",
+        f"batch_size={args.batch_size}"])
+    start = time.perf_counter()
+    inference.run(cfg)
+    print(json.dumps({"maxrss_mb": peak_rss_mb(), "seconds": time.perf_counter() - start}))
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process image (VmHWM). ru_maxrss is not used: Linux carries the
+    parent's peak across fork + exec into it, so a child started from a big parent reads too high."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # other systems: best effort
+
+
+def peak_memory(scene: Path, ckpt: Path, out: Path, args) -> dict:
+    cmd = [sys.executable, __file__, "--memory-child", "--scene", str(scene), "--ckpt", str(ckpt), "--out", str(out),
+           "--memory-width", str(args.memory_width), "--threads", str(args.threads), "--device", args.device,
+           "--batch-size", str(args.batch_size)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=REPO)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiles", type=int, default=16)
+    ap.add_argument("--size", type=int, default=1024, help="tile side in pixels")
+    ap.add_argument("--width", type=int, default=672, help="model input side (multiple of 32)")
+    ap.add_argument("--model-name", default="efficientnet-b1")
+    ap.add_argument("--batch-size", type=int, default=5, help="model inputs per forward call in our run")
+    ap.add_argument("--repeats", type=int, default=1, help="alternating runs of both ways; the best of each counts")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision-size", type=int, default=None,
+                    help="input side for the precision table (default: width, or 224 without native bf16 on CPU)")
+    ap.add_argument("--precision-batch", type=int, default=4)
+    ap.add_argument("--memory-sizes", type=int, nargs="*", default=[2048, 8192])
+    ap.add_argument("--memory-width", type=int, default=None, help="model width for the memory runs (default width)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["tta", "onnx", "precision", "memory"])
+    ap.add_argument("--workdir", default=None)
+    # internal: one memory measurement in a fresh process
+    ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--scene", help=argparse.SUPPRESS)
+    ap.add_argument("--ckpt", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    args.memory_width = args.memory_width or args.width
+    if args.memory_child:
+        memory_child(args)
+        return
+
+    from common import resolve_device
+
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench_inference_"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, device {device}"
+          f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, native CPU bf16: "
+          f"{engine._cpu_has_native_bf16()}")
+    torch.manual_seed(0)
+    ckpt = work / "model.pth"
+    M.save_checkpoint(ckpt, M.build_model(args.model_name, pretrained=False))
+    tiles = make_tiles(work / "tiles" / "images", args.tiles, args.size)
+    results = {"args": vars(args)}
+
+    if "tta" not in args.skip:
+        print(f"\n[1] 5-way TTA, {args.tiles} tiles of {args.size}^2, {args.model_name} at width {args.width}"
+              + (f", best of {args.repeats} alternating runs" if args.repeats > 1 else ""))
+        t_ours, t_orig = [], []
+        for r in range(args.repeats):  # alternate, so load from other processes hits both ways alike
+            t_ours.append(ours(work / "tiles" / "images", ckpt, work / f"ours{r}", args.size, args.width,
+                               args.batch_size, str(device)))
+            if device.type == "cpu":
+                t_orig.append(original_way(tiles, ckpt, work / f"original{r}", args.width))
+        t_ours, c_ours = min(t[0] for t in t_ours), min(t[1] for t in t_ours)
+        print(f"  ours (one run, batched TTA)     {t_ours:8.1f} s wall {c_ours:8.1f} s CPU  "
+              f"{args.tiles / t_ours:6.3f} tiles/s")
+        results.update(ours_s=t_ours, ours_cpu_s=c_ours)
+        if t_orig:
+            t_orig, c_orig = min(t[0] for t in t_orig), min(t[1] for t in t_orig)
+            print(f"  original (run per TTA, batch 1) {t_orig:8.1f} s wall {c_orig:8.1f} s CPU  "
+                  f"{args.tiles / t_orig:6.3f} tiles/s")
+            print(f"  speed-up                        {t_orig / t_ours:8.2f} x wall {c_orig / c_ours:6.2f} x CPU  "
+                  "(target >= 2x on CPU; CPU time is the steadier figure on a shared machine)")
+            results.update(original_s=t_orig, original_cpu_s=c_orig, speedup=t_orig / t_ours,
+                           speedup_cpu=c_orig / c_ours)
+            if "onnx" not in args.skip:
+                onnx_path, t_export = export_onnx(ckpt, work / "export" / "b1_tta5", args.width)
+                t_onnx, c_onnx = ours(work / "tiles" / "images", onnx_path, work / "ours_onnx", args.size,
+                                      args.width, 1, str(device), tta=["none"])
+                print(f"  ours, ONNX Runtime (export.py graph with the 5 TTA, model=<file.onnx>): {t_onnx:6.1f} s wall "
+                      f"{c_onnx:6.1f} s CPU -> {t_orig / t_onnx:5.2f} x wall {c_orig / c_onnx:5.2f} x CPU "
+                      f"(one-off export {t_export:.1f} s)")
+                results.update(ours_onnx_s=t_onnx, ours_onnx_cpu_s=c_onnx, export_s=t_export,
+                               speedup_onnx=t_orig / t_onnx, speedup_onnx_cpu=c_orig / c_onnx)
+        fwd_tp, pipe_tp = pipeline_vs_model(ckpt, tiles, work / "pipe", args, device)
+        print(f"\n[2] model-only forward {fwd_tp:6.3f} inputs/s vs pipeline {pipe_tp:6.3f} inputs/s "
+              f"-> pipeline at {100 * pipe_tp / fwd_tp:5.1f} % of model-only (target >= 90 % on GPU; "
+              "measured tile by tile, alternating)")
+        results.update(model_only_inputs_per_s=fwd_tp, pipeline_inputs_per_s=pipe_tp)
+
+    if "precision" not in args.skip:
+        native = device.type == "cuda" or engine._cpu_has_native_bf16()
+        size = args.precision_size or (args.width if native else 128)
+        print(f"\n[3] precision, batch {args.precision_batch} at {size}^2"
+              + ("" if native else " (bf16 is emulated on this CPU: small size only)"))
+        rows = precision_table(ckpt, tiles, size, args.precision_batch, device)
+        ref = rows[0]["s_per_batch"]
+        for r in rows:
+            extra = f"  agree@median {100 * r['agree_at_median']:.2f} %" if "agree_at_median" in r else ""
+            print(f"  {r['mode']:32s} {r['s_per_batch']:8.3f} s/batch  x{ref / r['s_per_batch']:5.2f}  "
+                  f"masks agree {100 * r['agree']:.2f} %{extra}  max|dp| {r['max_diff']:.4f}")
+        results["precision"] = rows
+
+    if "memory" not in args.skip and args.memory_sizes:
+        print(f"\n[4] peak RSS of inference.py (tile 1024, overlap 256, width {args.memory_width}, fresh process)")
+        mem = {}
+        for s in args.memory_sizes:
+            scene = make_big_scene(work / f"scene_{s}.tif", s)
+            mem[s] = peak_memory(scene, ckpt, work / f"mem_{s}", args)
+            print(f"  {s:5d}^2: {mem[s]['maxrss_mb']:8.1f} MB peak, {mem[s]['seconds']:7.1f} s")
+            scene.unlink()
+        sizes = sorted(mem)
+        ratio = mem[sizes[-1]]["maxrss_mb"] / mem[sizes[0]]["maxrss_mb"]
+        print(f"  ratio {sizes[-1]}^2 / {sizes[0]}^2 = {ratio:.3f} (target <= 1.3)")
+        results["memory"] = {str(k): v for k, v in mem.items()}
+        results["memory_ratio"] = ratio
+
+    (work / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    print(f"\nresults: {work / 'results.json'}")
+    if not args.workdir:
+        shutil.rmtree(work / "tiles", ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Average the probability maps of several inference runs into one ensemble (or into soft labels).
+
+    python combine_images.py base_dir=outputs_final                       # -> outputs_final/ensemble
+    python combine_images.py base_dir=outputs_masks add_mask_suffix=True out_dir=soft_labels
+
+Every folder under `base_dir` holding `probabilities/` is a run (or list them with `inputs=[...]`).
+Same-named maps are averaged band by band (memory does not grow with the scene), thresholded, and
+written through the inference engine's writer: georeferenced `probabilities/`, `masks/` and
+`footprints/`. With `add_mask_suffix=True` the output is instead a training folder for self-training:
+`<stem><ext>` (a copy of, or a link to, the source image found through the runs' run.json) beside
+`<stem>_mask.png`, the averaged probability as a 0-255 soft label.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.windows import Window
+
+import engine
+import footprints
+import inference
+from common import VERSION, UserError, atomic_path, cli, write_json
+
+BAND_ROWS = 512  # rows averaged at a time (in blocks of engine.OUT_COLS columns)
+
+
+def find_runs(base_dir: Path | None, inputs, out_dir: Path) -> list[Path]:
+    """Run folders (those with probabilities/), excluding the output folder and earlier ensembles."""
+    if inputs:
+        runs = []
+        for p in inputs:
+            p = Path(p)
+            run = p.parent if p.name == "probabilities" else p
+            if not (run / "probabilities").is_dir():
+                raise UserError(f"{p}: no probabilities/ folder; pass inference output folders")
+            runs.append(run)
+    else:
+        if base_dir is None or not base_dir.is_dir():
+            raise UserError(f"base_dir={base_dir}: not a folder; pass base_dir=<folder of runs> or inputs=[run1,run2]")
+        runs = sorted(p.parent for p in base_dir.rglob("probabilities") if p.is_dir())
+        runs = [r for r in runs if r.resolve() != out_dir.resolve() and not _is_ensemble(r)]
+    if not runs:
+        raise UserError(f"{base_dir}: no run folders with probabilities/ found under it")
+    return runs
+
+
+def _is_ensemble(run: Path) -> bool:
+    return "combined_from" in _run_info(run)
+
+
+def _run_info(run: Path) -> dict:
+    try:
+        return json.loads((run / inference.RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def matched_maps(runs: list[Path]) -> dict[str, list[Path]]:
+    """stem -> probability map of every run; a stem missing from some run is an error."""
+    per_run = [{p.stem: p for p in sorted((r / "probabilities").glob("*.tif"))} for r in runs]
+    stems = sorted(set().union(*per_run))
+    if not stems:
+        raise UserError(f"{runs[0]}/probabilities: no probability maps (.tif) found")
+    missing = [(s, r) for s in stems for r, m in zip(runs, per_run) if s not in m]
+    if missing:
+        s, r = missing[0]
+        raise UserError(f"{r}/probabilities/{s}.tif: missing ({len(missing)} maps missing across {len(runs)} runs); "
+                        f"finish that run or leave it out with inputs=[...]")
+    return {s: [m[s] for m in per_run] for s in stems}
+
+
+def check_aligned(paths: list[Path]) -> None:
+    """Same size, CRS and transform in every run, or a one-line error naming the odd file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(paths[0]) as ref:
+            shape, crs, transform = (ref.height, ref.width), ref.crs, ref.transform
+        for p in paths[1:]:
+            with rasterio.open(p) as ds:
+                if (ds.height, ds.width) != shape:
+                    raise UserError(f"{p}: size {ds.width}x{ds.height} differs from {paths[0]} "
+                                    f"({shape[1]}x{shape[0]}); runs must cover the same images")
+                if ds.crs != crs:
+                    raise UserError(f"{p}: CRS {ds.crs} differs from {paths[0]} ({crs})")
+                if not ds.transform.almost_equals(transform):
+                    raise UserError(f"{p}: georeferencing (transform) differs from {paths[0]}")
+
+
+def average_bands(paths: list[Path]):
+    """Yield (row_off, col_off, mean probability 0..1 as a float tensor) over blocks of the maps."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        dss = [rasterio.open(p) for p in paths]
+    try:
+        h, w = dss[0].height, dss[0].width
+        for row in range(0, h, BAND_ROWS):
+            for col in range(0, w, engine.OUT_COLS):
+                win = Window(col, row, min(engine.OUT_COLS, w - col), min(BAND_ROWS, h - row))
+                total = np.zeros((win.height, win.width), np.float32)
+                for ds in dss:
+                    total += ds.read(1, window=win).astype(np.float32)
+                yield row, col, torch.from_numpy(total / (255.0 * len(dss)))
+    finally:
+        for ds in dss:
+            ds.close()
+
+
+def source_images(runs: list[Path]) -> dict[str, Path]:
+    """stem -> source image path recorded by the runs (run.json)."""
+    out: dict[str, Path] = {}
+    for r in runs:
+        for stem, rec in _run_info(r).get("images", {}).items():
+            if rec.get("path"):
+                out.setdefault(stem, Path(rec["path"]))
+    return out
+
+
+def write_ensemble(stem: str, paths: list[Path], out_dir: Path, cfg, tags: dict) -> int:
+    """Average one image's maps and write probability, mask and footprints; returns the building count."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(paths[0]) as ref:
+            georef = engine.is_georeferenced(ref)
+            profile = engine.raster_profile(ref, georef)
+            transform, crs, height = ref.transform, ref.crs, ref.height
+    out = inference.output_paths(out_dir, stem, cfg.vector_format)
+    poly = footprints.Polygonizer(height, profile["width"])
+    with engine.gdal_env(), engine.SceneWriter(out["probability"], out["mask"], profile, tags, cog=cfg.cog,
+                                               polygonizer=poly) as writer:
+        for row, col, prob in average_bands(paths):
+            prob_u8, mask = engine.quantize(prob, np.ones(prob.shape, bool), cfg.threshold)
+            writer.write(row, prob_u8, mask, col)
+        gdf = footprints.footprints_frame(poly.finish(), transform if georef else None, crs if georef else None,
+                                          min_area=cfg.min_area, simplify=cfg.simplify)
+        footprints.write_footprints(gdf, out["geojson"], cfg.vector_format)
+        writer.commit()
+    return len(gdf)
+
+
+def write_soft_label(stem: str, paths: list[Path], image: Path | None, out_dir: Path, link: bool) -> None:
+    """`<stem>_mask.png` (0-255 averaged probability) beside a copy of / link to the source image."""
+    import cv2
+
+    if image is None or not image.is_file():
+        raise UserError(f"{stem}: source image {image or '(not recorded)'} not found; the runs' run.json records "
+                        "where inference read it -- restore the file or re-run inference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(paths[0]) as ref, rasterio.open(image) as src:
+            if (ref.height, ref.width) != (src.height, src.width):
+                raise UserError(f"{image}: size differs from its probability map {paths[0]}")
+    label = np.zeros(_shape(paths[0]), np.uint8)
+    for row, col, prob in average_bands(paths):
+        h, w = prob.shape
+        label[row:row + h, col:col + w] = (prob * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+    target = out_dir / f"{stem}{image.suffix.lower()}"
+    if not target.exists():
+        if link:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(image.resolve(), target)
+        else:
+            engine.copy_file(image, target)
+    with atomic_path(out_dir / f"{stem}_mask.png") as tmp:
+        if not cv2.imwrite(str(tmp), label):
+            raise UserError(f"{out_dir}: could not write {stem}_mask.png")
+        engine.make_readable(tmp)
+
+
+def _shape(path: Path) -> tuple[int, int]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path) as ds:
+            return ds.height, ds.width
+
+
+def run(cfg) -> dict:
+    base_dir = Path(cfg.base_dir) if cfg.base_dir is not None else None
+    inputs = list(cfg.inputs) if cfg.inputs else None
+    if base_dir is None and not inputs:
+        raise UserError("pass base_dir=<folder of inference runs> or inputs=[run1,run2,...]")
+    if cfg.out_dir is not None:
+        out_dir = Path(cfg.out_dir)
+    else:
+        out_dir = (base_dir if base_dir is not None else Path(inputs[0]).resolve().parent) / "ensemble"
+    runs = find_runs(base_dir, inputs, out_dir)
+    maps = matched_maps(runs)
+    images = source_images(runs)
+    info = {"toolkit_version": VERSION, "combined_from": [str(r.resolve()) for r in runs],
+            "threshold": float(cfg.threshold), "soft_labels": bool(cfg.add_mask_suffix),
+            "models": [m for r in runs for m in _run_info(r).get("models", [])]}
+    tags = {"BUILDINGS_TOOLKIT_VERSION": VERSION, "BUILDINGS_ENSEMBLE_OF": len(runs),
+            "BUILDINGS_THRESHOLD": float(cfg.threshold)}
+    from tqdm import tqdm
+
+    done = {}
+    for stem, paths in tqdm(maps.items(), disable=not cfg.progress or len(maps) < 2, unit="image"):
+        check_aligned(paths)
+        if cfg.add_mask_suffix:
+            target = out_dir / f"{stem}_mask.png"
+            if cfg.overwrite or not target.exists():
+                write_soft_label(stem, paths, images.get(stem), out_dir, cfg.link_images)
+            done[stem] = {"path": str(images.get(stem, "")), "soft_label": str(target)}
+        else:
+            out = inference.output_paths(out_dir, stem, cfg.vector_format)
+            if cfg.overwrite or not all(p.exists() for p in out.values()):
+                write_ensemble(stem, paths, out_dir, cfg, tags)
+            done[stem] = {"path": str(images[stem]) if stem in images else None}
+    if not cfg.add_mask_suffix:
+        write_json(out_dir / inference.RUN_FILE, {**info, "images": done})
+        engine.make_readable(out_dir / inference.RUN_FILE)
+    kind = "soft labels" if cfg.add_mask_suffix else "ensemble maps"
+    print(f"{len(done)} {kind} from {len(runs)} runs -> {out_dir}")
+    return {**info, "out_dir": str(out_dir), "images": done}
+
+
+@cli("combine_images")
+def main(cfg):
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

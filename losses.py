@@ -9,8 +9,8 @@ Conventions used by every function here:
 - `target` is the probability of "building" (0..1, soft allowed), shaped like the logits without the
   channel dimension; 2-class logits get the distribution [1 - t, t].
 - `valid` is 1 where a pixel may contribute and 0 in the ignore region (nodata/alpha, uncertain labels).
-  Ignored pixels never reach a loss, except `entropy_loss`, which needs no label and is applied there on
-  purpose (opt-in through `entropy_weight`).
+  Ignored pixels never reach a loss, except the entropy term (`entropy_map`), which needs no label and is
+  applied exactly there on purpose (opt-in through `entropy_weight`).
 - Pixel losses are averaged over the valid pixels of each image, then over the images of the batch.
   Every chip weighs the same, and the loss of a batch is the mean of its samples' losses, so it splits
   exactly across data-parallel processes. An image with no valid pixel contributes zero (the autograd

@@ -165,6 +165,10 @@ def build_engine(cfg, models=None, device=None) -> tuple[engine.Engine, list[dic
     overrides = {k: cfg.get(k) for k in engine.ARCH_OVERRIDES}
     if models is None:
         models = engine.load_models(paths, **overrides)
+    if cfg.get("backend", "torch") not in engine.BACKENDS:
+        raise UserError(f"backend={cfg.backend}: choose one of {', '.join(engine.BACKENDS)}")
+    if cfg.get("backend") == "onnxruntime":
+        models = engine.onnxruntime_models(models, paths, cfg.get("onnx_cache"))
     records = [{"path": str(Path(p).resolve()), "sha256": engine.file_sha256(p),
                 "config": getattr(m, "config", None), "meta": _jsonable(getattr(m, "meta", None))}
                for p, m in zip(paths, models)]

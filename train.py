@@ -585,6 +585,9 @@ def prepare(cfg, d: Dist | None = None, device: torch.device | None = None) -> S
     scheduler = build_scheduler(optimizer, lr, total, pct_start=float(cfg.pct_start),
                                 div_factor=float(cfg.div_factor), final_div_factor=float(cfg.final_div_factor))
     amp = autocast_dtype(cfg, device)
+    if amp == torch.bfloat16 and device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        warnings.warn("precision=bf16 on a CPU without native bf16 kernels is emulated and much slower than fp32",
+                      stacklevel=2)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     model = net
     if d.enabled:

@@ -9,7 +9,8 @@ For each precision it times `train.train_step` (forward, losses, backward, optim
   measuring how long each step waits for its batch. The share of step time spent waiting is what the
   loader costs; near 0 % means it never starves the device.
 The ratio printed is each precision's model-only images/s over fp32's, measured in the same process.
-fp16 and bf16 run on CUDA; on CPU bf16 autocast runs too (fast on CPUs with AMX/AVX-512 BF16), fp16 is skipped.
+fp16 and bf16 run on CUDA; on CPU bf16 runs only where the CPU has native bf16 kernels (AMX / AVX-512 BF16;
+elsewhere it is emulated and ~25x slower than fp32, see --force-bf16), fp16 is skipped.
 """
 
 from __future__ import annotations
@@ -66,12 +67,23 @@ def measure(s, steps: int, warmup: int, fixed: dict | None):
     return total / steps, wait / steps
 
 
-def precisions(device: torch.device, asked: list[str]) -> list[str]:
+def cpu_bf16() -> bool:
+    """Whether this CPU has native bf16 kernels (AMX / AVX-512 BF16); without them bf16 is emulated, ~25x slower."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def precisions(device: torch.device, asked: list[str], force: bool = False) -> list[str]:
     out = []
     for p in asked:
         if p == "fp16" and device.type != "cuda":
             continue
         if p == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            continue
+        if p == "bf16" and device.type == "cpu" and not (force or cpu_bf16()):
+            print("skipping bf16: this CPU has no native bf16 kernels (use --force-bf16 to time it anyway)")
             continue
         out.append(p)
     return out
@@ -88,6 +100,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--precision", default="fp32,bf16,fp16", help="comma-separated; unavailable ones are skipped")
+    parser.add_argument("--force-bf16", action="store_true", help="time bf16 even on CPUs without native bf16")
     parser.add_argument("--augment", default="seed", choices=["seed", "light"])
     parser.add_argument("--data-dir", default=None, help="training chips (default: the built-in demo chips)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
@@ -96,7 +109,7 @@ def main(argv=None) -> list[dict]:
     results = []
     base = None
     device = resolve_device(args.device)
-    for p in precisions(device, ["fp32", *[q for q in args.precision.split(",") if q != "fp32"]]):
+    for p in precisions(device, ["fp32", *[q for q in args.precision.split(",") if q != "fp32"]], args.force_bf16):
         s = session(args, p)
         batch = train.to_device(next(train.batches(s, "train")), s.device, s.device.type == "cuda")
         model_step, _ = measure(s, args.steps, args.warmup, batch)

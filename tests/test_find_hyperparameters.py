@@ -1,5 +1,6 @@
 """find_hyperparameters.py: a two-trial resumable optuna study and the learning-rate range test."""
 
+import itertools
 import json
 
 import cv2
@@ -58,7 +59,7 @@ def test_lr_range_writes_a_loss_vs_lr_plot_and_suggests_max_lr(chips, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (out / "lr_range.csv").read_text().splitlines()
     lrs = [float(r.split(",")[0]) for r in rows[1:]]
-    assert lrs[0] == pytest.approx(1e-5) and all(b > a for a, b in zip(lrs, lrs[1:]))
+    assert lrs[0] == pytest.approx(1e-5) and all(b > a for a, b in itertools.pairwise(lrs))
     assert result["suggested_max_lr"] == pytest.approx(result["lr_at_min_loss"] / 10)
     assert 1e-6 <= result["suggested_max_lr"] <= 0.1
 

@@ -519,3 +519,18 @@ def test_a_failure_mid_scene_leaves_no_outputs_behind(drone, checkpoints, tmp_pa
     with pytest.raises(RuntimeError, match="out of memory"):
         inference.run(infer_cfg(drone, checkpoints["b0"], tmp_path, "batch_size=1"), models=[FailsOnThirdCall()])
     assert not [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "run.json"]
+
+
+def test_onnxruntime_backend_matches_torch_and_is_cached(drone, checkpoints, tmp_path):
+    import inference
+
+    cache = tmp_path / "cache"
+    for out in ("o1", "o2"):
+        inference.run(infer_cfg(drone, checkpoints["b0"], tmp_path / out, "tta=[none,transpose]",
+                                "backend=onnxruntime", f"onnx_cache={cache}"))
+    assert len(list(cache.glob("*.onnx"))) == 1  # exported once, reused by the second run
+    ref = inference.run(infer_cfg(drone, checkpoints["b0"], tmp_path / "t2", "tta=[none,transpose]"))
+    assert ref["summary"]["predicted"] == 1
+    a = read(tmp_path / "t2" / "probabilities" / "drone.tif")[0].astype(int)
+    b = read(tmp_path / "o2" / "probabilities" / "drone.tif")[0].astype(int)
+    assert np.abs(a - b).max() <= 1

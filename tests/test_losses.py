@@ -206,7 +206,7 @@ def test_soft_label_loss_is_zero_when_predictions_equal_the_soft_targets():
     p = target.clamp(1e-6, 1 - 1e-6)
     logit = torch.log(p) - torch.log1p(-p)
     out = {SEG: torch.stack([torch.zeros_like(logit), logit], 1), DICE: logit.unsqueeze(1)}
-    total, terms = soft_label_loss(out, target, torch.zeros_like(target), LossConfig())
+    total, _ = soft_label_loss(out, target, torch.zeros_like(target), LossConfig())
     assert total.item() == pytest.approx(0.0, abs=1e-6)
     total2, _ = soft_label_loss(out, 1 - target, torch.zeros_like(target), LossConfig())
     assert total2.item() > 0.1

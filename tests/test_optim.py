@@ -1,6 +1,7 @@
 """The optimiser factory: AdamW or Lookahead(RAdam), and the one-cycle schedule."""
 
 import io
+import itertools
 
 import pytest
 import torch
@@ -63,7 +64,7 @@ def test_one_cycle_warms_up_to_max_lr_then_anneals():
     assert lrs[0] == pytest.approx(1e-3 / 25)
     assert max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) in (19, 20)
     assert lrs[-1] == pytest.approx(1e-3 / 25 / 1e4)
-    assert all(a <= b for a, b in zip(lrs[:19], lrs[1:20]))  # warm-up is monotonic
+    assert all(a <= b for a, b in itertools.pairwise(lrs[:20]))  # warm-up is monotonic
 
 
 @pytest.mark.parametrize("over9000", [False, True])

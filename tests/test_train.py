@@ -267,7 +267,7 @@ def test_two_process_gloo_training_matches_one_process_with_the_same_global_batc
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train.py", *common, "batch_size=2", f"output_dir={tmp_path / 'two'}"],
-                          cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = tb_losses(tmp_path / "one"), tb_losses(tmp_path / "two")
     assert sorted(two) == [1, 2, 3]
@@ -349,6 +349,20 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(chips, tmp_path):
 
 def test_cli_prints_one_line_error_and_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", f"data_dir={tmp_path / 'nope'}", "pretrained=false"],
-                          cwd=REPO_DIR, capture_output=True, text=True, timeout=120)
+                          cwd=REPO_DIR, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "nope" in proc.stderr
+
+
+def test_model_init_from_an_original_pipeline_checkpoint(shared, chips, tmp_path):
+    """The seed's checkpoint layout ({"state_dict": ...} with its parameter names) initialises training."""
+    ref = torch.load(shared / "reference" / "seed_b1.pt", weights_only=True)
+    path = tmp_path / "m40000.pth"
+    torch.save({"state_dict": {k: v.float() for k, v in ref["state_dict"].items()}}, path)
+    net = train.create_model(compose_config("train", ["pretrained=false", f"model={path}"]))
+    expected = load_model(path)
+    assert net.config == expected.config
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), expected.state_dict().values()))
+    with pytest.raises(UserError, match="no optimizer state"):
+        train.prepare(compose_config("train", [*TINY, "arch=b1", f"data_dir={chips}", "max_steps=1", f"model={path}",
+                                               "load_state=1", f"output_dir={tmp_path / 'run'}"]))

@@ -464,7 +464,7 @@ def load_optimizer_moments(optimizer, saved: dict, net: torch.nn.Module, path) -
     Handles our two-group layout and the original pipeline's single group (parameters in module order).
     """
     base = getattr(optimizer, "optimizer", optimizer)  # Lookahead wraps the optimiser that owns the moments
-    if "base_optimizer" in saved:
+    if isinstance(saved, dict) and "base_optimizer" in saved:
         saved = saved["base_optimizer"]
     if not isinstance(saved, dict) or "state" not in saved or "param_groups" not in saved:
         raise UserError(f"{path}: load_state=1 but the checkpoint has no optimizer state; drop load_state")
@@ -513,7 +513,6 @@ class Session:
     best: float = -1.0
     best_step: int = 0
     history: list = field(default_factory=list)
-    rng_restored: bool = False
     val_loader: object = None
 
 
@@ -617,7 +616,6 @@ def restore(s: Session, ckpt: dict) -> None:
     states = (ckpt.get("rng") or {}).get("ranks") or []
     if len(states) == s.d.world:
         set_rng_state(states[s.d.rank])
-        s.rng_restored = True
     else:
         warnings.warn(f"resume: checkpoint has RNG states of {len(states)} process(es), this run has {s.d.world}; "
                       "continuing with fresh random streams (not an exact continuation)", stacklevel=2)

@@ -38,7 +38,7 @@ def sync(device: torch.device) -> None:
 def session(args, precision: str):
     overrides = [f"model_name=efficientnet-{args.model}", "pretrained=false", f"width={args.size}",
                  f"batch_size={args.batch}", f"num_workers={args.workers}", f"precision={precision}",
-                 f"max_steps={args.warmup + 2 * args.steps + 2}", "progress=false", f"device={args.device}",
+                 f"max_steps={2 * (args.warmup + args.steps) + 2}", "progress=false", f"device={args.device}",
                  "output_dir=outputs/bench_train", f"augment={args.augment}", "num_folds=2"]
     if args.data_dir:
         overrides.append(f"data_dir={args.data_dir}")
@@ -95,7 +95,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--size", type=int, default=512, help="training crop (width) in pixels")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -272,7 +272,7 @@ def test_two_process_gloo_training_matches_one_process_with_the_same_global_batc
     one, two = tb_losses(tmp_path / "one"), tb_losses(tmp_path / "two")
     assert sorted(two) == [1, 2, 3]
     for k in (1, 2, 3):
-        assert two[k] == pytest.approx(one[k], rel=1e-4), f"step {k}"
+        assert two[k] == pytest.approx(one[k], rel=1e-5), f"step {k}"  # float32 rounding only
     assert len(list((tmp_path / "two").glob("events.out.tfevents.*"))) == 1  # only rank 0 writes
     v1 = (tmp_path / "one" / "metrics.csv").read_text().splitlines()[1].split(",")
     v2 = (tmp_path / "two" / "metrics.csv").read_text().splitlines()[1].split(",")

@@ -322,7 +322,7 @@ class Engine:
         if self.channels_last:
             self.models = [m.to(memory_format=torch.channels_last) for m in self.models]
         # graphs run outside PyTorch (ONNX Runtime) take plain NCHW arrays
-        self._nchw = [getattr(m, "format", "") == "onnx" for m in self.models]
+        self.is_onnx = [getattr(m, "format", "") == "onnx" for m in self.models]
         self.passes = build_passes(len(self.models), widths, tta)
         self.tile_size, self.overlap = int(tile_size), int(overlap)
         self.batch_size = max(1, int(batch_size))
@@ -489,7 +489,7 @@ class Engine:
                 groups.setdefault(tuple(tta_forward(x[:1], name).shape), []).append(name)
             for names in groups.values():
                 xt = torch.cat([tta_forward(x, n) for n in names])
-                nchw = self._nchw[p.model] or not self.channels_last
+                nchw = self.is_onnx[p.model] or not self.channels_last
                 xt = xt.contiguous(memory_format=torch.contiguous_format if nchw else torch.channels_last)
                 prob, cls = self._forward(self.models[p.model], xt)
                 for i, n in enumerate(names):
@@ -693,6 +693,15 @@ def onnxruntime_models(models: Sequence[torch.nn.Module], paths: Sequence[str | 
     import model as model_lib
 
     cache = Path(cache_dir) if cache_dir else onnx_cache_dir()
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        probe = cache / f".probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError:  # read-only home (CI, containers): export into a private temporary folder instead
+        import tempfile
+
+        cache = Path(tempfile.mkdtemp(prefix="buildings-onnx-"))
     out = []
     for net, path in zip(models, paths):
         if isinstance(net, export.ExportedModel):

@@ -14,6 +14,7 @@ footprints/<stem>.geojson (EPSG:4326) + .gpkg (image CRS), and run.json (provena
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from collections.abc import Sequence
@@ -163,18 +164,17 @@ def build_engine(cfg, models=None, device=None) -> tuple[engine.Engine, list[dic
     """Models + TTA/width plan from the config; returns the engine and the model records for run.json."""
     paths = model_list(cfg.model)
     overrides = {k: cfg.get(k) for k in engine.ARCH_OVERRIDES}
-    if models is None:
+    device = device or resolve_device(cfg.device)
+    loaded = models is None
+    if loaded:
         models = engine.load_models(paths, **overrides)
-    if cfg.get("backend", "torch") not in engine.BACKENDS:
-        raise UserError(f"backend={cfg.backend}: choose one of {', '.join(engine.BACKENDS)}")
-    if cfg.get("backend") == "onnxruntime":
-        models = engine.onnxruntime_models(models, paths, cfg.get("onnx_cache"))
     records = [{"path": str(Path(p).resolve()), "sha256": engine.file_sha256(p),
                 "config": getattr(m, "config", None), "meta": _jsonable(getattr(m, "meta", None))}
                for p, m in zip(paths, models)]
+    if loaded:
+        models = choose_backend(cfg, models, paths, device)
     widths = _plain(cfg.widths) if cfg.get("widths") is not None else [cfg.width]
     tta = _plain(cfg.tta) if cfg.get("tta") is not None else [engine.seed_tta_name(cfg.flip, cfg.transpose)]
-    device = device or resolve_device(cfg.device)
     if device.type == "cuda":
         import torch
 
@@ -184,6 +184,33 @@ def build_engine(cfg, models=None, device=None) -> tuple[engine.Engine, list[dic
                         scale_factor=cfg.scale_factor, match_gsd=cfg.match_gsd, num_workers=cfg.num_workers,
                         progress=cfg.progress)
     return eng, records
+
+
+def choose_backend(cfg, models: list, paths: list[str], device) -> list:
+    """`backend=auto`: ONNX Runtime on CPU for fp32 (about 2-4x faster than eager PyTorch on CPUs without
+    AMX, measured on b1 at 672 px), PyTorch elsewhere (CUDA AMP, bf16/fp16 autocast). An automatic export
+    that fails falls back to PyTorch with a warning; an explicit `backend=onnxruntime` fails loudly."""
+    backend = str(cfg.get("backend", "torch"))
+    if backend not in (*engine.BACKENDS, "auto"):
+        raise UserError(f"backend={backend}: choose auto, {' or '.join(engine.BACKENDS)}")
+    if backend == "auto":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            return models
+        if device.type != "cpu" or cfg.precision in ("bf16", "fp16") or (
+                cfg.precision == "auto" and engine._cpu_has_native_bf16()):
+            return models
+    if backend == "torch":
+        return models
+    try:
+        return engine.onnxruntime_models(models, paths, cfg.get("onnx_cache"))
+    except (RuntimeError, ValueError, OSError, UserError) as err:
+        if backend == "onnxruntime":
+            raise
+        print(f"warning: ONNX Runtime unavailable for these models ({str(err).splitlines()[0][:120]}); "
+              "using PyTorch", file=sys.stderr)
+        return models
 
 
 def _jsonable(obj):
@@ -206,6 +233,7 @@ def provenance(cfg, eng: engine.Engine, records: list[dict]) -> dict:
         "tile_size": eng.tile_size, "overlap": eng.overlap, "threshold": float(cfg.threshold),
         "scale_factor": eng.scale_factor, "match_gsd": eng.match_gsd,
         "precision": cfg.precision, "device": str(eng.device),
+        "backend": "onnxruntime" if any(eng.is_onnx) else "torch",
         "min_area": cfg.min_area, "simplify": cfg.simplify,
     }
 

@@ -96,7 +96,7 @@ def drone(shared):
 
 def infer_cfg(data_dir, model, out, *extra):
     overrides = [f"data_dir={data_dir}", f"model={model}", f"output_dir={out}", "tile_size=256", "width=64",
-                 "overlap=64", "progress=false", "num_threads=1", "cog=false", *extra]
+                 "overlap=64", "progress=false", "num_threads=1", "cog=false", "backend=torch", *extra]
     return compose_config("inference", overrides)
 
 
@@ -525,9 +525,10 @@ def test_onnxruntime_backend_matches_torch_and_is_cached(drone, checkpoints, tmp
     import inference
 
     cache = tmp_path / "cache"
-    for out in ("o1", "o2"):
-        inference.run(infer_cfg(drone, checkpoints["b0"], tmp_path / out, "tta=[none,transpose]",
-                                "backend=onnxruntime", f"onnx_cache={cache}"))
+    for out, backend in (("o1", "onnxruntime"), ("o2", "auto")):  # auto: ONNX Runtime for fp32 on this CPU
+        run = inference.run(infer_cfg(drone, checkpoints["b0"], tmp_path / out, "tta=[none,transpose]",
+                                      f"backend={backend}", f"onnx_cache={cache}", "precision=fp32"))
+        assert run["models"][0]["sha256"] == engine.file_sha256(checkpoints["b0"])
     assert len(list(cache.glob("*.onnx"))) == 1  # exported once, reused by the second run
     ref = inference.run(infer_cfg(drone, checkpoints["b0"], tmp_path / "t2", "tta=[none,transpose]"))
     assert ref["summary"]["predicted"] == 1

@@ -73,10 +73,13 @@ stage2() {
 }
 
 stage3() {
-  local models="[$OUT/b1/best.pth]"
-  [ -f "$OUT/b2/best.pth" ] && models="[$OUT/b1/best.pth,$OUT/b2/best.pth]"
+  # one model: both widths as scale TTA; two models: b1 at B1_WIDTH and b2 at B2_WIDTH, as the original ensemble
+  local models="[$OUT/b1/best.pth]" widths="[$B1_WIDTH,$B2_WIDTH]"
+  if [ -f "$OUT/b2/best.pth" ]; then
+    models="[$OUT/b1/best.pth,$OUT/b2/best.pth]" widths="[[$B1_WIDTH],[$B2_WIDTH]]"
+  fi
   # shellcheck disable=SC2086
-  run "$PY" inference.py "model=$models" data_dir="$TEST_DIR" "tta=$TTA" "widths=[$B1_WIDTH,$B2_WIDTH]" \
+  run "$PY" inference.py "model=$models" data_dir="$TEST_DIR" "tta=$TTA" "widths=$widths" \
     threshold=0.56 output_dir="$OUT/final" ${INFER_ARGS:-}
   if [ -n "${TEST_LABELS:-}" ]; then
     run "$PY" evaluate.py gt="$TEST_LABELS" pred="$OUT/final/footprints" pred_masks="$OUT/final/masks" \

@@ -13,8 +13,8 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 REPO_DIR = Path(__file__).resolve().parent
 CONFIG_DIR = REPO_DIR / "config"

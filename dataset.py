@@ -526,34 +526,18 @@ def _scales(cfg) -> list[float]:
     return scales
 
 
-def resolve_zero_is_nodata(value, ds) -> bool:
-    """`auto`: zero-valued pixels are nodata only when the file itself says nothing about validity.
-
-    A raster with an alpha band, a nodata value or an internal mask marks its own edges; trusting it
-    keeps genuinely black pixels. Without any of these (SpaceNet tiles, many mosaics) the black fill
-    outside the imagery is the only signal, and treating it as ground would teach "black = no building".
-    """
-    if isinstance(value, bool):
-        return value
-    if str(value).lower() in ("true", "1", "yes"):
-        return True
-    if str(value).lower() in ("false", "0", "no"):
-        return False
-    from geo_io import band_layout
-
-    _, alpha = band_layout(ds)
-    has_mask = any(m.name == "per_dataset" for m in ds.mask_flag_enums[0])
-    return alpha is None and ds.nodata is None and not has_mask
-
-
-_resolve_zero_is_nodata = resolve_zero_is_nodata  # former private name, still imported elsewhere
-
-
 def _scene_plan(scene: Scene, cfg, scales: list[float]) -> ScenePlan:
     import shapely
     from rasterio.enums import Resampling
 
-    from geo_io import check_readable, load_footprints_report, open_raster, raster_gsd, stretch_range
+    from geo_io import (
+        check_readable,
+        load_footprints_report,
+        open_raster,
+        raster_gsd,
+        resolve_zero_is_nodata,
+        stretch_range,
+    )
 
     with open_raster(scene.image) as ds:
         check_readable(ds, scene.image)

@@ -643,14 +643,9 @@ def load_models(paths: Sequence[str | os.PathLike], **overrides) -> list[torch.n
     Only non-None architecture overrides are passed. A checkpoint whose weights do not fit the
     architecture becomes a one-line UserError.
     """
-    import model as model_lib
+    import export  # imported here: export.py builds on this module
 
-    try:
-        import export
-
-        loader = export.load_any
-    except ImportError:  # export.py is optional for inference
-        loader = model_lib.load_model
+    loader = export.load_any
     kwargs = {k: v for k, v in overrides.items() if v is not None}
     models = []
     for path in paths:

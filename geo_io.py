@@ -264,3 +264,21 @@ def write_raster(path: str | os.PathLike, array: np.ndarray, profile: dict, tags
         dst.write(arr)
         if tags:
             dst.update_tags(**{k: str(v) for k, v in tags.items()})
+
+
+def resolve_zero_is_nodata(value, ds) -> bool:
+    """`auto`: zero-valued pixels are nodata only when the file itself says nothing about validity.
+
+    A raster with an alpha band, a nodata value or an internal mask marks its own edges; trusting it
+    keeps genuinely black pixels. Without any of these (SpaceNet tiles, many mosaics) the black fill
+    outside the imagery is the only signal, and treating it as ground would teach "black = no building".
+    """
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no"):
+        return False
+    _, alpha = band_layout(ds)
+    has_mask = any(m.name == "per_dataset" for m in ds.mask_flag_enums[0])
+    return alpha is None and ds.nodata is None and not has_mask

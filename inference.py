@@ -108,8 +108,12 @@ def _stac_images(catalog_path: Path) -> list[ImageInput]:
     return sorted(out, key=lambda im: im.stem)
 
 
-def check_images(images: list[ImageInput]) -> None:
-    """Open every image before any work, so a bad file fails the run at once with its name."""
+def check_images(images: list[ImageInput]) -> list[int]:
+    """Open every image before any work, so a bad file fails the run at once with its name.
+
+    Returns each image's pixel count (the work it will take, used to share images among ranks).
+    """
+    pixels = []
     for im in images:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
@@ -117,17 +121,35 @@ def check_images(images: list[ImageInput]) -> None:
         try:
             geo_io.check_readable(ds, im.path)
             geo_io.band_layout(ds)
+            pixels.append(ds.width * ds.height)
         finally:
             ds.close()
+    return pixels
+
+
+def shard_images(images: list[ImageInput], pixels: list[int], rank: int, world: int) -> list[ImageInput]:
+    """This rank's share of the images under `torchrun`: largest first, each to the least-loaded rank.
+
+    Every rank computes the same assignment from the same sorted list, so no communication is needed,
+    and ranks finish close together even when one city scene dwarfs the other images.
+    """
+    if world <= 1:
+        return images
+    load = [0] * world
+    mine = []
+    for size, im in sorted(zip(pixels, images), key=lambda t: (-t[0], t[1].stem)):
+        owner = min(range(world), key=lambda r: (load[r], r))
+        load[owner] += size
+        if owner == rank:
+            mine.append(im)
+    return sorted(mine, key=lambda im: im.stem)
 
 
 def open_source(path: Path, cfg) -> engine.RasterSource:
     """Open an image with the data-preparation rules (bands, alpha/nodata, stretch, zero = nodata)."""
-    from dataset import _resolve_zero_is_nodata
-
     low, high = cfg.stretch_percentiles
     src = engine.RasterSource(path, cfg.stretch, low, high, cfg.stretch_range, False)
-    src.zero_is_nodata = _resolve_zero_is_nodata(cfg.zero_is_nodata, src.ds)
+    src.zero_is_nodata = geo_io.resolve_zero_is_nodata(cfg.zero_is_nodata, src.ds)
     return src
 
 
@@ -301,11 +323,28 @@ def _load_run(path: Path) -> dict:
         return {}
 
 
+def rank_run_file(output_dir: Path, rank: int) -> Path:
+    """Per-rank progress record of a multi-process run, merged into run.json when every rank is done."""
+    return output_dir / f".run.rank{rank}.json"
+
+
+def previous_records(output_dir: Path) -> dict:
+    """Image records of earlier runs: run.json plus progress left by ranks of an interrupted torchrun job."""
+    done = dict(_load_run(output_dir / RUN_FILE).get("images", {}))
+    for part in sorted(output_dir.glob(".run.rank*.json")):
+        done.update(_load_run(part).get("images", {}))
+    return done
+
+
 def run(cfg, models=None) -> dict:
     """Predict every input image; returns the run record (also written to output_dir/run.json).
 
     `models` (already built modules, one per `model` path) skips loading, for programmatic callers.
+    Under `torchrun` each rank predicts its share of the images (`shard_images`) and rank 0 writes
+    the merged run.json, so the outputs are those of one process.
     """
+    from distributed import gather_object, setup_distributed
+
     output_dir = Path(cfg.output_dir)
     # outputs and mined copies written inside data_dir are not inputs of a later run
     own = [output_dir] + ([Path(cfg.output_dir_empty)] if cfg.output_dir_empty else [])
@@ -316,15 +355,43 @@ def run(cfg, models=None) -> dict:
         import torch
 
         torch.set_num_threads(int(cfg.num_threads))
-    check_images(images)
-    eng, records = build_engine(cfg, models)
-    info = provenance(cfg, eng, records)
-    run_path = output_dir / RUN_FILE
-    previous = _load_run(run_path) if not cfg.overwrite else {}
-    done: dict = dict(previous.get("images", {}))
-    tags = geotiff_tags(info)
+    pixels = check_images(images)
+    d, device = setup_distributed(cfg.device)
+    try:
+        mine = shard_images(images, pixels, d.rank, d.world)
+        eng, records = build_engine(cfg, models, device)
+        info = provenance(cfg, eng, records)
+        done = previous_records(output_dir) if not cfg.overwrite else {}
+        progress_path = output_dir / RUN_FILE if not d.enabled else rank_run_file(output_dir, d.rank)
+        summary = predict_images(eng, mine, cfg, info, done, progress_path)
+        parts = gather_object((done, summary, info.get("precision_used")), d)
+        if d.enabled:
+            for part_done, _, _ in parts:
+                done.update(part_done)
+            summary = {"predicted": sum(p[1]["predicted"] for p in parts),
+                       "skipped": sum(p[1]["skipped"] for p in parts),
+                       "empty": sorted(stem for p in parts for stem in p[1]["empty"])}
+            if d.main:
+                info["precision_used"] = parts[0][2]
+                _write_run(output_dir / RUN_FILE, info, done)
+                for r in range(d.world):
+                    rank_run_file(output_dir, r).unlink(missing_ok=True)
+        if d.main:
+            print(f"{summary['predicted']} predicted, {summary['skipped']} already done"
+                  + (f", {len(summary['empty'])} empty -> {cfg.output_dir_empty}" if cfg.mine_empty else "")
+                  + f"; outputs in {output_dir}" + (f" ({d.world} processes)" if d.enabled else ""))
+    finally:
+        _leave_process_group(d)
+    return {**info, "images": done, "summary": summary}
+
+
+def predict_images(eng: engine.Engine, images: list[ImageInput], cfg, info: dict, done: dict,
+                   progress_path: Path) -> dict:
+    """Predict (or skip, when their outputs exist) `images`, recording each in `done` and `progress_path`."""
     from tqdm import tqdm
 
+    output_dir = Path(cfg.output_dir)
+    tags = geotiff_tags(info)
     summary = {"predicted": 0, "skipped": 0, "empty": []}
     for image in tqdm(images, disable=not cfg.progress or len(images) < 2, unit="image"):
         paths = output_paths(output_dir, image.stem, cfg.vector_format)
@@ -346,13 +413,21 @@ def run(cfg, models=None) -> dict:
         done[image.stem] = record
         if cfg.debug:
             print(f"{image.stem}: {record}")
-        write_json(run_path, {**info, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                              "images": done})
-        engine.make_readable(run_path)
-    print(f"{summary['predicted']} predicted, {summary['skipped']} already done"
-          + (f", {len(summary['empty'])} empty -> {cfg.output_dir_empty}" if cfg.mine_empty else "")
-          + f"; outputs in {output_dir}")
-    return {**info, "images": done, "summary": summary}
+        _write_run(progress_path, info, done)
+    return summary
+
+
+def _write_run(path: Path, info: dict, done: dict) -> None:
+    write_json(path, {**info, "created": datetime.now(UTC).isoformat(timespec="seconds"), "images": done})
+    engine.make_readable(path)
+
+
+def _leave_process_group(d) -> None:
+    import torch.distributed as dist
+
+    if d.enabled and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @cli("inference")

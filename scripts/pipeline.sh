@@ -13,7 +13,7 @@
 #   TEST_LABELS   ground-truth footprints for TEST_DIR (file or folder) to evaluate against           [demo test labels]
 #   UNLABELED_DIR images used for negative mining and pseudo-labels in stage 2 (test, tier 2)         [TEST_DIR]
 #   OUT           output root                                                                         [outputs/pipeline]
-#   GPUS          processes per node for training (torchrun when > 1)                                 [1]
+#   GPUS          processes per node for training and inference (torchrun when > 1)                   [1]
 #   B1_ARGS, B2_ARGS   extra train.py overrides (e.g. "max_steps=40000 batch_size=5")
 #   B1_WIDTH, B2_WIDTH inference widths of the two models in stage 3                                  [672, 1024]
 #   PREP_SCALES   scales for dataset.py in stage 1                                                    ["1 2 0.5"]
@@ -46,6 +46,10 @@ train() {
   if [ "$GPUS" -gt 1 ]; then run "$PY" -m torch.distributed.run --nproc_per_node="$GPUS" train.py "$@"
   else run "$PY" train.py "$@"; fi
 }
+infer() {  # images are shared among the processes; the outputs are those of one process
+  if [ "$GPUS" -gt 1 ]; then run "$PY" -m torch.distributed.run --nproc_per_node="$GPUS" inference.py "$@"
+  else run "$PY" inference.py "$@"; fi
+}
 done_mark() { echo "$OUT/.stage$1.done"; }
 
 stage1() {
@@ -60,11 +64,11 @@ stage2() {
   local b1="$OUT/b1/best.pth"
   # Negative mining: confidently empty images join the training chips as negatives (no mask file).
   # shellcheck disable=SC2086
-  run "$PY" inference.py model="$b1" data_dir="$UNLABELED_DIR" width=512 mine_empty=True \
+  infer model="$b1" data_dir="$UNLABELED_DIR" width=512 mine_empty=True \
     output_dir="$OUT/mining" output_dir_empty="$OUT/chips/mined_negatives" ${INFER_ARGS:-}
   # Pseudo-labels: TTA at two scales, averaged into soft labels.
   # shellcheck disable=SC2086
-  run "$PY" inference.py model="$b1" data_dir="$UNLABELED_DIR" "tta=$TTA" "widths=[512,$B1_WIDTH]" \
+  infer model="$b1" data_dir="$UNLABELED_DIR" "tta=$TTA" "widths=[512,$B1_WIDTH]" \
     output_dir="$OUT/pseudo/b1" ${INFER_ARGS:-}
   run "$PY" combine_images.py base_dir="$OUT/pseudo" add_mask_suffix=True out_dir="$OUT/soft_labels"
   # shellcheck disable=SC2086
@@ -79,7 +83,7 @@ stage3() {
     models="[$OUT/b1/best.pth,$OUT/b2/best.pth]" widths="[[$B1_WIDTH],[$B2_WIDTH]]"
   fi
   # shellcheck disable=SC2086
-  run "$PY" inference.py "model=$models" data_dir="$TEST_DIR" "tta=$TTA" "widths=$widths" \
+  infer "model=$models" data_dir="$TEST_DIR" "tta=$TTA" "widths=$widths" \
     threshold=0.56 output_dir="$OUT/final" ${INFER_ARGS:-}
   if [ -n "${TEST_LABELS:-}" ]; then
     run "$PY" evaluate.py gt="$TEST_LABELS" pred="$OUT/final/footprints" pred_masks="$OUT/final/masks" \

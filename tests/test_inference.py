@@ -538,3 +538,48 @@ def test_onnxruntime_backend_matches_torch_and_is_cached(drone, checkpoints, tmp
     a = read(tmp_path / "t2" / "probabilities" / "drone.tif")[0].astype(int)
     b = read(tmp_path / "o2" / "probabilities" / "drone.tif")[0].astype(int)
     assert np.abs(a - b).max() <= 1
+
+
+def test_images_are_shared_largest_first_among_ranks():
+    import inference
+
+    images = [inference.ImageInput(s, Path(f"{s}.tif")) for s in "abcde"]
+    pixels = [100, 900, 400, 400, 50]
+    shares = [inference.shard_images(images, pixels, r, 2) for r in (0, 1)]
+    assert [[im.stem for im in s] for s in shares] == [["b", "e"], ["a", "c", "d"]]  # loads 950 / 900
+    assert inference.shard_images(images, pixels, 0, 1) == images
+
+
+def test_torchrun_inference_shares_images_and_matches_one_process(checkpoints, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from common import REPO_DIR
+
+    data = tmp_path / "images"
+    data.mkdir()
+    for k, (h, w) in enumerate(((256, 384), (200, 300), (320, 256))):
+        _write_rgba(data / f"img{k}.tif", gradient_image(h, w, seed=k), np.full((h, w), 255, np.uint8))
+    import inference
+
+    args = [f"data_dir={data}", f"model={checkpoints['b0']}", "tile_size=256", "width=64", "overlap=64",
+            "progress=false", "cog=false", "backend=torch", "threshold=0.5", "tta=[none,hflip]"]
+    inference.run(compose_config("inference", [*args, f"output_dir={tmp_path / 'one'}", "num_threads=1"]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "inference.py", *args, f"output_dir={tmp_path / 'two'}"],
+                          cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 predicted, 0 already done" in proc.stdout and "(2 processes)" in proc.stdout
+    for k in range(3):
+        for kind in ("probabilities", "masks"):
+            a, pa = read(tmp_path / "one" / kind / f"img{k}.tif")
+            b, pb = read(tmp_path / "two" / kind / f"img{k}.tif")
+            assert np.array_equal(a, b) and pa["crs"] == pb["crs"] and pa["transform"] == pb["transform"]
+        one = json.loads((tmp_path / "one" / "footprints" / f"img{k}.geojson").read_text())["features"]
+        two = json.loads((tmp_path / "two" / "footprints" / f"img{k}.geojson").read_text())["features"]
+        assert [f["geometry"] for f in one] == [f["geometry"] for f in two]
+    run = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert sorted(run["images"]) == ["img0", "img1", "img2"]
+    assert not list((tmp_path / "two").glob(".run.rank*.json"))  # merged by rank 0, then removed

@@ -1,0 +1,77 @@
+"""Where a process sits in a `torchrun` job, and the few collective operations the scripts need.
+
+Training (gradient averaging, sharded validation) and inference (images shared among ranks) both
+run under `torchrun --nproc_per_node=N`; without torchrun every helper here is the identity, so
+single-process code paths stay unchanged.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from common import resolve_device
+
+
+@dataclass
+class Dist:
+    """Where this process sits in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK and join the process group (nccl on CUDA, gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        index = d.local_rank if d.enabled else (device.index or 0)
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+    if d.enabled and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+    return d, device
+
+
+def all_reduce(values: list[float], d: Dist, device: torch.device, op=None) -> list[float]:
+    """Sum (or `op`) a few numbers across processes; identity in a single process."""
+    if not d.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def broadcast_object(obj, d: Dist):
+    """Rank 0's value of a small picklable object, on every rank."""
+    if not d.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_object(obj, d: Dist) -> list:
+    """Every rank's value of a small picklable object, on every rank (rank order)."""
+    if not d.enabled:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out

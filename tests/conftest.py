@@ -9,7 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import shared_dir  # noqa: E402
+from common import shared_dir
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
@@ -20,3 +20,16 @@ def shared() -> Path:
     path = shared_dir()
     assert (path / "data").is_dir(), f"shared data not found at {path}; set SHARED_DIR"
     return path
+
+
+@pytest.fixture(autouse=True)
+def fixed_seeds():
+    """Every test starts from the same random state, whichever tests ran before it in the worker."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)

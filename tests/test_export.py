@@ -50,6 +50,7 @@ def exported(tmp_path_factory):
     checkpoints = []
     for seed in range(2):
         path = tmp / f"b0_{seed}.pth"
+        torch.manual_seed(seed)  # biases and the rest of the default init: independent of earlier tests
         M.save_checkpoint(path, _lively(M.build_model("efficientnet-b0", pretrained=False), seed),
                           meta={"gsd": 0.0746})
         checkpoints.append(path)

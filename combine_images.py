@@ -26,7 +26,7 @@ from rasterio.windows import Window
 import engine
 import footprints
 import inference
-from common import VERSION, UserError, atomic_path, cli, write_json
+from common import VERSION, UserError, atomic_path, cli, progress_bar, write_json
 
 BAND_ROWS = 512  # rows averaged at a time (in blocks of engine.OUT_COLS columns)
 
@@ -197,10 +197,9 @@ def run(cfg) -> dict:
             "models": [m for r in runs for m in _run_info(r).get("models", [])]}
     tags = {"BUILDINGS_TOOLKIT_VERSION": VERSION, "BUILDINGS_ENSEMBLE_OF": len(runs),
             "BUILDINGS_THRESHOLD": float(cfg.threshold)}
-    from tqdm import tqdm
 
     done = {}
-    for stem, paths in tqdm(maps.items(), disable=not cfg.progress or len(maps) < 2, unit="image"):
+    for stem, paths in progress_bar(maps.items(), disable=not cfg.progress or len(maps) < 2, unit="image"):
         check_aligned(paths)
         if cfg.add_mask_suffix:
             target = out_dir / f"{stem}_mask.png"

@@ -111,3 +111,13 @@ def resolve_device(name: str = "auto"):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device={name}: CUDA is not available on this machine; use device=cpu or device=auto")
     return dev
+
+
+def progress_bar(iterable=None, **kwargs):
+    """A tqdm bar that stays readable in log files: refreshed every 30 s when stderr is not a terminal
+    (a terminal gets tqdm's usual live bar)."""
+    from tqdm import tqdm
+
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 30.0)
+    return tqdm(iterable, **kwargs)

@@ -33,7 +33,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from common import UserError, atomic_path, cli, write_json
+from common import UserError, atomic_path, cli, progress_bar, write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 MASK_SUFFIX = "_mask.png"
@@ -64,7 +64,6 @@ def warn(message: str) -> None:
 @dataclass(frozen=True)
 class Chip:
     """One training sample on disk. `mask`/`ignore` are None when absent (no mask = negative sample)."""
-
     image: Path
     mask: Path | None
     ignore: Path | None
@@ -255,7 +254,6 @@ class ChipDataset:
     With `ref_scale` (m/px), chips whose GSD is known are first resized to that GSD, so a model sees
     buildings at one size whatever the source resolution.
     """
-
     def __init__(self, chips: list[Chip], transform=None, ref_scale: float | None = None):
         self.chips = list(chips)
         self.transform = transform
@@ -337,7 +335,6 @@ _TILE_SUFFIXES = ("_Geo", "_labels", "-labels", "_buildings")
 @dataclass(frozen=True)
 class Scene:
     """One image with its label file; chips go to `<out_dir>/<collection>/<name>/`."""
-
     collection: str
     name: str
     image: Path
@@ -351,7 +348,6 @@ class Scene:
 @dataclass
 class ScenePlan:
     """A validated scene, its footprints in the image CRS, and the chip windows to write."""
-
     scene: Scene
     geoms: np.ndarray  # shapely geometries in the image CRS
     stretch: np.ndarray | None
@@ -714,7 +710,6 @@ def _process_batch(batch: tuple[int, list[tuple]]) -> dict:
 
 class ChipMasks:
     """Burns the footprints that intersect a window (found with an STRtree) onto that window's grid."""
-
     def __init__(self, geoms: np.ndarray, all_touched: bool):
         import shapely
 
@@ -820,8 +815,6 @@ def run(cfg) -> dict:
     Every scene is validated and planned before the first chip is written, so bad input stops the run
     with nothing written. Chips that already exist are skipped (resume after an interruption).
     """
-    from tqdm import tqdm
-
     _validate(cfg)
     if cfg.base_dir in (None, ""):
         from demo_scene import ensure_demo_scene
@@ -842,7 +835,7 @@ def run(cfg) -> dict:
             "jpeg_quality": int(cfg.jpeg_quality)}
     counts = {"written": 0, "skipped": 0, "positive": 0, "cpu_s": 0.0}
     workers = min(int(cfg.num_workers or 0), len(batches))
-    with tqdm(total=total, unit="chip", desc="chips", disable=not cfg.progress) as bar:
+    with progress_bar(total=total, unit="chip", desc="chips", disable=not cfg.progress) as bar:
         for result in _map(batches, plans, opts, workers):
             for k in counts:
                 counts[k] += result[k]

@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from rasterio.windows import Window
 
 import geo_io
-from common import UserError, atomic_path
+from common import UserError, atomic_path, progress_bar
 
 # --------------------------------------------------------------------------------------------------
 # Test-time augmentation: the dihedral transforms of a tile, each inverted exactly.
@@ -605,9 +605,7 @@ def _reflect_pad(img: np.ndarray, dh: int, dw: int) -> np.ndarray:
 
 
 def _progress(total: int, enabled: bool, unit: str):
-    from tqdm import tqdm
-
-    return tqdm(total=total, disable=not enabled, unit=unit, leave=False, dynamic_ncols=True)
+    return progress_bar(total=total, disable=not enabled, unit=unit, leave=False, dynamic_ncols=True)
 
 
 def quantize(prob: torch.Tensor, valid: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:

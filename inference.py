@@ -27,7 +27,7 @@ import rasterio
 import engine
 import footprints
 import geo_io
-from common import VERSION, UserError, cli, resolve_device, write_json
+from common import VERSION, UserError, cli, progress_bar, resolve_device, write_json
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 SIDE_SUFFIXES = ("_mask", "_ignore")  # training-chip companions, never inputs
@@ -388,12 +388,10 @@ def run(cfg, models=None) -> dict:
 def predict_images(eng: engine.Engine, images: list[ImageInput], cfg, info: dict, done: dict,
                    progress_path: Path) -> dict:
     """Predict (or skip, when their outputs exist) `images`, recording each in `done` and `progress_path`."""
-    from tqdm import tqdm
-
     output_dir = Path(cfg.output_dir)
     tags = geotiff_tags(info)
     summary = {"predicted": 0, "skipped": 0, "empty": []}
-    for image in tqdm(images, disable=not cfg.progress or len(images) < 2, unit="image"):
+    for image in progress_bar(images, disable=not cfg.progress or len(images) < 2, unit="image"):
         paths = output_paths(output_dir, image.stem, cfg.vector_format)
         if not cfg.overwrite and all(p.exists() for p in paths.values()):
             summary["skipped"] += 1

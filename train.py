@@ -39,7 +39,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 import dataset
-from common import CONFIG_DIR, UserError, atomic_path, cli
+from common import CONFIG_DIR, UserError, atomic_path, cli, progress_bar
 from distributed import Dist, all_reduce, broadcast_object, gather_object, setup_distributed
 from losses import LossConfig, soft_label_loss, soft_to_hard, supervised_loss, upsample_to
 from model import (
@@ -199,7 +199,6 @@ class SeededItems(torch.utils.data.Dataset):
     The augmentation of a sample therefore does not depend on worker count, process count or on where
     a run was resumed.
     """
-
     def __init__(self, base, seed: int, stream: int):
         self.base, self.seed, self.stream = base, int(seed), int(stream)
 
@@ -220,7 +219,6 @@ class EpochBatches(torch.utils.data.Sampler):
     `weights` a `WeightedRandomSampler` seeded by (seed, e), then dealt round-robin to the processes.
     Each epoch yields `per_epoch` full batches; the remainder is dropped (the next epoch reshuffles).
     """
-
     def __init__(self, n: int, batch_size: int, seed: int, d: Dist, weights=None, start: int = 0):
         self.n, self.batch_size, self.seed, self.d, self.start = n, batch_size, int(seed), d, int(start)
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
@@ -765,8 +763,6 @@ def fit(s: Session, on_validation: Callable[[Session, dict], None] | None = None
     `on_validation(session, metrics)` is called after every validation (hyper-parameter search hooks
     in here; it may raise to stop the run). `write=False` keeps everything in memory (no files).
     """
-    from tqdm import tqdm
-
     cfg, d = s.cfg, s.d
     files = write and d.main
     out = Path(cfg.output_dir)
@@ -784,7 +780,7 @@ def fit(s: Session, on_validation: Callable[[Session, dict], None] | None = None
     train_iter = batches(s, "train")
     soft_iter = batches(s, "soft") if s.data.soft_set is not None else None
     val_every = cfg.val_every or s.per_epoch
-    bar = tqdm(total=s.total_steps, initial=s.step, disable=not (d.main and cfg.progress), dynamic_ncols=True,
+    bar = progress_bar(total=s.total_steps, initial=s.step, disable=not (d.main and cfg.progress), dynamic_ncols=True,
                desc="train", unit="step")
     running, count, started, smooth = 0.0, 0, time.time(), None
     try:

@@ -374,9 +374,9 @@ def run(cfg, models=None) -> dict:
             if d.main:
                 info["precision_used"] = parts[0][2]
                 _write_run(output_dir / RUN_FILE, info, done)
-                for r in range(d.world):
-                    rank_run_file(output_dir, r).unlink(missing_ok=True)
         if d.main:
+            for part in output_dir.glob(".run.rank*.json"):  # merged into run.json (now or earlier)
+                part.unlink(missing_ok=True)
             print(f"{summary['predicted']} predicted, {summary['skipped']} already done"
                   + (f", {len(summary['empty'])} empty -> {cfg.output_dir_empty}" if cfg.mine_empty else "")
                   + f"; outputs in {output_dir}" + (f" ({d.world} processes)" if d.enabled else ""))
@@ -421,10 +421,11 @@ def _write_run(path: Path, info: dict, done: dict) -> None:
 
 
 def _leave_process_group(d) -> None:
+    """No barrier: after a failure the other ranks may be inside another collective, and waiting for
+    them would hang this rank instead of letting torchrun stop the job."""
     import torch.distributed as dist
 
     if d.enabled and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -75,3 +75,10 @@ def gather_object(obj, d: Dist) -> list:
     out = [None] * d.world
     dist.all_gather_object(out, obj)
     return out
+
+
+def leave_process_group(d: Dist) -> None:
+    """Leave the job's process group, without a barrier: after a failure the other ranks may be inside
+    another collective, and waiting for them would hang this rank instead of letting torchrun stop the job."""
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()

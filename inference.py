@@ -343,7 +343,7 @@ def run(cfg, models=None) -> dict:
     Under `torchrun` each rank predicts its share of the images (`shard_images`) and rank 0 writes
     the merged run.json, so the outputs are those of one process.
     """
-    from distributed import gather_object, setup_distributed
+    from distributed import gather_object, leave_process_group, setup_distributed
 
     output_dir = Path(cfg.output_dir)
     # outputs and mined copies written inside data_dir are not inputs of a later run
@@ -381,7 +381,7 @@ def run(cfg, models=None) -> dict:
                   + (f", {len(summary['empty'])} empty -> {cfg.output_dir_empty}" if cfg.mine_empty else "")
                   + f"; outputs in {output_dir}" + (f" ({d.world} processes)" if d.enabled else ""))
     finally:
-        _leave_process_group(d)
+        leave_process_group(d)
     return {**info, "images": done, "summary": summary}
 
 
@@ -418,15 +418,6 @@ def predict_images(eng: engine.Engine, images: list[ImageInput], cfg, info: dict
 def _write_run(path: Path, info: dict, done: dict) -> None:
     write_json(path, {**info, "created": datetime.now(UTC).isoformat(timespec="seconds"), "images": done})
     engine.make_readable(path)
-
-
-def _leave_process_group(d) -> None:
-    """No barrier: after a failure the other ranks may be inside another collective, and waiting for
-    them would hang this rank instead of letting torchrun stop the job."""
-    import torch.distributed as dist
-
-    if d.enabled and dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @cli("inference")

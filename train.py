@@ -40,7 +40,7 @@ from omegaconf import OmegaConf
 
 import dataset
 from common import CONFIG_DIR, UserError, atomic_path, cli, progress_bar
-from distributed import Dist, all_reduce, broadcast_object, gather_object, setup_distributed
+from distributed import Dist, all_reduce, broadcast_object, gather_object, leave_process_group, setup_distributed
 from losses import LossConfig, soft_label_loss, soft_to_hard, supervised_loss, upsample_to
 from model import (
     DICE,
@@ -851,8 +851,7 @@ def run(cfg, on_validation=None, write: bool = True) -> dict:
                   f"{result['best_step']}; outputs in {result['output_dir']}")
         return result
     finally:
-        if d.enabled and dist.is_initialized():
-            dist.destroy_process_group()
+        leave_process_group(d)
 
 
 @cli("train")

@@ -359,6 +359,8 @@ def run(cfg, models=None) -> dict:
     d, device = setup_distributed(cfg.device)
     try:
         mine = shard_images(images, pixels, d.rank, d.world)
+        if not d.main:
+            cfg.progress = False  # one bar (rank 0's) rather than interleaved ones
         eng, records = build_engine(cfg, models, device)
         info = provenance(cfg, eng, records)
         done = previous_records(output_dir) if not cfg.overwrite else {}

@@ -24,9 +24,11 @@ import torch
 from rasterio.windows import Window
 
 import engine
-import footprints
 import inference
-from common import VERSION, UserError, atomic_path, cli, progress_bar, write_json
+from lib import footprints
+from lib.cli import VERSION, cli, progress_bar
+from lib.errors import UserError
+from lib.files import atomic_path, write_json
 
 BAND_ROWS = 512  # rows averaged at a time (in blocks of engine.OUT_COLS columns)
 

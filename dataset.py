@@ -33,7 +33,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from common import UserError, atomic_path, cli, progress_bar, write_json
+from lib.cli import cli, progress_bar
+from lib.errors import UserError
+from lib.files import atomic_path, write_json
+from lib.model_contract import normalize
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 MASK_SUFFIX = "_mask.png"
@@ -42,10 +45,6 @@ RESOLUTIONS_FILE = "resolutions.json"
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".img", ".vrt")
 LABEL_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp")
 
-# ImageNet statistics (0..1 RGB). `model.normalize` is used when model.py provides it, so training and
-# inference share one definition; these constants are the fallback with identical values.
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class DataWarning(UserWarning):
@@ -208,7 +207,7 @@ def val_transform(width: int):
 def read_chip_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(RGB uint8 [H, W, 3], valid bool [H, W]) for a chip image; GeoTIFF alpha/nodata -> invalid."""
     if path.suffix.lower() in (".tif", ".tiff"):
-        from geo_io import check_readable, open_raster, read_window
+        from lib.geo_io import check_readable, open_raster, read_window
 
         with open_raster(path) as ds:
             check_readable(ds, path)
@@ -232,19 +231,6 @@ def read_gray(path: Path, shape: tuple[int, int]) -> np.ndarray:
     return img
 
 
-def _normalize_fn():
-    """`model.normalize` when model.py provides it (one definition of the input contract)."""
-    try:
-        from model import normalize
-        return normalize
-    except ImportError:
-        import torch
-
-        mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-        return lambda x: (x.float() / 255.0 - mean) / std
-
-
 class ChipDataset:
     """Map-style dataset of chips for `torch.utils.data.DataLoader`.
 
@@ -258,7 +244,6 @@ class ChipDataset:
         self.chips = list(chips)
         self.transform = transform
         self.ref_scale = float(ref_scale) if ref_scale else None
-        self._normalize = None
 
     def __len__(self) -> int:
         return len(self.chips)
@@ -291,14 +276,12 @@ class ChipDataset:
         if self.transform is not None:
             out = self.transform(image=image, mask=mask, valid=valid)
             image, mask, valid = out["image"], out["mask"], out["valid"]
-        if self._normalize is None:
-            self._normalize = _normalize_fn()
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
         ignore = valid < 128
         mask = mask.astype(np.float32) / 255.0
         mask[ignore] = 0.0
         return {
-            "image": self._normalize(x)[0].float().contiguous(),
+            "image": normalize(x)[0].float().contiguous(),
             "mask": torch.from_numpy(mask),
             "ignore": torch.from_numpy(ignore.astype(np.float32)),
             "has_building": torch.tensor(float((mask >= 0.5).any()), dtype=torch.float32),
@@ -309,7 +292,7 @@ class ChipDataset:
 
 def demo_chips_dir() -> Path:
     """Chips of the built-in demo scene, prepared with default settings on first use."""
-    from demo_scene import ensure_demo_scene
+    from lib.demo_scene import ensure_demo_scene
 
     root = ensure_demo_scene()
     chips = root / "chips"
@@ -360,7 +343,7 @@ def default_config(**overrides):
     """`config/dataset.yaml` as a plain OmegaConf object (usable inside another Hydra app)."""
     from omegaconf import OmegaConf
 
-    from common import CONFIG_DIR
+    from lib.cli import CONFIG_DIR
 
     cfg = OmegaConf.load(CONFIG_DIR / "dataset.yaml")
     for key in ("defaults", "hydra"):
@@ -526,7 +509,7 @@ def _scene_plan(scene: Scene, cfg, scales: list[float]) -> ScenePlan:
     import shapely
     from rasterio.enums import Resampling
 
-    from geo_io import (
+    from lib.geo_io import (
         check_readable,
         load_footprints_report,
         open_raster,
@@ -575,7 +558,7 @@ def _scene_plan(scene: Scene, cfg, scales: list[float]) -> ScenePlan:
 
 
 def _rgb_bands(ds) -> list[int]:
-    from geo_io import band_layout
+    from lib.geo_io import band_layout
 
     return band_layout(ds)[0]
 
@@ -669,7 +652,7 @@ def _process_batch(batch: tuple[int, list[tuple]]) -> dict:
     """
     from rasterio.windows import Window
 
-    from geo_io import open_raster, read_window
+    from lib.geo_io import open_raster, read_window
 
     started = time.process_time()
     plan_idx, specs = batch
@@ -723,7 +706,7 @@ class ChipMasks:
         from affine import Affine
         from rasterio.windows import bounds as window_bounds
 
-        from geo_io import rasterize_footprints
+        from lib.geo_io import rasterize_footprints
 
         out_w, out_h = max(1, round(window.width / scale)), max(1, round(window.height / scale))
         transform = ds.window_transform(window) * Affine.scale(window.width / out_w, window.height / out_h)
@@ -742,7 +725,7 @@ def _write_chip(ds, masks: ChipMasks, window, scale: float, rgb: np.ndarray, val
     """
     from affine import Affine
 
-    from geo_io import write_raster
+    from lib.geo_io import write_raster
 
     width, height = int(window.width), int(window.height)
     out_w, out_h = max(1, round(width / scale)), max(1, round(height / scale))
@@ -817,7 +800,7 @@ def run(cfg) -> dict:
     """
     _validate(cfg)
     if cfg.base_dir in (None, ""):
-        from demo_scene import ensure_demo_scene
+        from lib.demo_scene import ensure_demo_scene
 
         base_dir = ensure_demo_scene()
         out_dir = Path(cfg.out_dir) if cfg.out_dir else base_dir / "chips"

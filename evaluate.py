@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
-import geo_io
-import metrics
-from common import UserError, cli, write_json
+from lib import geo_io, metrics
+from lib.cli import cli
+from lib.errors import UserError
+from lib.files import write_json
 
 VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp")
 RASTER_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")

@@ -34,7 +34,9 @@ from torch import nn
 
 import engine
 import model as model_lib
-from common import VERSION, UserError, atomic_path, cli
+from lib.cli import VERSION, cli
+from lib.errors import UserError
+from lib.files import atomic_path
 from model import CLS, SEG
 
 FORMATS = ("torchscript", "onnx")

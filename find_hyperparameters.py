@@ -30,7 +30,9 @@ import numpy as np
 from omegaconf import OmegaConf
 
 import train
-from common import UserError, atomic_path, cli, write_json
+from lib.cli import cli
+from lib.errors import UserError
+from lib.files import atomic_path, write_json
 
 
 def output_dir(cfg) -> Path:

@@ -25,9 +25,11 @@ from pathlib import Path
 import rasterio
 
 import engine
-import footprints
-import geo_io
-from common import VERSION, UserError, cli, progress_bar, resolve_device, write_json
+from lib import footprints, geo_io
+from lib.cli import VERSION, cli, progress_bar
+from lib.devices import resolve_device
+from lib.errors import UserError
+from lib.files import write_json
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 SIDE_SUFFIXES = ("_mask", "_ignore")  # training-chip companions, never inputs
@@ -46,7 +48,7 @@ class ImageInput:
 
 def default_data_dir() -> Path:
     """The built-in demo's held-out test images (generated on first use)."""
-    import demo_scene
+    from lib import demo_scene
 
     return Path(demo_scene.ensure_demo_scene()) / "test" / "images"
 
@@ -343,7 +345,7 @@ def run(cfg, models=None) -> dict:
     Under `torchrun` each rank predicts its share of the images (`shard_images`) and rank 0 writes
     the merged run.json, so the outputs are those of one process.
     """
-    from distributed import gather_object, leave_process_group, setup_distributed
+    from lib.distributed import gather_object, leave_process_group, setup_distributed
 
     output_dir = Path(cfg.output_dir)
     # outputs and mined copies written inside data_dir are not inputs of a later run

@@ -35,17 +35,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import VERSION, UserError, atomic_path
+from lib.cli import VERSION
+from lib.errors import UserError
+from lib.files import atomic_path
+from lib.model_contract import (  # noqa: F401
+    CLS,
+    DICE,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    OUTPUT_KEYS,
+    OUTPUT_STRIDE,
+    SCALE,
+    SEG,
+    STRIDE,
+    normalize,
+)
 
 # ----------------------------------------------------------------------------------------------
 # Public constants: output keys, model options, input normalisation
 # ----------------------------------------------------------------------------------------------
 
-SEG = "seg"  # [N, 2, H/4, W/4] logits; softmax(...)[:, 1] is the building probability
-DICE = "dice"  # [N, 1, H/4, W/4] logits trained with the dice loss
-CLS = "cls"  # [N, 2] building-present logits (used for negative mining)
-SCALE = "scale"  # [N, 1] scale regression
-OUTPUT_KEYS = (SEG, DICE, CLS, SCALE)
 
 MODEL_KEYS = (
     "model_name",
@@ -56,33 +65,13 @@ MODEL_KEYS = (
     "use_ASPP",
     "drop_connect_rate",
 )
-STRIDE = 32  # input height and width must be multiples of this
-OUTPUT_STRIDE = 4  # segmentation maps are 1/4 of the input size
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 CHECKPOINT_FORMAT = "buildings-efficient-fpn"
 CHECKPOINT_FORMAT_VERSION = 1
 
 DECODER_CHANNELS = 64
 ASPP_RATES = (4, 8, 12)
-
-
-def normalize(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (or 0..255 float) images [N,C,H,W] or [C,H,W] -> float32 ImageNet-normalised input.
-
-    This is the model's input contract: every caller (training data, inference, export) goes through
-    it, so the model always sees what the pretrained encoder expects. Channels beyond RGB are
-    normalised with the mean of the RGB statistics.
-    """
-    c = x.shape[-3]
-    mean = list(IMAGENET_MEAN[:c]) + [sum(IMAGENET_MEAN) / 3] * max(0, c - 3)
-    std = list(IMAGENET_STD[:c]) + [sum(IMAGENET_STD) / 3] * max(0, c - 3)
-    shape = (c, 1, 1)
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape) * 255.0
-    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape) * 255.0
-    return (x.float() - mean_t) / std_t
 
 
 class InputSizeError(UserError, ValueError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from common import UserError
+from lib.errors import UserError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -15,8 +15,10 @@ import cv2
 import numpy as np
 from rasterio.enums import Resampling
 
-import geo_io
-from common import UserError, atomic_path, cli
+from lib import geo_io
+from lib.cli import cli
+from lib.errors import UserError
+from lib.files import atomic_path
 
 PRED_COLOUR = (255, 0, 255)  # RGB magenta
 GT_COLOUR = (0, 230, 0)  # RGB green

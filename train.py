@@ -39,9 +39,11 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 import dataset
-from common import CONFIG_DIR, UserError, atomic_path, cli, progress_bar
-from distributed import Dist, all_reduce, broadcast_object, gather_object, leave_process_group, setup_distributed
-from losses import LossConfig, soft_label_loss, soft_to_hard, supervised_loss, upsample_to
+from lib.cli import CONFIG_DIR, cli, progress_bar
+from lib.distributed import Dist, all_reduce, broadcast_object, gather_object, leave_process_group, setup_distributed
+from lib.errors import UserError
+from lib.files import atomic_path
+from lib.losses import LossConfig, soft_label_loss, soft_to_hard, supervised_loss, upsample_to
 from model import (
     DICE,
     MODEL_KEYS,

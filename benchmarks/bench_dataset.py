@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 
 import dataset
-import demo_scene
+from lib import demo_scene
 
 
 def make_scene(root: Path, n: int, seed: int) -> tuple[Path, Path, int]:

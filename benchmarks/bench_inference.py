@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 import engine
 import model as M
-from common import compose_config
+from lib.cli import compose_config
 
 TTA = ["none", "hflip", "vflip", "hvflip", "transpose"]
 
@@ -54,7 +54,7 @@ TTA = ["none", "hflip", "vflip", "hvflip", "transpose"]
 
 def make_tiles(folder: Path, n: int, size: int) -> list[Path]:
     """Demo-style drone tiles (roofs, roads, ground texture) as RGBA GeoTIFFs, like the test tiles."""
-    import demo_scene
+    from lib import demo_scene
 
     paths = []
     for i in range(n):
@@ -67,7 +67,7 @@ def make_tiles(folder: Path, n: int, size: int) -> list[Path]:
 
 def make_big_scene(path: Path, size: int, block: int = 1024) -> Path:
     """A size^2 RGBA GeoTIFF written block by block (repeating one generated block): no big array in memory."""
-    import demo_scene
+    from lib import demo_scene
 
     scene = demo_scene.generate_scene(7, size=(block, block), detail=False, nodata_corner=False)
     profile = {"driver": "GTiff", "width": size, "height": size, "count": 4, "dtype": "uint8", "crs": scene.crs,
@@ -279,7 +279,7 @@ def main() -> None:
         memory_child(args)
         return
 
-    from common import resolve_device
+    from lib.devices import resolve_device
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

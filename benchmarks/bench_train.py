@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 import train
-from common import compose_config, resolve_device
+from lib.cli import compose_config
+from lib.devices import resolve_device
 
 
 def sync(device: torch.device) -> None:

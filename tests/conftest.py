@@ -9,7 +9,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import shared_dir
+from lib.cli import shared_dir
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 

@@ -18,10 +18,7 @@ from rasterio.features import rasterize
 from shapely.geometry import Polygon, box
 
 import dataset
-from common import REPO_DIR, UserError, compose_config
 from dataset import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     ChipDataset,
     DataWarning,
     list_chips,
@@ -29,6 +26,9 @@ from dataset import (
     train_transform,
     val_transform,
 )
+from lib.cli import REPO_DIR, compose_config
+from lib.errors import UserError
+from lib.model_contract import IMAGENET_MEAN, IMAGENET_STD
 
 
 def prep(**overrides):
@@ -163,7 +163,7 @@ def test_tile_ids_pair_spacenet_and_plain_names():
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Path:
-    from demo_scene import ensure_demo_scene
+    from lib.demo_scene import ensure_demo_scene
 
     return ensure_demo_scene(tmp_path_factory.mktemp("demo") / "demo")
 

@@ -12,8 +12,8 @@ from rasterio.enums import ColorInterp
 from rasterio.features import rasterize
 
 import dataset
-import demo_scene
-from demo_scene import big_scene, ensure_demo_scene, generate_scene
+from lib import demo_scene
+from lib.demo_scene import big_scene, ensure_demo_scene, generate_scene
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ from rasterio.windows import Window
 
 import engine
 import export as X
-import geo_io
 import model as M
-from common import VERSION, UserError, compose_config
+from lib import geo_io
+from lib.cli import VERSION, compose_config
+from lib.errors import UserError
 
 # TorchScript is deprecated upstream but is one of the two formats this feature writes
 pytestmark = pytest.mark.filterwarnings("ignore:`torch\\.jit:DeprecationWarning")

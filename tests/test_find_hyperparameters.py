@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import find_hyperparameters as fh
-from common import UserError, compose_config
+from lib.cli import compose_config
+from lib.errors import UserError
 
 torch.set_num_threads(1)
 TINY = ["arch=b0", "pretrained=false", "width=64", "batch_size=2", "num_workers=0", "threads=1", "progress=false",

@@ -12,7 +12,8 @@ import torch
 from rasterio.transform import from_origin
 
 import engine
-from common import UserError, compose_config
+from lib.cli import compose_config
+from lib.errors import UserError
 
 torch.set_num_threads(1)
 
@@ -175,7 +176,7 @@ def test_footprints_from_blocks_equal_footprints_of_the_whole_mask():
     import cv2
     import shapely
 
-    import footprints
+    from lib import footprints
 
     rng = np.random.default_rng(3)
     mask = cv2.GaussianBlur(rng.random((300, 500)).astype(np.float32), (0, 0), 6) > 0.5
@@ -252,7 +253,7 @@ def test_nodata_is_never_building_and_nodata_windows_are_skipped(tmp_path):
 
 def _stream_scene(path, eng, tmp_path):
     """Predict and write a scene as inference does; returns the engine's accumulator shape and traced peak."""
-    import footprints
+    from lib import footprints
 
     tracemalloc.start()
     with engine.gdal_env(), engine.RasterSource(path) as src:
@@ -555,7 +556,7 @@ def test_torchrun_inference_shares_images_and_matches_one_process(checkpoints, t
     import subprocess
     import sys
 
-    from common import REPO_DIR
+    from lib.cli import REPO_DIR
 
     data = tmp_path / "images"
     data.mkdir()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from losses import (
+from lib.losses import (
     LossConfig,
     bernoulli_kl_map,
     building_present,
@@ -23,7 +23,7 @@ from losses import (
     upsample_to,
     weighted_total,
 )
-from model import CLS, DICE, SCALE, SEG
+from lib.model_contract import CLS, DICE, SCALE, SEG
 
 LN3 = math.log(3.0)  # 2-class logits [0, ln 3] -> probabilities [0.25, 0.75]
 

@@ -7,8 +7,9 @@ import pytest
 import rasterio
 from shapely.geometry import box
 
-import metrics
-from common import UserError, compose_config
+from lib import metrics
+from lib.cli import compose_config
+from lib.errors import UserError
 
 
 def evaluate(*overrides):
@@ -111,7 +112,7 @@ def test_inference_output_folder_scores_both_metrics(tmp_path, shared):
     """pred=<inference output> uses its masks/ and footprints/ against label footprints on the image grid."""
     import geopandas as gpd
 
-    import footprints
+    from lib import footprints
 
     d = shared / "data" / "solaris"
     with rasterio.open(d / "sample_fp_mask_from_geojson.tif") as m, rasterio.open(d / "sample_geotiff.tif") as img:

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import model as M
-from common import UserError, compose_config
+from lib.cli import compose_config
+from lib.errors import UserError
 
 REFERENCES = {
     "seed_b1.pt": {"model_name": "efficientnet-b1", "use_context_block": False, "use_mish": False},

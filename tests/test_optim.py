@@ -6,7 +6,7 @@ import itertools
 import pytest
 import torch
 
-from common import UserError
+from lib.errors import UserError
 from optim import build_optimizer, build_scheduler, current_lr, param_groups
 
 

@@ -19,7 +19,8 @@ import pytest
 import torch
 
 import train
-from common import REPO_DIR, UserError, compose_config
+from lib.cli import REPO_DIR, compose_config
+from lib.errors import UserError
 from model import load_checkpoint, load_model
 
 torch.set_num_threads(1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from common import resolve_device
+from lib.devices import resolve_device
 
 
 @dataclass

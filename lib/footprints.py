@@ -23,7 +23,7 @@ from affine import Affine
 from pyproj.exceptions import CRSError
 from rasterio.features import shapes
 
-from common import atomic_path
+from lib.files import atomic_path
 
 logging.getLogger("pyogrio").setLevel(logging.WARNING)  # not "Created N records" for every file
 

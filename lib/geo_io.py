@@ -19,7 +19,8 @@ from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
-from common import UserError, atomic_path
+from lib.errors import UserError
+from lib.files import atomic_path
 
 # Values for the `stretch` option.
 STRETCH_PERCENTILE = "percentile"

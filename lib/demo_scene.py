@@ -28,7 +28,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from common import demo_dir
+from lib.cli import demo_dir
 
 GENERATOR_VERSION = 4
 DEMO_SEED = 20200

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from model import CLS, DICE, SCALE, SEG
+from lib.model_contract import CLS, DICE, SCALE, SEG
 
 
 def sample_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,46 @@
+"""What every segmentation model takes and gives: input normalisation and the names of its outputs.
+
+Data loading, training, the tiling engine and export all go through these names, so a model (the seed's
+FPN, an exported graph, a future task's network) plugs in by honouring this contract alone.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SEG = "seg"  # [N, 2, H/4, W/4] logits; softmax(...)[:, 1] is the building probability
+DICE = "dice"  # [N, 1, H/4, W/4] logits trained with the dice loss
+CLS = "cls"  # [N, 2] building-present logits (used for negative mining)
+SCALE = "scale"  # [N, 1] scale regression
+OUTPUT_KEYS = (SEG, DICE, CLS, SCALE)
+
+STRIDE = 32  # input height and width must be multiples of this
+OUTPUT_STRIDE = 4  # segmentation maps are 1/4 of the input size
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (or 0..255 float) images [N,C,H,W] or [C,H,W] -> float32 ImageNet-normalised input.
+
+    Every caller (training data, inference, export) goes through it, so the model always sees what the
+    pretrained encoder expects. Channels beyond RGB are normalised with the mean of the RGB statistics.
+    """
+    c = x.shape[-3]
+    mean = list(IMAGENET_MEAN[:c]) + [sum(IMAGENET_MEAN) / 3] * max(0, c - 3)
+    std = list(IMAGENET_STD[:c]) + [sum(IMAGENET_STD) / 3] * max(0, c - 3)
+    shape = (c, 1, 1)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape) * 255.0
+    std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape) * 255.0
+    return (x.float() - mean_t) / std_t
+
+
+def check_input_multiple(name: str, value: int) -> int:
+    """Model input sides (width=, tile sizes) must be positive multiples of STRIDE; say so in one line."""
+    from lib.errors import UserError
+
+    value = int(value)
+    if value <= 0 or value % STRIDE:
+        raise UserError(f"{name}={value}: must be a positive multiple of {STRIDE} (e.g. 256, 512, 672, 1024)")
+    return value

@@ -5,15 +5,14 @@
 
 Every folder under `base_dir` holding `probabilities/` is a run (or list them with `inputs=[...]`).
 Same-named maps are averaged band by band (memory does not grow with the scene), thresholded, and
-written through the inference engine's writer: georeferenced `probabilities/`, `masks/` and
-`footprints/`. With `add_mask_suffix=True` the output is instead a training folder for self-training:
+written through inference's writer (lib.raster_outputs) into a run folder of its own (lib.run_folder):
+georeferenced `probabilities/`, `masks/` and `footprints/`. With `add_mask_suffix=True` the output is instead a training folder for self-training:
 `<stem><ext>` (a copy of, or a link to, the source image found through the runs' run.json) beside
 `<stem>_mask.png`, the averaged probability as a 0-255 soft label.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -23,14 +22,14 @@ import rasterio
 import torch
 from rasterio.windows import Window
 
-import engine
-import inference
-from lib import footprints
+from lib import footprints, geo_io, run_folder
 from lib.cli import VERSION, cli, progress_bar
 from lib.errors import UserError
-from lib.files import atomic_path, write_json
+from lib.files import atomic_path, copy_file
+from lib.raster_outputs import SceneWriter, quantize, raster_profile
+from lib.windows import OUT_COLS
 
-BAND_ROWS = 512  # rows averaged at a time (in blocks of engine.OUT_COLS columns)
+BAND_ROWS = 512  # rows averaged at a time (in blocks of OUT_COLS columns)
 
 
 def find_runs(base_dir: Path | None, inputs, out_dir: Path) -> list[Path]:
@@ -39,41 +38,34 @@ def find_runs(base_dir: Path | None, inputs, out_dir: Path) -> list[Path]:
         runs = []
         for p in inputs:
             p = Path(p)
-            run = p.parent if p.name == "probabilities" else p
-            if not (run / "probabilities").is_dir():
-                raise UserError(f"{p}: no probabilities/ folder; pass inference output folders")
+            run = p.parent if p.name == run_folder.PROBABILITIES else p
+            if not run_folder.is_run(run):
+                raise UserError(f"{p}: no {run_folder.PROBABILITIES}/ folder; pass inference output folders")
             runs.append(run)
     else:
         if base_dir is None or not base_dir.is_dir():
             raise UserError(f"base_dir={base_dir}: not a folder; pass base_dir=<folder of runs> or inputs=[run1,run2]")
-        runs = sorted(p.parent for p in base_dir.rglob("probabilities") if p.is_dir())
+        runs = sorted(p.parent for p in base_dir.rglob(run_folder.PROBABILITIES) if p.is_dir())
         runs = [r for r in runs if r.resolve() != out_dir.resolve() and not _is_ensemble(r)]
     if not runs:
-        raise UserError(f"{base_dir}: no run folders with probabilities/ found under it")
+        raise UserError(f"{base_dir}: no run folders with {run_folder.PROBABILITIES}/ found under it")
     return runs
 
 
 def _is_ensemble(run: Path) -> bool:
-    return "combined_from" in _run_info(run)
-
-
-def _run_info(run: Path) -> dict:
-    try:
-        return json.loads((run / inference.RUN_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
+    return "combined_from" in run_folder.read_run(run)
 
 
 def matched_maps(runs: list[Path]) -> dict[str, list[Path]]:
     """stem -> probability map of every run; a stem missing from some run is an error."""
-    per_run = [{p.stem: p for p in sorted((r / "probabilities").glob("*.tif"))} for r in runs]
+    per_run = [run_folder.probability_maps(r) for r in runs]
     stems = sorted(set().union(*per_run))
     if not stems:
-        raise UserError(f"{runs[0]}/probabilities: no probability maps (.tif) found")
+        raise UserError(f"{runs[0] / run_folder.PROBABILITIES}: no probability maps (.tif) found")
     missing = [(s, r) for s in stems for r, m in zip(runs, per_run) if s not in m]
     if missing:
         s, r = missing[0]
-        raise UserError(f"{r}/probabilities/{s}.tif: missing ({len(missing)} maps missing across {len(runs)} runs); "
+        raise UserError(f"{run_folder.output_paths(r, s, None)['probability']}: missing ({len(missing)} maps missing across {len(runs)} runs); "
                         f"finish that run or leave it out with inputs=[...]")
     return {s: [m[s] for m in per_run] for s in stems}
 
@@ -103,8 +95,8 @@ def average_bands(paths: list[Path]):
     try:
         h, w = dss[0].height, dss[0].width
         for row in range(0, h, BAND_ROWS):
-            for col in range(0, w, engine.OUT_COLS):
-                win = Window(col, row, min(engine.OUT_COLS, w - col), min(BAND_ROWS, h - row))
+            for col in range(0, w, OUT_COLS):
+                win = Window(col, row, min(OUT_COLS, w - col), min(BAND_ROWS, h - row))
                 total = np.zeros((win.height, win.width), np.float32)
                 for ds in dss:
                     total += ds.read(1, window=win).astype(np.float32)
@@ -118,7 +110,7 @@ def source_images(runs: list[Path]) -> dict[str, Path]:
     """stem -> source image path recorded by the runs (run.json)."""
     out: dict[str, Path] = {}
     for r in runs:
-        for stem, rec in _run_info(r).get("images", {}).items():
+        for stem, rec in run_folder.read_run(r).get("images", {}).items():
             if rec.get("path"):
                 out.setdefault(stem, Path(rec["path"]))
     return out
@@ -129,15 +121,15 @@ def write_ensemble(stem: str, paths: list[Path], out_dir: Path, cfg, tags: dict)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         with rasterio.open(paths[0]) as ref:
-            georef = engine.is_georeferenced(ref)
-            profile = engine.raster_profile(ref, georef)
+            georef = geo_io.is_georeferenced(ref)
+            profile = raster_profile(ref, georef)
             transform, crs, height = ref.transform, ref.crs, ref.height
-    out = inference.output_paths(out_dir, stem, cfg.vector_format)
+    out = run_folder.output_paths(out_dir, stem, cfg.vector_format)
     poly = footprints.Polygonizer(height, profile["width"])
-    with engine.gdal_env(), engine.SceneWriter(out["probability"], out["mask"], profile, tags, cog=cfg.cog,
-                                               polygonizer=poly) as writer:
+    with geo_io.gdal_env(), SceneWriter(out["probability"], out["mask"], profile, tags, cog=cfg.cog,
+                                        polygonizer=poly) as writer:
         for row, col, prob in average_bands(paths):
-            prob_u8, mask = engine.quantize(prob, np.ones(prob.shape, bool), cfg.threshold)
+            prob_u8, mask = quantize(prob, np.ones(prob.shape, bool), cfg.threshold)
             writer.write(row, prob_u8, mask, col)
         gdf = footprints.footprints_frame(poly.finish(), transform if georef else None, crs if georef else None,
                                           min_area=cfg.min_area, simplify=cfg.simplify)
@@ -168,11 +160,10 @@ def write_soft_label(stem: str, paths: list[Path], image: Path | None, out_dir: 
             target.parent.mkdir(parents=True, exist_ok=True)
             os.symlink(image.resolve(), target)
         else:
-            engine.copy_file(image, target)
+            copy_file(image, target)
     with atomic_path(out_dir / f"{stem}_mask.png") as tmp:
         if not cv2.imwrite(str(tmp), label):
             raise UserError(f"{out_dir}: could not write {stem}_mask.png")
-        engine.make_readable(tmp)
 
 
 def _shape(path: Path) -> tuple[int, int]:
@@ -196,7 +187,7 @@ def run(cfg) -> dict:
     images = source_images(runs)
     info = {"toolkit_version": VERSION, "combined_from": [str(r.resolve()) for r in runs],
             "threshold": float(cfg.threshold), "soft_labels": bool(cfg.add_mask_suffix),
-            "models": [m for r in runs for m in _run_info(r).get("models", [])]}
+            "models": [m for r in runs for m in run_folder.read_run(r).get("models", [])]}
     tags = {"BUILDINGS_TOOLKIT_VERSION": VERSION, "BUILDINGS_ENSEMBLE_OF": len(runs),
             "BUILDINGS_THRESHOLD": float(cfg.threshold)}
 
@@ -209,13 +200,12 @@ def run(cfg) -> dict:
                 write_soft_label(stem, paths, images.get(stem), out_dir, cfg.link_images)
             done[stem] = {"path": str(images.get(stem, "")), "soft_label": str(target)}
         else:
-            out = inference.output_paths(out_dir, stem, cfg.vector_format)
+            out = run_folder.output_paths(out_dir, stem, cfg.vector_format)
             if cfg.overwrite or not all(p.exists() for p in out.values()):
                 write_ensemble(stem, paths, out_dir, cfg, tags)
             done[stem] = {"path": str(images[stem]) if stem in images else None}
     if not cfg.add_mask_suffix:
-        write_json(out_dir / inference.RUN_FILE, {**info, "images": done})
-        engine.make_readable(out_dir / inference.RUN_FILE)
+        run_folder.write_record(run_folder.run_file(out_dir), {**info, "images": done})
     kind = "soft labels" if cfg.add_mask_suffix else "ensemble maps"
     print(f"{len(done)} {kind} from {len(runs)} runs -> {out_dir}")
     return {**info, "out_dir": str(out_dir), "images": done}

@@ -1,21 +1,18 @@
-"""Training chips: preparing them from georeferenced scenes, and serving them to training.
+"""Training chips for the segmentation task: the chips on disk, their split, augmentation and order.
+
+Training (`train.py`) uses `load_data` (chips listed with `list_chips`, split by `split_folds`, served
+by `ChipDataset` with `train_transform`/`val_transform`) and `batches`, whose order and augmentation are
+a pure function of (seed, epoch, sample index): every sample re-seeds the augmentation pipeline from
+those numbers (`SeededItems`), and each epoch's order comes from `DistributedSampler` or a seeded
+`WeightedRandomSampler` (`EpochBatches`). A resumed run therefore skips the batches already consumed
+and sees exactly the data the uninterrupted run would have seen, whatever the worker or process count.
 
 Data preparation (`python dataset.py base_dir=... out_dir=...`) turns scenes -- a STAC catalog laid out
 like Open Cities `train_tier_1`, a `train_metadata.csv` index, or image/label file pairs (plain or
-SpaceNet naming) -- into chips on disk:
-
-    <out_dir>/<collection>/<scene>/<scale>_<index>.<jpg|png|tif>   image (RGB uint8)
-    <out_dir>/<collection>/<scene>/<scale>_<index>_mask.png        0/255 building mask
-    <out_dir>/<collection>/<scene>/<scale>_<index>_ignore.png      255 = nodata (only when present)
-    <out_dir>/resolutions.json                                     {"<collection>/<scene>": m/px}
-
-`mode=buildings` (the original pipeline's behaviour) writes one chip centred on every building with
-`pad` pixels around it; `mode=grid` tiles the scene. Unlike the original pipeline, which burned every
-footprint of the scene once per building chip (quadratic in the number of buildings), footprints are
-looked up with a spatial index and burned once per chip window, so the cost is linear.
-
-Training (`train.py`) uses `list_chips`, `split_folds`, `train_transform`/`val_transform` and
-`ChipDataset`, which yields normalised tensors plus the mask, the ignore region and the chip's GSD.
+SpaceNet naming) -- into chips on disk; `run` is a thin layer over `lib.scene_sources` (finding the
+scenes) and `lib.chip_writer` (planning and writing the chips, layout described there). `mode=buildings`
+(the original pipeline's behaviour) writes one chip centred on every building with `pad` pixels around
+it; `mode=grid` tiles the scene.
 """
 
 from __future__ import annotations
@@ -24,39 +21,28 @@ import json
 import os
 import random
 import re
-import time
 import warnings
-import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+import torch
 
-from lib.cli import cli, progress_bar
+from lib.chip_writer import IGNORE_SUFFIX, MASK_SUFFIX, RESOLUTIONS_FILE, write_chips
+from lib.cli import cli, compose_config
+from lib.distributed import Dist
 from lib.errors import UserError
-from lib.files import atomic_path, write_json
 from lib.model_contract import normalize
+from lib.scene_sources import DataWarning, warn
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
-MASK_SUFFIX = "_mask.png"
-IGNORE_SUFFIX = "_ignore.png"
-RESOLUTIONS_FILE = "resolutions.json"
-RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".img", ".vrt")
-LABEL_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp")
-
-
-
-class DataWarning(UserWarning):
-    """Input accepted with a caveat (empty labels, repaired or dropped geometries, ...)."""
-
-
-def warn(message: str) -> None:
-    warnings.warn(message, DataWarning, stacklevel=2)
+MODES = ("buildings", "grid")
+IMAGE_FORMATS = ("jpg", "png", "tif")
 
 
 # ---------------------------------------------------------------------------------------------------
-# Training side: chips on disk -> tensors
+# Chips on disk -> tensors
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -303,484 +289,195 @@ def demo_chips_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Data preparation: scenes -> chips on disk
+# Sampling: deterministic, resumable order and augmentation
 # ---------------------------------------------------------------------------------------------------
 
-SOURCES = ("auto", "stac", "csv", "pairs")
-MODES = ("buildings", "grid")
-IMAGE_FORMATS = ("jpg", "png", "tif")
-# SpaceNet-style name parts that are not part of the tile id shared by an image and its labels.
-_TILE_PREFIXES = ("3band_", "8band_", "RGB-PanSharpen_", "MUL-PanSharpen_", "PS-RGB_", "PS-MS_", "MUL_", "PAN_",
-                  "buildings_", "labels_")
-_TILE_SUFFIXES = ("_Geo", "_labels", "-labels", "_buildings")
+
+def seed_transform(transform, seed_words: list[int]) -> None:
+    """Re-seed an albumentations pipeline, giving every transform its own stream.
+
+    `Compose.set_random_seed` hands the *same* seed to every child, which couples their decisions
+    (e.g. both flips always fire together); distinct child seeds keep them independent.
+    """
+    nodes = []
+
+    def walk(t):
+        nodes.append(t)
+        for child in getattr(t, "transforms", []) or []:
+            walk(child)
+
+    walk(transform)
+    states = np.random.SeedSequence(seed_words).generate_state(len(nodes))
+    for node, s in zip(nodes, states):
+        node.set_random_seed(int(s))
 
 
-@dataclass(frozen=True)
-class Scene:
-    """One image with its label file; chips go to `<out_dir>/<collection>/<name>/`."""
-    collection: str
-    name: str
-    image: Path
-    labels: Path
+class SeededItems(torch.utils.data.Dataset):
+    """Wraps a ChipDataset; item (epoch, index) is augmented with seeds derived from (seed, stream, epoch, index).
 
-    @property
-    def key(self) -> str:
-        return f"{self.collection}/{self.name}"
+    The augmentation of a sample therefore does not depend on worker count, process count or on where
+    a run was resumed.
+    """
+    def __init__(self, base, seed: int, stream: int):
+        self.base, self.seed, self.stream = base, int(seed), int(stream)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        if self.base.transform is not None:
+            seed_transform(self.base.transform, [self.seed, self.stream, int(epoch), int(index)])
+        return self.base[int(index)]
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Endless batches of (epoch, index) keys for this process, starting after `start` consumed batches.
+
+    Epoch e's order is `DistributedSampler(seed, epoch=e)` (one process: a seeded permutation), or with
+    `weights` a `WeightedRandomSampler` seeded by (seed, e), then dealt round-robin to the processes.
+    Each epoch yields `per_epoch` full batches; the remainder is dropped (the next epoch reshuffles).
+    """
+    def __init__(self, n: int, batch_size: int, seed: int, d: Dist, weights=None, start: int = 0):
+        self.n, self.batch_size, self.seed, self.d, self.start = n, batch_size, int(seed), d, int(start)
+        self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
+        self.per_epoch = (n // d.world) // batch_size
+        self._cache: tuple[int, list[int]] | None = None
+
+    def indices(self, epoch: int) -> list[int]:
+        """This process's sample order in `epoch`."""
+        if self._cache and self._cache[0] == epoch:
+            return self._cache[1]
+        usable = (self.n // self.d.world) * self.d.world
+        if self.weights is None:
+            sampler = torch.utils.data.DistributedSampler(range(self.n), num_replicas=self.d.world, rank=self.d.rank,
+                                                          shuffle=True, seed=self.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+            order = list(sampler)
+        else:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            drawn = list(torch.utils.data.WeightedRandomSampler(self.weights, usable, replacement=True, generator=g))
+            order = drawn[self.d.rank::self.d.world]
+        self._cache = (epoch, order)
+        return order
+
+    def __iter__(self):
+        b = self.start
+        while True:
+            epoch, k = divmod(b, self.per_epoch)
+            order = self.indices(epoch)
+            yield [(epoch, i) for i in order[k * self.batch_size:(k + 1) * self.batch_size]]
+            b += 1
+
+
+def building_fractions(chips) -> np.ndarray:
+    """Fraction of building pixels in each chip's mask (0 for chips without a mask)."""
+    out = np.zeros(len(chips))
+    for i, chip in enumerate(chips):
+        if chip.mask is not None:
+            m = cv2.imread(str(chip.mask), cv2.IMREAD_GRAYSCALE)
+            out[i] = float((m >= 128).mean()) if m is not None else 0.0
+    return out
+
+
+def balanced_weights(fractions: np.ndarray) -> np.ndarray:
+    """Sampling weights that make empty, sparse and dense chips equally likely.
+
+    Sparse/dense split at the median building fraction of the non-empty chips, so the bins adapt to the
+    data (building-centred chips are rarely empty; grid tiles often are). Empty bins get no share.
+    """
+    empty = fractions <= 0
+    nonempty = fractions[~empty]
+    median = float(np.median(nonempty)) if nonempty.size else 0.0
+    bins = np.where(empty, 0, np.where(fractions < median, 1, 2))
+    counts = np.bincount(bins, minlength=3).astype(float)
+    used = int((counts > 0).sum())
+    return 1.0 / (used * counts[bins])
 
 
 @dataclass
-class ScenePlan:
-    """A validated scene, its footprints in the image CRS, and the chip windows to write."""
-    scene: Scene
-    geoms: np.ndarray  # shapely geometries in the image CRS
-    stretch: np.ndarray | None
-    zero_is_nodata: bool
-    gsd: float | None
-    chips: list[tuple] = field(default_factory=list)  # (name, col_off, row_off, width, height, scale)
+class Data:
+    """The task's chips (train/val/soft-label lists), their datasets and the median training GSD."""
+    train: list
+    val: list
+    soft: list
+    train_set: object = None
+    val_set: object = None
+    soft_set: object = None
+    train_gsd: float | None = None
+
+
+def load_data(cfg, d: Dist) -> Data:
+    """List and split the chips, build the datasets; every problem a user can fix is a UserError."""
+    chips = list_chips(cfg.data_dir)
+    if not chips:
+        raise UserError(f"{cfg.data_dir}: no training chips found (image + <name>_mask.png); "
+                        "prepare them with `python dataset.py base_dir=<data> out_dir=<chips>`")
+    train, val = split_folds(chips, int(cfg.fold), int(cfg.num_folds), by=cfg.split_by, seed=int(cfg.split_seed))
+    if not val:
+        raise UserError(f"fold={cfg.fold}: no validation chips in {cfg.data_dir} ({len(chips)} chips, "
+                        f"{len({c.scene for c in chips})} scenes, num_folds={cfg.num_folds}); choose another fold, "
+                        "lower num_folds or use split_by=chip")
+    if cfg.debug:
+        train, val = train[:16], val[:8]
+    soft = []
+    if cfg.soft_labels_dir:
+        soft = [c for c in list_chips(cfg.soft_labels_dir) if c.mask is not None]
+        if not soft:
+            raise UserError(f"{cfg.soft_labels_dir}: no soft-labelled images (<name> + <name>_mask.png); "
+                            "write them with `python combine_images.py base_dir=<runs> add_mask_suffix=True`")
+    need = int(cfg.batch_size) * d.world
+    for name, items in (("training", train), ("soft-label", soft)):
+        if items and len(items) < need:
+            raise UserError(f"{cfg.data_dir if name == 'training' else cfg.soft_labels_dir}: only {len(items)} "
+                            f"{name} chips for a batch of {cfg.batch_size} x {d.world} process(es); "
+                            "lower batch_size or add chips")
+    width, ref = int(cfg.width), cfg.ref_scale
+
+    def augmenting(items):
+        tf = train_transform(width, level=cfg.augment, transpose=bool(cfg.transpose))
+        return ChipDataset(items, tf, ref_scale=ref)
+
+    gsds = [c.gsd for c in train if c.gsd]
+    return Data(train, val, soft, augmenting(train), ChipDataset(val, val_transform(width), ref),
+                augmenting(soft) if soft else None, float(np.median(gsds)) if gsds else None)
+
+
+def make_loader(items, cfg, sampler, device) -> torch.utils.data.DataLoader:
+    """DataLoader over (epoch, index) batches; its own generator keeps the global torch RNG untouched."""
+    workers = int(cfg.num_workers)
+    return torch.utils.data.DataLoader(
+        items, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+        generator=torch.Generator(),
+    )
+
+
+def batches(data: Data, which: str, cfg, d: Dist, device: torch.device, step: int):
+    """Endless iterator over this process's batches of the training (or soft-label) set, resumed after
+    `step` optimiser steps (the soft-label set advances once every `soft_every` steps)."""
+    if which == "train":
+        items, stream, start = data.train_set, 0, step
+        weights = balanced_weights(building_fractions(data.train)) if cfg.balanced_sampling else None
+    else:
+        items, stream, start = data.soft_set, 1, step // int(cfg.soft_every)
+        weights = None
+    sampler = EpochBatches(len(items), int(cfg.batch_size), int(cfg.seed) + stream, d, weights, start)
+    return iter(make_loader(SeededItems(items, int(cfg.seed), stream), cfg, sampler, device))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data preparation CLI: scenes -> chips on disk (lib.scene_sources, lib.chip_writer)
+# ---------------------------------------------------------------------------------------------------
 
 
 def default_config(**overrides):
-    """`config/dataset.yaml` as a plain OmegaConf object (usable inside another Hydra app)."""
+    """dataset.py's composed config (`config/dataset.yaml` and its shared groups) with `overrides` merged,
+    as a plain OmegaConf object (usable inside another running script, e.g. train.py's demo chips)."""
     from omegaconf import OmegaConf
 
-    from lib.cli import CONFIG_DIR
-
-    cfg = OmegaConf.load(CONFIG_DIR / "dataset.yaml")
-    for key in ("defaults", "hydra"):
-        cfg.pop(key, None)
+    cfg = OmegaConf.create(OmegaConf.to_container(compose_config("dataset"), resolve=True))
     return OmegaConf.merge(cfg, overrides)
-
-
-def detect_source(base_dir: Path, source: str = "auto", process_tier=1) -> tuple[str, Path]:
-    """Which kind of input `base_dir` is, and the file (catalog / csv) or folder to read it from."""
-    if source not in SOURCES:
-        raise UserError(f"source={source}: use one of {', '.join(SOURCES)}")
-    if not base_dir.exists():
-        raise UserError(f"{base_dir}: base_dir does not exist")
-    candidates = {
-        "stac": [base_dir] if base_dir.name.endswith(".json") else
-                [base_dir / "catalog.json", base_dir / f"train_tier_{process_tier}" / "catalog.json"],
-        "csv": [base_dir] if base_dir.suffix == ".csv" else [base_dir / "train_metadata.csv"],
-    }
-    for kind in ("stac", "csv"):
-        if source in (kind, "auto"):
-            found = next((p for p in candidates[kind] if p.is_file()), None)
-            if found:
-                return kind, found
-            if source == kind:
-                raise UserError(f"{base_dir}: no {' or '.join(str(p) for p in candidates[kind])} for source={kind}")
-    if not base_dir.is_dir():
-        raise UserError(f"{base_dir}: expected a folder of images and labels, a catalog.json or a .csv index")
-    return "pairs", base_dir
-
-
-def stac_scenes(catalog_path: Path) -> list[Scene]:
-    """Label items and the image items their `source` link points to (Open Cities layout)."""
-    import pystac
-
-    try:
-        catalog = pystac.Catalog.from_file(str(catalog_path))
-        items = list(catalog.get_items(recursive=True))
-    except Exception as err:  # noqa: BLE001 - any failure here means unreadable input
-        raise UserError(f"{catalog_path}: unreadable STAC catalog ({_first_line(err)})") from None
-    scenes = []
-    for item in items:
-        sources = item.get_links("source")
-        if not sources:
-            continue  # an image item; reached through its label item
-        item_file = item.get_self_href() or catalog_path
-        labels = _asset_path(item, ("labels",), LABEL_SUFFIXES, item_file)
-        try:
-            image_item = sources[0].resolve_stac_object(root=catalog).target
-        except Exception as err:  # noqa: BLE001 - any failure here means unreadable input
-            raise UserError(f"{item_file}: its source link {sources[0].href} cannot be read "
-                            f"({_first_line(err)})") from None
-        image = _asset_path(image_item, ("image", "data", "visual"), RASTER_SUFFIXES,
-                            image_item.get_self_href() or item_file)
-        collection = item.collection_id or (item.get_parent().id if item.get_parent() else catalog.id)
-        scenes.append(Scene(collection, image_item.id, image, labels))
-    if not scenes:
-        raise UserError(f"{catalog_path}: no label items (items with a 'source' link) in this catalog")
-    return sorted(scenes, key=lambda s: s.key)
-
-
-def _asset_path(item, keys: tuple[str, ...], suffixes: tuple[str, ...], item_file) -> Path:
-    assets = item.assets
-    asset = next((assets[k] for k in keys if k in assets), None)
-    if asset is None:
-        asset = next((a for a in assets.values() if Path(a.href.split("?")[0]).suffix.lower() in suffixes), None)
-    if asset is None:
-        raise UserError(f"{item_file}: item {item.id} has no {'/'.join(keys)} asset")
-    href = asset.get_absolute_href() or asset.href
-    path = Path(href.removeprefix("file://"))
-    if not path.exists():
-        raise UserError(f"{item_file}: asset href {asset.href} does not exist ({path}); fix the href or the file")
-    return path
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
-
-
-def csv_scenes(csv_path: Path) -> list[Scene]:
-    """`img_uri,label_uri` rows (paths relative to the csv's folder), as the original pipeline read them."""
-    import pandas as pd
-
-    try:
-        table = pd.read_csv(csv_path)
-    except Exception as err:  # noqa: BLE001 - any failure here means unreadable input
-        raise UserError(f"{csv_path}: unreadable CSV ({_first_line(err)})") from None
-    missing = {"img_uri", "label_uri"} - set(table.columns)
-    if missing:
-        raise UserError(f"{csv_path}: missing column(s) {', '.join(sorted(missing))}; expected img_uri,label_uri")
-    base = csv_path.parent
-    scenes = []
-    for img_uri, label_uri in zip(table["img_uri"], table["label_uri"]):
-        image, labels = base / str(img_uri), base / str(label_uri)
-        parts = Path(str(img_uri)).parts
-        collection = parts[0] if len(parts) > 1 else base.name
-        scenes.append(Scene(collection, image.stem, image, labels))
-    if not scenes:
-        raise UserError(f"{csv_path}: the index has no rows")
-    return scenes
-
-
-def tile_id(stem: str) -> str:
-    """Shared id of an image and its labels: `3band_X`/`RGB-PanSharpen_X` <-> `X_Geo`/`buildings_X` -> `X`."""
-    for prefix in _TILE_PREFIXES:
-        if stem.startswith(prefix):
-            stem = stem[len(prefix):]
-            break
-    for suffix in _TILE_SUFFIXES:
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-            break
-    return stem
-
-
-def pair_scenes(base_dir: Path, exclude: Path | None = None) -> list[Scene]:
-    """Images matched to label files by tile id (plain same-stem pairs or SpaceNet naming)."""
-    files = [p for p in base_dir.rglob("*") if p.is_file() and not p.name.startswith(".")]
-    if exclude is not None:
-        files = [p for p in files if exclude not in p.parents]
-    labels: dict[str, list[Path]] = {}
-    for p in files:
-        if p.suffix.lower() in (".geojson", ".gpkg", ".shp"):
-            labels.setdefault(tile_id(p.stem), []).append(p)
-    scenes = []
-    for image in sorted(p for p in files if p.suffix.lower() in RASTER_SUFFIXES):
-        matches = labels.get(tile_id(image.stem), [])
-        if not matches:
-            raise UserError(f"{image}: label file missing (no .geojson/.gpkg with tile id {tile_id(image.stem)!r} "
-                            f"under {base_dir})")
-        if len(matches) > 1:
-            raise UserError(f"{image}: several label files match it: {', '.join(str(m) for m in matches)}")
-        scenes.append(Scene(base_dir.resolve().name, image.stem, image, matches[0]))
-    if not scenes:
-        raise UserError(f"{base_dir}: no images (.tif) found to pair with labels")
-    return scenes
-
-
-def find_scenes(cfg) -> list[Scene]:
-    base_dir = Path(cfg.base_dir)
-    kind, path = detect_source(base_dir, cfg.source, cfg.process_tier)
-    if kind == "stac":
-        return stac_scenes(path)
-    if kind == "csv":
-        return csv_scenes(path)
-    return pair_scenes(path, exclude=Path(cfg.out_dir).resolve() if cfg.out_dir else None)
-
-
-# --- planning: validate every scene and decide every chip window before writing anything ------------
-
-
-def _scales(cfg) -> list[float]:
-    from omegaconf import ListConfig
-
-    values = list(cfg.scale) if isinstance(cfg.scale, (list, tuple, ListConfig)) else [cfg.scale]
-    scales = [float(s) for s in values]
-    if not scales or any(s <= 0 for s in scales):
-        raise UserError(f"scale={cfg.scale}: must be positive (1 = native, 2 = half resolution, 0.5 = double)")
-    return scales
-
-
-def _scene_plan(scene: Scene, cfg, scales: list[float]) -> ScenePlan:
-    import shapely
-    from rasterio.enums import Resampling
-
-    from lib.geo_io import (
-        check_readable,
-        load_footprints_report,
-        open_raster,
-        raster_gsd,
-        resolve_zero_is_nodata,
-        stretch_range,
-    )
-
-    with open_raster(scene.image) as ds:
-        check_readable(ds, scene.image)
-        try:  # a decimated read touches every block, so truncated files fail here, not mid-run
-            ds.read(1, out_shape=(min(ds.height, 256), min(ds.width, 256)), resampling=Resampling.nearest)
-        except Exception as err:  # noqa: BLE001 - any failure here means unreadable input
-            raise UserError(f"{scene.image}: corrupt or truncated raster ({_first_line(err)})") from None
-        if ds.crs is None or ds.transform.is_identity:
-            raise UserError(f"{scene.image}: image has no CRS/georeferencing, so its labels cannot be placed; "
-                            "use a GeoTIFF with a CRS")
-        gdf, report = load_footprints_report(scene.labels, ds.crs)
-        if report["repaired"]:
-            warn(f"{scene.labels}: repaired {report['repaired']} invalid geometr{'y' if report['repaired'] == 1 else 'ies'}")
-        if report["dropped"]:
-            warn(f"{scene.labels}: dropped {report['dropped']} empty, zero-area or non-polygon geometr"
-                 f"{'y' if report['dropped'] == 1 else 'ies'}")
-        geoms = np.asarray(gdf.geometry.values, dtype=object)
-        # Degenerate rings (collinear points) survive reprojection with a rounding-error area; anything
-        # under 1 % of a pixel is not a building at this resolution.
-        tiny = shapely.area(geoms) < 0.01 * abs(ds.transform.a * ds.transform.e - ds.transform.b * ds.transform.d)
-        if tiny.any():
-            warn(f"{scene.labels}: dropped {int(tiny.sum())} zero-area geometr{'y' if tiny.sum() == 1 else 'ies'}")
-            geoms = geoms[~tiny]
-        bounds = shapely.box(*ds.bounds)
-        if len(geoms) and not shapely.intersects(geoms, bounds).any():
-            raise UserError(f"{scene.labels}: no footprint overlaps the image {scene.image} "
-                            "(wrong label file or CRS?)")
-        stretch = stretch_range(ds, _rgb_bands(ds), cfg.stretch, *cfg.stretch_percentiles,
-                                value_range=tuple(cfg.stretch_range) if cfg.stretch_range else None)
-        plan = ScenePlan(scene, geoms, stretch, resolve_zero_is_nodata(cfg.zero_is_nodata, ds), raster_gsd(ds))
-        if not len(geoms):
-            warn(f"{scene.labels}: no building footprints; {scene.key} yields negative chips only")
-        for scale in scales:
-            if cfg.mode == "buildings" and len(geoms):
-                plan.chips += _building_windows(geoms, ds, scale, cfg.pad, cfg.crop1024)
-            else:
-                plan.chips += _grid_windows(geoms, ds, scale, cfg, scene.key)
-    return plan
-
-
-def _rgb_bands(ds) -> list[int]:
-    from lib.geo_io import band_layout
-
-    return band_layout(ds)[0]
-
-
-def _building_windows(geoms, ds, scale: float, pad: int, crop1024: bool) -> list[tuple]:
-    """One window per building: its bounding box plus `pad` chip pixels on each side (vectorised)."""
-    import shapely
-
-    b = shapely.bounds(geoms)  # minx, miny, maxx, maxy in the image CRS
-    inv = ~ds.transform  # applied by hand: Affine works on scalars, these are arrays
-
-    def to_pixels(x, y):
-        return inv.a * x + inv.b * y + inv.c, inv.d * x + inv.e * y + inv.f
-
-    c_a, r_a = to_pixels(b[:, 0], b[:, 3])
-    c_b, r_b = to_pixels(b[:, 2], b[:, 1])
-    c0, c1 = np.minimum(c_a, c_b), np.maximum(c_a, c_b)
-    r0, r1 = np.minimum(r_a, r_b), np.maximum(r_a, r_b)
-    inside = (c1 > 0) & (c0 < ds.width) & (r1 > 0) & (r0 < ds.height)
-    p = round(pad * scale)
-    col0, col1 = np.floor(c0).astype(int) - p, np.ceil(c1).astype(int) + p
-    row0, row1 = np.floor(r0).astype(int) - p, np.ceil(r1).astype(int) + p
-    if crop1024:  # cap at 1024 chip pixels, centred on the building
-        cap = round(1024 * scale)
-        for lo, hi in ((col0, col1), (row0, row1)):
-            big = hi - lo > cap
-            centre = (lo + hi) // 2
-            lo[big] = centre[big] - cap // 2
-            hi[big] = lo[big] + cap
-    # whole output pixels of exactly `scale` source pixels, so the chip grid is the source grid resampled
-    width = np.ceil(np.ceil((col1 - col0) / scale - 1e-9) * scale - 1e-9).astype(int)
-    height = np.ceil(np.ceil((row1 - row0) / scale - 1e-9) * scale - 1e-9).astype(int)
-    return [(f"{scale:g}_{i}", int(col0[i]), int(row0[i]), int(width[i]), int(height[i]), scale)
-            for i in np.flatnonzero(inside)]
-
-
-def _grid_starts(n: int, tile: int, stride: int) -> list[int]:
-    if n <= tile:
-        return [0]
-    starts = list(range(0, n - tile, stride))
-    return starts + [n - tile] if not starts or starts[-1] != n - tile else starts
-
-
-def _grid_windows(geoms, ds, scale: float, cfg, key: str) -> list[tuple]:
-    """Regular tiles covering the scene; tiles without footprints are kept at `negative_ratio`."""
-    import shapely
-    from rasterio.windows import Window
-    from rasterio.windows import bounds as window_bounds
-
-    tile = round(cfg.tile_size * scale)
-    stride = max(1, round((cfg.tile_size - cfg.overlap) * scale))
-    if cfg.overlap < 0 or cfg.overlap >= cfg.tile_size:
-        raise UserError(f"overlap={cfg.overlap}: must be in 0..tile_size-1 ({cfg.tile_size - 1})")
-    tree = shapely.STRtree(geoms) if len(geoms) else None
-    rng = np.random.default_rng([int(cfg.seed), zlib.crc32(f"{key}@{scale:g}".encode())])
-    out = []
-    index = 0
-    for row in _grid_starts(ds.height, tile, stride):
-        for col in _grid_starts(ds.width, tile, stride):
-            window = Window(col, row, tile, tile)
-            has = tree is not None and len(tree.query(shapely.box(*window_bounds(window, ds.transform)),
-                                                       predicate="intersects")) > 0
-            if has or rng.random() < cfg.negative_ratio:
-                out.append((f"{scale:g}_{index}", col, row, tile, tile, scale))
-            index += 1
-    if not out and index and cfg.negative_ratio > 0:  # a scene always contributes at least one negative
-        pick = int(rng.integers(index))
-        ncols = len(_grid_starts(ds.width, tile, stride))
-        row, col = _grid_starts(ds.height, tile, stride)[pick // ncols], _grid_starts(ds.width, tile, stride)[pick % ncols]
-        out.append((f"{scale:g}_{pick}", col, row, tile, tile, scale))
-    return out
-
-
-# --- writing chips -----------------------------------------------------------------------------------
-
-_WORKER: dict = {}
-
-
-def _init_worker(plans: list[ScenePlan], opts: dict) -> None:
-    cv2.setNumThreads(1)
-    _WORKER.clear()
-    _WORKER.update(plans=plans, opts=opts, datasets={}, trees={})
-
-
-def _process_batch(batch: tuple[int, list[tuple]]) -> dict:
-    """Write the chips of one batch (neighbouring chips of one scene); returns counts.
-
-    When the chips overlap (dense buildings), the batch's bounding window is read and its footprints
-    rasterised once, and every chip is a slice of it; sparse chips are read one by one. Both give the
-    same pixels: the grids are aligned.
-    """
-    from rasterio.windows import Window
-
-    from lib.geo_io import open_raster, read_window
-
-    started = time.process_time()
-    plan_idx, specs = batch
-    plan = _WORKER["plans"][plan_idx]
-    opts = _WORKER["opts"]
-    if plan_idx not in _WORKER["datasets"]:
-        _WORKER["datasets"][plan_idx] = open_raster(plan.scene.image)
-        _WORKER["trees"][plan_idx] = ChipMasks(plan.geoms, opts["all_touched"])
-    ds, masks = _WORKER["datasets"][plan_idx], _WORKER["trees"][plan_idx]
-    folder = Path(opts["out_dir"]) / plan.scene.collection / plan.scene.name
-    ext = opts["image_format"]
-    todo = [s for s in specs if not ((folder / f"{s[0]}.{ext}").exists() and (folder / f"{s[0]}{MASK_SUFFIX}").exists())]
-    counts = {"written": 0, "skipped": len(specs) - len(todo), "positive": 0, "cpu_s": 0.0}
-    if not todo:
-        return counts
-    c0, r0 = min(s[1] for s in todo), min(s[2] for s in todo)
-    c1, r1 = max(s[1] + s[3] for s in todo), max(s[2] + s[4] for s in todo)
-    shared = len(todo) > 1 and (c1 - c0) * (r1 - r0) <= sum(s[3] * s[4] for s in todo)
-    if shared:
-        union = Window(c0, r0, c1 - c0, r1 - r0)
-        rgb_all, valid_all = read_window(ds, union, plan.stretch, plan.zero_is_nodata)
-        mask_all = masks.burn(ds, union, 1.0) if all(s[5] == 1 for s in todo) else None
-    for name, col, row, width, height, scale in todo:
-        window = Window(col, row, width, height)
-        if shared:
-            rows, cols = slice(row - r0, row - r0 + height), slice(col - c0, col - c0 + width)
-            rgb, valid = rgb_all[rows, cols], valid_all[rows, cols]
-            mask = mask_all[rows, cols].copy() if mask_all is not None else None
-        else:
-            rgb, valid = read_window(ds, window, plan.stretch, plan.zero_is_nodata)
-            mask = None
-        positive = _write_chip(ds, masks, window, scale, rgb, valid, mask, folder / name, opts)
-        counts["written"] += 1
-        counts["positive"] += positive
-    counts["cpu_s"] = time.process_time() - started
-    return counts
-
-
-class ChipMasks:
-    """Burns the footprints that intersect a window (found with an STRtree) onto that window's grid."""
-    def __init__(self, geoms: np.ndarray, all_touched: bool):
-        import shapely
-
-        self.geoms = geoms
-        self.all_touched = all_touched
-        self.tree = shapely.STRtree(geoms) if len(geoms) else None
-
-    def burn(self, ds, window, scale: float = 1.0) -> np.ndarray:
-        """uint8 0/1 mask of `window` resampled by 1/scale (rasterised directly on the output grid)."""
-        import shapely
-        from affine import Affine
-        from rasterio.windows import bounds as window_bounds
-
-        from lib.geo_io import rasterize_footprints
-
-        out_w, out_h = max(1, round(window.width / scale)), max(1, round(window.height / scale))
-        transform = ds.window_transform(window) * Affine.scale(window.width / out_w, window.height / out_h)
-        geoms = []
-        if self.tree is not None:
-            hits = self.tree.query(shapely.box(*window_bounds(window, ds.transform)), predicate="intersects")
-            geoms = self.geoms[np.sort(hits)]
-        return rasterize_footprints(geoms, (out_h, out_w), transform, all_touched=self.all_touched)
-
-
-def _write_chip(ds, masks: ChipMasks, window, scale: float, rgb: np.ndarray, valid: np.ndarray,
-                mask: np.ndarray | None, stem: Path, opts: dict) -> bool:
-    """Resample one chip to 1/scale, burn its mask if not given, and write it; True if it has buildings.
-
-    The image is written last: its presence marks a complete chip, which is what resuming checks.
-    """
-    from affine import Affine
-
-    from lib.geo_io import write_raster
-
-    width, height = int(window.width), int(window.height)
-    out_w, out_h = max(1, round(width / scale)), max(1, round(height / scale))
-    if (out_w, out_h) != (width, height):
-        interp = cv2.INTER_AREA if scale > 1 else cv2.INTER_LINEAR
-        rgb = cv2.resize(rgb, (out_w, out_h), interpolation=interp)
-        valid = cv2.resize(valid.astype(np.uint8), (out_w, out_h), interpolation=cv2.INTER_NEAREST) > 0
-    if mask is None:
-        mask = masks.burn(ds, window, scale)
-    mask[~valid] = 0  # nodata is never "building"; the ignore file tells training to skip it
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    _imwrite(stem.with_name(stem.name + MASK_SUFFIX), mask * 255)
-    ignore_path = stem.with_name(stem.name + IGNORE_SUFFIX)
-    if not valid.all():
-        _imwrite(ignore_path, (~valid).astype(np.uint8) * 255)
-    elif ignore_path.exists():
-        ignore_path.unlink()
-    image_path = stem.with_name(f"{stem.name}.{opts['image_format']}")
-    if opts["image_format"] == "tif":
-        transform = ds.window_transform(window) * Affine.scale(width / out_w, height / out_h)
-        profile = {"driver": "GTiff", "crs": ds.crs, "transform": transform, "compress": "deflate",
-                   "photometric": "RGB"}
-        write_raster(image_path, np.moveaxis(rgb, -1, 0), profile)
-    else:
-        _imwrite(image_path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), opts.get("jpeg_quality", 95))
-    return bool(mask.any())
-
-
-def _imwrite(path: Path, array: np.ndarray, jpeg_quality: int = 95) -> None:
-    params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if path.suffix == ".jpg" else []
-    with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), array, params):
-            raise UserError(f"{path}: could not write the chip (disk full or folder not writable?)")
-
-
-def _batches(plans: list[ScenePlan], cfg) -> list[tuple[int, list[tuple]]]:
-    """All chips, optionally shuffled and capped at `max_samples`, grouped into batches of neighbours.
-
-    Chips are ordered along 512-pixel strips of their scene so that a batch covers a compact area
-    (overlapping chips are then read and rasterised once per batch).
-    """
-    chips = [(i, spec) for i, plan in enumerate(plans) for spec in plan.chips]
-    if cfg.shuffle:
-        random.Random(int(cfg.seed)).shuffle(chips)
-    if cfg.max_samples:
-        chips = chips[: int(cfg.max_samples)]
-    by_scene: dict[int, list[tuple]] = {}
-    for i, spec in chips:
-        by_scene.setdefault(i, []).append(spec)
-    size = max(1, int(cfg.batch_chips))
-    out = []
-    for i, specs in by_scene.items():
-        specs.sort(key=lambda s: (s[5], (s[2] + s[4] // 2) // 512, s[1] + s[3] // 2))
-        out += [(i, specs[k:k + size]) for k in range(0, len(specs), size)]
-    return out
 
 
 def _validate(cfg) -> None:
@@ -793,7 +490,7 @@ def _validate(cfg) -> None:
 
 
 def run(cfg) -> dict:
-    """Prepare chips as configured; returns counts and the output folder.
+    """Prepare chips as configured (no base_dir: the built-in demo); returns counts and the output folder.
 
     Every scene is validated and planned before the first chip is written, so bad input stops the run
     with nothing written. Chips that already exist are skipped (resume after an interruption).
@@ -807,69 +504,7 @@ def run(cfg) -> dict:
         cfg = default_config(**{**_plain(cfg), "base_dir": str(base_dir), "out_dir": str(out_dir)})
     if not cfg.out_dir:
         raise UserError("out_dir is not set; add out_dir=<folder for the chips>")
-    out_dir = Path(cfg.out_dir)
-    scales = _scales(cfg)
-    scenes = find_scenes(cfg)
-    plans = [_scene_plan(scene, cfg, scales) for scene in scenes]
-    batches = _batches(plans, cfg)
-    total = sum(len(specs) for _, specs in batches)
-    _update_resolutions(out_dir, {p.scene.key: p.gsd for p in plans if p.gsd})
-    opts = {"out_dir": str(out_dir), "image_format": cfg.image_format, "all_touched": bool(cfg.all_touched),
-            "jpeg_quality": int(cfg.jpeg_quality)}
-    counts = {"written": 0, "skipped": 0, "positive": 0, "cpu_s": 0.0}
-    workers = min(int(cfg.num_workers or 0), len(batches))
-    with progress_bar(total=total, unit="chip", desc="chips", disable=not cfg.progress) as bar:
-        for result in _map(batches, plans, opts, workers):
-            for k in counts:
-                counts[k] += result[k]
-            bar.update(result["written"] + result["skipped"])
-    return {"out_dir": out_dir, "scenes": len(plans), "chips": total, **counts}
-
-
-def _map(batches, plans, opts, workers: int):
-    """Batches in worker processes (`num_workers` > 1) or inline; results as they complete."""
-    if workers <= 1:
-        _init_worker(plans, opts)
-        try:
-            yield from map(_process_batch, batches)
-        finally:
-            _close_worker()
-        return
-    import multiprocessing as mp
-
-    # forkserver: workers start from a clean process, never from a copy of this one with OpenCV or GDAL
-    # threads holding locks (forking those deadlocks); the server preloads the libraries once so each
-    # worker starts in milliseconds. Plans are pickled to each worker once.
-    if "forkserver" in mp.get_all_start_methods():
-        ctx = mp.get_context("forkserver")
-        ctx.set_forkserver_preload(["dataset", "geo_io", "rasterio", "shapely"])
-    else:
-        ctx = mp.get_context("spawn")
-    import dataset as this  # by module name, so workers resolve the functions even when run as a script
-
-    # Contiguous runs of neighbouring batches per worker keep each process's GDAL block cache useful.
-    chunk = max(1, len(batches) // (workers * 8))
-    with ctx.Pool(workers, initializer=this._init_worker, initargs=(plans, opts)) as pool:
-        yield from pool.imap_unordered(this._process_batch, batches, chunksize=chunk)
-
-
-def _close_worker() -> None:
-    for ds in _WORKER.get("datasets", {}).values():
-        ds.close()
-    _WORKER.clear()
-
-
-def _update_resolutions(out_dir: Path, gsds: dict) -> None:
-    path = out_dir / RESOLUTIONS_FILE
-    current = {}
-    if path.exists():
-        try:
-            current = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            current = {}
-    merged = {**current, **{k: round(float(v), 6) for k, v in gsds.items()}}
-    if merged != current:
-        write_json(path, dict(sorted(merged.items())))
+    return write_chips(cfg)
 
 
 def _plain(cfg) -> dict:

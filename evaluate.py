@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 
-from lib import geo_io, metrics
+from lib import geo_io, metrics, run_folder
 from lib.cli import cli
 from lib.errors import UserError
 from lib.files import write_json
@@ -67,11 +67,11 @@ def resolve(path, masks=None, name: str = "pred") -> Sources:
                 src.rasters[p.stem] = p
             else:
                 raise UserError(f"{p}: {name} must be GeoJSON/GPKG, a SpaceNet CSV, a raster or a folder")
-        elif (p / "masks").is_dir() or (p / "footprints").is_dir():
-            if (p / "footprints").is_dir():
-                src.vectors = {k: v for k, v in _by_stem(p / "footprints", VECTOR_SUFFIXES).items()}
-            if (p / "masks").is_dir() and masks is None:
-                src.rasters = _by_stem(p / "masks", RASTER_SUFFIXES)
+        elif (p / run_folder.MASKS).is_dir() or (p / run_folder.FOOTPRINTS).is_dir():  # an inference run
+            if (p / run_folder.FOOTPRINTS).is_dir():
+                src.vectors = _by_stem(p / run_folder.FOOTPRINTS, VECTOR_SUFFIXES)
+            if (p / run_folder.MASKS).is_dir() and masks is None:
+                src.rasters = _by_stem(p / run_folder.MASKS, RASTER_SUFFIXES)
         else:
             src.vectors = _by_stem(p, VECTOR_SUFFIXES)
             src.rasters = _by_stem(p, RASTER_SUFFIXES)
@@ -120,8 +120,7 @@ def load_vectors(value):
 
     if isinstance(value, gpd.GeoDataFrame):
         return value
-    gdf = geo_io.load_footprints(value)
-    return gdf
+    return geo_io.load_footprints(value)
 
 
 def _grid(path: Path | None):
@@ -132,7 +131,7 @@ def _grid(path: Path | None):
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         ds = geo_io.open_raster(path)
         with ds:
-            georef = ds.crs is not None and not ds.transform.is_identity
+            georef = geo_io.is_georeferenced(ds)
             return (ds.transform, ds.crs, (ds.height, ds.width)) if georef else (None, None, (ds.height, ds.width))
 
 

@@ -1,371 +1,29 @@
-"""Export a model or a TTA ensemble to TorchScript and ONNX, and load such files back like a model.
+"""Export a model or a TTA ensemble to TorchScript and ONNX files that run without this toolkit.
 
     python export.py model=models/m40000.pth width=672
     python export.py model=[b1.pth,b2.pth] tta=[none,hflip,vflip,hvflip,transpose] width=672 output=exports/ens
 
-The exported graph (`EnsembleTTA`) takes normalised images [N, C, H, W] (`model.normalize`; H and W
-multiples of 32, any batch and size: the axes are dynamic) and returns
-`(seg_prob [N, 1, H/4, W/4], cls_prob [N, 1])`: the building probability and the building-present
-probability, each averaged over every model x TTA transform (transforms undone with the engine's own
-`tta_forward`/`tta_inverse`, so a transform has one definition). It runs without this toolkit:
-onnxruntime or `torch.jit.load` is enough. Each file carries its provenance as JSON (toolkit version,
-model configs, sha256 of the source checkpoints, TTA list, output semantics, the export check): ONNX
-`metadata_props` and a TorchScript extra file, both named `buildings.json`.
-
-`load_exported(path)` wraps such a file so it answers like an eager model ({SEG, CLS} logits whose
-softmax gives the exported probabilities), so the inference engine runs it unchanged.
+The graph takes normalised images [N, C, H, W] (any batch, H and W multiples of 32) and returns
+`(seg_prob [N, 1, H/4, W/4], cls_prob [N, 1])` averaged over every model x TTA transform; each file
+carries its provenance as `buildings.json` (see lib/exported.py, which builds, checks and reads them).
+Every format is exported and checked against eager PyTorch before anything is written. `inference.py
+model=<file>.onnx` (or `.torchscript`) runs the result like a checkpoint.
 """
 
 from __future__ import annotations
 
-import contextlib
-import datetime
-import io
-import json
 import os
-import warnings
-import zipfile
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
-from torch import nn
 
-import engine
 import model as model_lib
-from lib.cli import VERSION, cli
+from lib.checkpoints import TORCHSCRIPT_SUFFIXES, exported_kind
+from lib.cli import cli
 from lib.errors import UserError
-from lib.files import atomic_path
-from model import CLS, SEG
+from lib.exported import FORMATS, MIN_OPSET, SUFFIXES, EnsembleTTA, export_checked, write_exported
+from lib.tta import parse_tta
 
-FORMATS = ("torchscript", "onnx")
-SUFFIXES = {"torchscript": ".torchscript", "onnx": ".onnx"}
-TORCHSCRIPT_SUFFIXES = (".torchscript", ".ts")
-EXPORT_FORMAT = "buildings-export"
-EXPORT_FORMAT_VERSION = 1
-META_KEY = "buildings.json"  # ONNX metadata_props key and TorchScript extra file name
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("seg_prob", "cls_prob")
-MIN_OPSET = 17
-PROB_EPS = 1e-6  # probabilities are clamped to [eps, 1 - eps] before turning them back into logits
-CHECK_TOLERANCE = 1e-4
-OUTPUTS = {
-    "seg_prob": "float32 [N, 1, H/4, W/4]: building probability, mean over models x TTA of softmax(seg)[:, 1] "
-                "with each transform undone",
-    "cls_prob": "float32 [N, 1]: building-present probability, mean over models x TTA of softmax(cls)[:, 1]",
-}
-INPUT = ("float32 [N, C, H, W], H and W multiples of 32, RGB 0..255 normalised with the ImageNet mean/std "
-         "(model.normalize)")
-
-
-# --------------------------------------------------------------------------------------------------
-# The exported graph
-# --------------------------------------------------------------------------------------------------
-
-class EnsembleTTA(nn.Module):
-    """Models x TTA transforms averaged into (seg_prob, cls_prob): the graph that is exported.
-
-    Transforms that keep the tile's orientation (flips) are batched into one model call, as are the
-    transposed ones, so an ensemble of m models with t transforms runs at most 2m calls; splitting
-    the results back uses `unflatten(0, (k, -1))`, which keeps the batch axis dynamic in the traced
-    graph. `batch_tta=False` calls the model once per transform (less memory on large tiles).
-    """
-
-    def __init__(self, models: Sequence[nn.Module], tta: Sequence[str] | str = ("none",), batch_tta: bool = True):
-        super().__init__()
-        if not models:
-            raise UserError("model=[]: give at least one checkpoint to export")
-        self.models = nn.ModuleList(model_lib.unwrap(m).eval() for m in models)
-        self.tta = tuple(engine.parse_tta(tta))
-        plain = tuple(n for n in self.tta if not n.startswith("transpose"))
-        swapped = tuple(n for n in self.tta if n.startswith("transpose"))
-        groups = [g for g in (plain, swapped) if g]
-        self.groups = groups if batch_tta else [(n,) for n in self.tta]
-        channels = {int(getattr(m, "config", {}).get("in_channels", 3)) for m in self.models}
-        if len(channels) > 1:
-            raise UserError(f"model=[...]: the checkpoints take different numbers of input channels "
-                            f"({sorted(channels)}); an ensemble needs one input")
-        self.in_channels = channels.pop()
-        self.eval()
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        seg_sum = cls_sum = None
-        for net in self.models:
-            for group in self.groups:
-                views = [engine.tta_forward(x, name) for name in group]
-                out = net(torch.cat(views) if len(views) > 1 else views[0])
-                seg = torch.softmax(out[SEG], 1)[:, 1:2].unflatten(0, (len(group), -1))
-                cls = torch.softmax(out[CLS], 1)[:, 1:2].unflatten(0, (len(group), -1)).sum(0)
-                for i, name in enumerate(group):
-                    prob = engine.tta_inverse(seg[i], name)
-                    seg_sum = prob if seg_sum is None else seg_sum + prob
-                cls_sum = cls if cls_sum is None else cls_sum + cls
-        n = float(len(self.models) * len(self.tta))
-        return seg_sum / n, cls_sum / n
-
-
-@contextlib.contextmanager
-def _quiet_tracing():
-    """Hide tracer/exporter chatter that says nothing about this graph.
-
-    TorchScript and the TorchScript-based ONNX exporter announce their deprecation, and GroupNorm's
-    training-only batch check warns about a shape-to-bool conversion that eval graphs never take.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*(deprecated|legacy TorchScript-based ONNX|will be removed|Constant folding).*")
-        yield
-
-
-def trace_torchscript(ensemble: EnsembleTTA, example: torch.Tensor) -> torch.jit.ScriptModule:
-    """`torch.jit.trace` of the ensemble on `example` (sizes stay dynamic: nothing reads them as ints)."""
-    with _quiet_tracing(), torch.no_grad():
-        return torch.jit.trace(ensemble.eval(), example, check_trace=False)
-
-
-def onnx_bytes(ensemble: EnsembleTTA, example: torch.Tensor, opset: int = MIN_OPSET) -> bytes:
-    """ONNX model of the ensemble with dynamic batch/height/width (TorchScript-based exporter)."""
-    if int(opset) < MIN_OPSET:
-        raise UserError(f"opset={opset}: must be at least {MIN_OPSET}")
-    buf = io.BytesIO()
-    dynamic = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
-               OUTPUT_NAMES[0]: {0: "batch", 2: "height_4", 3: "width_4"},
-               OUTPUT_NAMES[1]: {0: "batch"}}
-    with _quiet_tracing(), torch.no_grad():
-        torch.onnx.export(ensemble.eval(), (example,), buf, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                          dynamic_axes=dynamic, opset_version=int(opset), dynamo=False, do_constant_folding=True)
-    return buf.getvalue()
-
-
-def with_onnx_metadata(data: bytes, meta: dict) -> bytes:
-    """Add the provenance JSON to an ONNX model's metadata_props and validate the model."""
-    import onnx
-
-    proto = onnx.load_from_string(data)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = META_KEY, json.dumps(meta, default=str)
-    proto.doc_string = "building footprint segmentation: " + "; ".join(f"{k} = {v}" for k, v in OUTPUTS.items())
-    onnx.checker.check_model(proto)
-    return proto.SerializeToString()
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading exported files
-# --------------------------------------------------------------------------------------------------
-
-def is_exported_path(path: str | os.PathLike) -> bool:
-    """Whether `model=<path>` names an exported file rather than a checkpoint.
-
-    `.onnx`/`.torchscript`/`.ts` by name; any other name (`.pt`, `.pth`, ...) only when the file is a
-    TorchScript archive. Checkpoints written by torch.save are zip archives too, but only TorchScript
-    archives hold a `code/` folder (the serialized graph's Python source) beside `constants.pkl`.
-    """
-    path = Path(path)
-    if path.suffix.lower() in (".onnx", *TORCHSCRIPT_SUFFIXES):
-        return True
-    return _is_torchscript_archive(path)
-
-
-def _is_torchscript_archive(path: Path) -> bool:
-    if not path.is_file() or not zipfile.is_zipfile(path):
-        return False
-    try:
-        with zipfile.ZipFile(path) as zf:
-            names = zf.namelist()
-    except (zipfile.BadZipFile, OSError):
-        return False
-    parts = [n.split("/") for n in names]
-    has_code = any(len(p) > 2 and p[1] == "code" for p in parts)
-    has_constants = any(len(p) == 2 and p[1] == "constants.pkl" for p in parts)
-    return has_code and has_constants
-
-
-def _check_meta(meta, path: Path) -> dict:
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        raise UserError(f"{path}: not exported by this toolkit (no '{META_KEY}' metadata); "
-                        "export the checkpoint with export.py")
-    if int(meta.get("format_version", 0)) > EXPORT_FORMAT_VERSION:
-        raise UserError(f"{path}: exported by a newer version of this toolkit ({meta.get('version')}); "
-                        "upgrade the toolkit or re-export with this version")
-    return meta
-
-
-def _reason(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:160] if text else type(err).__name__
-
-
-class ExportedModel(nn.Module):
-    """An exported ensemble behind the eager model's interface: `forward(x)` -> {SEG, CLS} logits.
-
-    The file returns probabilities; they become 2-class logits `[log(1 - p), log(p)]` (p clamped to
-    [1e-6, 1 - 1e-6]) so that softmax(...)[:, 1] gives p back and callers of an eager model (the
-    engine) need no special case. `.config` says `exported: True` with the TTA baked in, `.meta` holds
-    the provenance plus the training GSD (`gsd`/`ref_scale`) when the source models agree on it.
-    """
-
-    format = ""
-
-    def __init__(self, path: Path, meta: dict):
-        super().__init__()
-        self.path = Path(path)
-        self.provenance = meta  # the whole buildings.json
-        models = meta.get("models") or []
-        self.in_channels = int(meta.get("input_channels", 3))
-        self.config = {"exported": True, "format": self.format, "tta": list(meta.get("tta") or []),
-                       "in_channels": self.in_channels, "models": [m.get("config") for m in models],
-                       "model_name": "+".join(sorted({str((m.get("config") or {}).get("model_name")) for m in models}))}
-        self.meta = {"source": f"export-{self.format}", "version": meta.get("version"),
-                     "created": meta.get("created"), "sha256": [m.get("sha256") for m in models]}
-        for key in ("gsd", "ref_scale"):
-            values = {(m.get("meta") or {}).get(key) for m in models}
-            if len(values) == 1 and None not in values:
-                self.meta[key] = values.pop()
-
-    def check_input(self, x: torch.Tensor) -> None:
-        """One-line errors for inputs the graph cannot take (it would fail deep inside otherwise)."""
-        if x.ndim != 4:
-            raise UserError(f"{self.path}: input of shape {tuple(x.shape)}; expected [N, {self.in_channels}, H, W]")
-        if x.shape[1] != self.in_channels:
-            raise UserError(f"{self.path}: input has {x.shape[1]} channels; this model takes {self.in_channels}")
-        model_lib.check_input_size(x)
-
-    def probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The file's own outputs (seg_prob [N, 1, H/4, W/4], cls_prob [N, 1]) on x's device."""
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        self.check_input(x)
-        with torch.no_grad():
-            seg_prob, cls_prob = self.probabilities(x)
-        return {SEG: probs_to_logits(seg_prob), CLS: probs_to_logits(cls_prob)}
-
-    def extra_repr(self) -> str:
-        return f"{self.path}, tta={self.config['tta']}"
-
-
-def probs_to_logits(p: torch.Tensor) -> torch.Tensor:
-    """[N, 1, ...] probability -> [N, 2, ...] logits whose softmax is (1 - p, p)."""
-    p = p.float().clamp(PROB_EPS, 1.0 - PROB_EPS)
-    return torch.cat([torch.log1p(-p), torch.log(p)], 1)
-
-
-class TorchScriptModel(ExportedModel):
-    format = "torchscript"
-
-    def __init__(self, path: Path, device: str | torch.device = "cpu"):
-        extra = {META_KEY: ""}
-        try:
-            with _quiet_tracing():
-                module = torch.jit.load(str(path), map_location=torch.device(device), _extra_files=extra)
-        except (RuntimeError, ValueError, OSError, zipfile.BadZipFile) as err:
-            raise UserError(f"{path}: not a readable TorchScript file ({_reason(err)}); re-export it with export.py") \
-                from None
-        try:
-            meta = json.loads(extra[META_KEY] or "null")
-        except json.JSONDecodeError:
-            meta = None
-        super().__init__(path, _check_meta(meta, Path(path)))
-        self.module = module.eval()
-
-    def probabilities(self, x):
-        # The profiling executor re-optimises the graph on its first calls (seconds each, no gain for
-        # convolutions); plain execution is as fast from the first tile on.
-        with torch.jit.optimized_execution(False):
-            seg, cls = self.module(x.float())
-        return seg, cls
-
-
-class OnnxModel(ExportedModel):
-    """Runs the ONNX file with onnxruntime: CUDA provider on a CUDA device when installed, else CPU.
-
-    Tensors cross to numpy and back; CPU threads follow `torch.get_num_threads()` so one setting
-    governs both runtimes. `.to(device)` re-creates the session for the new device.
-    """
-
-    format = "onnx"
-
-    def __init__(self, path: Path, device: str | torch.device = "cpu"):
-        self.device = torch.device(device)
-        session = _onnx_session(Path(path), self.device)
-        try:
-            meta = json.loads(session.get_modelmeta().custom_metadata_map.get(META_KEY, "null"))
-        except json.JSONDecodeError:
-            meta = None
-        super().__init__(path, _check_meta(meta, Path(path)))
-        self.session = session
-
-    def to(self, *args, **kwargs):
-        device = torch._C._nn._parse_to(*args, **kwargs)[0]
-        if device is not None and torch.device(device) != self.device:
-            self.device = torch.device(device)
-            self.session = _onnx_session(self.path, self.device)
-        return self
-
-    def cpu(self):
-        return self.to("cpu")
-
-    def cuda(self, device=None):
-        return self.to(torch.device("cuda", device) if isinstance(device, int) else (device or "cuda"))
-
-    def providers(self) -> list[str]:
-        return self.session.get_providers()
-
-    def probabilities(self, x):
-        image = np.ascontiguousarray(x.detach().float().cpu().numpy())
-        seg, cls = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: image})
-        return torch.from_numpy(seg).to(x.device), torch.from_numpy(cls).to(x.device)
-
-
-def _onnx_session(path: Path, device: torch.device):
-    import onnxruntime as ort
-
-    providers = ["CPUExecutionProvider"]
-    if device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, torch.get_num_threads())
-    options.log_severity_level = 3
-    try:
-        return ort.InferenceSession(str(path), options, providers=providers)
-    except Exception as err:  # noqa: BLE001 - onnxruntime raises its own classes for every kind of bad file
-        raise UserError(f"{path}: not a readable ONNX model ({_reason(err)}); re-export it with export.py") from None
-
-
-def load_exported(path: str | os.PathLike, device: str | torch.device = "cpu") -> ExportedModel:
-    """Open an exported file (ONNX or TorchScript) as a model-like module in eval mode."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory; pass the exported .onnx or .torchscript file")
-    if not path.is_file():
-        raise UserError(f"{path}: exported model not found; check the model=<path> argument")
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: file is empty; re-export it with export.py")
-    if path.suffix.lower() == ".onnx":
-        return OnnxModel(path, device).eval()
-    return TorchScriptModel(path, device).eval()
-
-
-def load_any(path: str | os.PathLike, **overrides) -> nn.Module:
-    """A checkpoint through `model.load_model`, or an exported file through `load_exported`.
-
-    Architecture overrides cannot apply to an exported graph; giving one is an error, not ignored.
-    """
-    if not is_exported_path(path):
-        return model_lib.load_model(path, **overrides)
-    given = {k: v for k, v in overrides.items() if v is not None and k != "pretrained"}
-    if given:
-        names = ", ".join(f"{k}={v}" for k, v in given.items())
-        raise UserError(f"{path}: {names} cannot change an exported model; drop these overrides")
-    return load_exported(path)
-
-
-# --------------------------------------------------------------------------------------------------
-# The command
-# --------------------------------------------------------------------------------------------------
 
 def _as_list(value) -> list:
     from omegaconf import OmegaConf
@@ -397,47 +55,13 @@ def output_stem(output, checkpoints: list[Path], tta: list[str]) -> Path:
     return out
 
 
-def export_metadata(ensemble: EnsembleTTA, checkpoints: list[Path], width: int, kind: str, opset: int) -> dict:
-    """Provenance of an export: what went in (sha256, configs), what the graph computes, how it was made."""
-    models = []
-    for path, net in zip(checkpoints, ensemble.models):
-        models.append({"path": str(path), "sha256": engine.file_sha256(path), "config": dict(net.config),
-                       "meta": json.loads(json.dumps(getattr(net, "meta", {}) or {}, default=str))})
-    meta = {
-        "format": EXPORT_FORMAT, "format_version": EXPORT_FORMAT_VERSION, "kind": kind,
-        "version": VERSION, "torch": torch.__version__,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "models": models, "tta": list(ensemble.tta), "trace_size": [int(width), int(width)],
-        "input_name": INPUT_NAME, "input": INPUT, "input_channels": ensemble.in_channels,
-        "stride": model_lib.STRIDE, "output_stride": model_lib.OUTPUT_STRIDE,
-        "output_names": list(OUTPUT_NAMES), "outputs": OUTPUTS,
-    }
-    if kind == "onnx":
-        meta["opset"] = int(opset)
-    return meta
-
-
-def check_batch(ensemble: EnsembleTTA, width: int, seed: int = 0) -> torch.Tensor:
-    """A batch of 2 non-square images of about half the traced side: checks the dynamic batch and
-    spatial axes (a size baked into the graph would fail here) at a quarter of the traced cost."""
-    g = torch.Generator().manual_seed(seed)
-    side = max(model_lib.STRIDE, width // 2 // model_lib.STRIDE * model_lib.STRIDE)
-    img = torch.randint(0, 256, (2, ensemble.in_channels, side, side + model_lib.STRIDE), generator=g,
-                        dtype=torch.uint8)
-    return model_lib.normalize(img)
-
-
-def _max_diff(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
-    return max(float((torch.as_tensor(x) - torch.as_tensor(y)).abs().max()) for x, y in zip(a, b))
-
-
 def _options(cfg) -> dict:
     """Validated command options, checked before any model is loaded (bad input fails fast)."""
     checkpoints = [Path(p) for p in _as_list(cfg.model)]
     if not checkpoints:
         raise UserError("model=<checkpoint.pth> is required (a list [a.pth,b.pth] exports an averaged ensemble)")
     for path in checkpoints:
-        if is_exported_path(path):
+        if exported_kind(path):
             raise UserError(f"{path}: is already an exported model; pass the .pth checkpoint(s) it came from")
     formats = list(dict.fromkeys(str(f).lower() for f in _as_list(cfg.formats)))
     bad = [f for f in formats if f not in FORMATS]
@@ -446,79 +70,30 @@ def _options(cfg) -> dict:
     width = int(cfg.width)
     if width <= 0 or width % model_lib.STRIDE:
         raise UserError(f"width={cfg.width}: must be a positive multiple of {model_lib.STRIDE} (e.g. 512, 672)")
-    opset = int(cfg.get("opset", MIN_OPSET))
+    opset = int(cfg.opset)
     if "onnx" in formats and opset < MIN_OPSET:
         raise UserError(f"opset={opset}: must be at least {MIN_OPSET}")
     return {"checkpoints": checkpoints, "formats": formats, "width": width, "opset": opset,
-            "tta": engine.parse_tta(_as_list(cfg.tta) or None)}
-
-
-def _export(kind: str, ensemble: EnsembleTTA, example: torch.Tensor, opset: int, check_x, reference):
-    """(traced module or ONNX bytes, max |exported - eager| on the check batch or None)."""
-    if kind == "torchscript":
-        graph = trace_torchscript(ensemble, example)
-        if reference is None:
-            return graph, None
-        with torch.no_grad(), torch.jit.optimized_execution(False):
-            return graph, _max_diff(reference, graph(check_x))
-    data = onnx_bytes(ensemble, example, opset)
-    if reference is None:
-        return data, None
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = max(1, torch.get_num_threads())
-    session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
-    return data, _max_diff(reference, session.run(list(OUTPUT_NAMES), {INPUT_NAME: check_x.numpy()}))
-
-
-def _write(path: Path, kind: str, artefact, meta: dict) -> None:
-    with atomic_path(path) as tmp:
-        if kind == "torchscript":
-            with _quiet_tracing():
-                torch.jit.save(artefact, str(tmp), _extra_files={META_KEY: json.dumps(meta, default=str)})
-        else:
-            tmp.write_bytes(with_onnx_metadata(artefact, meta))
-        engine.make_readable(tmp)
+            "tta": parse_tta(_as_list(cfg.tta) or None)}
 
 
 def run(cfg) -> dict:
-    """Load the checkpoints, build the ensemble, trace/export, check against eager, then write.
+    """Load the checkpoints, build the ensemble, export and check every format, then write them.
 
-    Every format is exported and checked before anything is written, so a failed check leaves no
-    file behind. Returns {"torchscript": path, "onnx": path, "check": {format: max abs difference}}.
+    Returns {"torchscript": path, "onnx": path, "check": {format: max abs difference}}.
     """
     opts = _options(cfg)
-    if cfg.get("num_threads"):
+    if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
-    models = engine.load_models(opts["checkpoints"], **{k: cfg.get(k) for k in engine.ARCH_OVERRIDES})
-    ensemble = EnsembleTTA(models, opts["tta"], batch_tta=bool(cfg.get("batch_tta", True)))
-    width = opts["width"]
-    example = model_lib.normalize(torch.full((int(cfg.get("batch_size", 1)), ensemble.in_channels, width, width),
-                                             128, dtype=torch.uint8))
-    check_x = check_batch(ensemble, width) if cfg.get("check", True) else None
-    reference = None
-    if check_x is not None:
-        with torch.no_grad():
-            reference = ensemble(check_x)
-
-    result: dict = {"check": {}}
-    artefacts = {}
-    for kind in opts["formats"]:
-        meta = export_metadata(ensemble, opts["checkpoints"], width, kind, opts["opset"])
-        artefact, diff = _export(kind, ensemble, example, opts["opset"], check_x, reference)
-        if diff is not None:
-            if diff > CHECK_TOLERANCE:
-                raise RuntimeError(f"exported {kind} graph differs from eager PyTorch by {diff:.2e} "
-                                   f"(> {CHECK_TOLERANCE}); nothing was written")
-            meta["check"] = {"input_shape": list(check_x.shape), "max_abs_diff": diff, "tolerance": CHECK_TOLERANCE}
-            result["check"][kind] = diff
-        artefacts[kind] = (artefact, meta)
-
-    stem = output_stem(cfg.get("output"), opts["checkpoints"], list(ensemble.tta))
-    for kind, (artefact, meta) in artefacts.items():
+    models = model_lib.load_models(opts["checkpoints"], **{k: cfg[k] for k in model_lib.ARCH_OVERRIDES})
+    ensemble = EnsembleTTA(models, opts["tta"], batch_tta=bool(cfg.batch_tta))
+    graphs = export_checked(ensemble, opts["formats"], opts["checkpoints"], opts["width"],
+                            batch_size=int(cfg.batch_size), opset=opts["opset"], check=bool(cfg.check))
+    result: dict = {"check": {k: meta["check"]["max_abs_diff"] for k, (_, meta) in graphs.items() if "check" in meta}}
+    stem = output_stem(cfg.output, opts["checkpoints"], list(ensemble.tta))
+    for kind, (artefact, meta) in graphs.items():
         path = Path(str(stem) + SUFFIXES[kind])
-        _write(path, kind, artefact, meta)
+        write_exported(path, kind, artefact, meta)
         result[kind] = path
         check = f", max |exported - eager| = {meta['check']['max_abs_diff']:.1e}" if "check" in meta else ""
         print(f"wrote {path} ({kind}, {len(models)} model(s) x {len(ensemble.tta)} TTA{check})")

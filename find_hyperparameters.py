@@ -16,7 +16,7 @@ over `lr_range_steps` steps, stopping once the smoothed loss diverges; writes lr
 suggests max_lr a tenth of the learning rate at the lowest smoothed loss (the usual rule of thumb:
 fast descent, safely before the blow-up).
 
-Trials and the range test call train.py's own functions (`prepare`, `train_step`, `fit`): one loop.
+Trials and the range test train through train.py (`run`, `prepare`) and lib.trainer's step: one loop.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 import train
+from lib import trainer
 from lib.cli import cli
 from lib.errors import UserError
 from lib.files import atomic_path, write_json
@@ -39,7 +40,7 @@ def output_dir(cfg) -> Path:
     if cfg.output_dir:
         return Path(cfg.output_dir)
     stamp = datetime.datetime.now().strftime("%Y%m%d_%H%M%S")
-    return Path("outputs") / "find_hyperparameters" / f"{stamp}_{cfg.mode}_{train.arch_slug(cfg)}"
+    return Path("outputs") / "find_hyperparameters" / f"{stamp}_{cfg.mode}_{train.run_name(cfg)}"
 
 
 def trial_config(cfg, max_lr: float, weight_decay: float, out: Path, number: int):
@@ -88,7 +89,7 @@ def search(cfg) -> dict:
 
         try:
             result = train.run(trial_config(cfg, lr, wd, out, trial.number), on_validation=report, write=False)
-        except train.DivergedError:
+        except trainer.DivergedError:
             raise optuna.TrialPruned() from None  # a learning rate that blows up is simply a bad trial
         return result["last"]["val_loss"]
 
@@ -129,13 +130,13 @@ def lr_range(cfg) -> dict:
     for group in s.optimizer.param_groups:
         group["lr"] = start
     s.scheduler = torch.optim.lr_scheduler.ExponentialLR(s.optimizer, gamma=(end / start) ** (1.0 / (steps - 1)))
-    batches = train.batches(s, "train")
+    batches = s.task.train_batches(s)
     rows, best, smooth = [], math.inf, None
     for i in range(steps):
         lr = s.optimizer.param_groups[0]["lr"]
         try:
-            loss = train.train_step(s, train.to_device(next(batches), s.device))["loss"]
-        except train.DivergedError:
+            loss = trainer.train_step(s, next(batches))["loss"]
+        except trainer.DivergedError:
             break
         smooth = loss if smooth is None else 0.8 * smooth + 0.2 * loss
         debiased = smooth / (1 - 0.8 ** (i + 1)) if i < 20 else smooth

@@ -5,14 +5,16 @@
 
 One run can hold a whole TTA/multi-scale/multi-model ensemble (averaged in memory, batched); the
 original pipeline's one-transform-per-run commands (`flip`, `transpose`) still work and their runs can
-be averaged afterwards with combine_images.py. All tiling, blending and writing is `engine.py`.
+be averaged afterwards with combine_images.py. Tiling, TTA and blending are lib.tiling's `Engine`; the
+rasters are written by lib.raster_outputs' `SceneWriter`.
 
-Outputs under `output_dir`: probabilities/<stem>.tif (uint8 0-255), masks/<stem>.tif (0/255),
-footprints/<stem>.geojson (EPSG:4326) + .gpkg (image CRS), and run.json (provenance).
+Outputs under `output_dir` (lib.run_folder): probabilities/<stem>.tif (uint8 0-255), masks/<stem>.tif
+(0/255), footprints/<stem>.geojson (EPSG:4326) + .gpkg (image CRS), and run.json (provenance).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
@@ -24,16 +26,22 @@ from pathlib import Path
 
 import rasterio
 
-import engine
-from lib import footprints, geo_io
+import model as model_lib
+from lib import footprints, geo_io, run_folder
 from lib.cli import VERSION, cli, progress_bar
-from lib.devices import resolve_device
-from lib.errors import UserError
-from lib.files import write_json
+from lib.devices import cpu_has_native_bf16, resolve_device
+from lib.errors import UserError, one_line
+from lib.exported import onnxruntime_models
+from lib.files import copy_file, file_sha256
+from lib.image_sources import RasterSource
+from lib.raster_outputs import SceneWriter, raster_profile
+from lib.segmentation import BUILDING, BUILDING_PRESENT
+from lib.tiling import Engine
+from lib.tta import TTA_NAMES, seed_tta_name
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
 SIDE_SUFFIXES = ("_mask", "_ignore")  # training-chip companions, never inputs
-RUN_FILE = "run.json"
+BACKENDS = ("auto", "torch", "onnxruntime")
 
 
 @dataclass
@@ -92,7 +100,7 @@ def _stac_images(catalog_path: Path) -> list[ImageInput]:
     try:
         catalog = pystac.read_file(str(catalog_path))
     except Exception as err:  # noqa: BLE001 - pystac raises many types for broken catalogs
-        raise UserError(f"{catalog_path}: not a readable STAC catalog ({str(err).splitlines()[0]})") from None
+        raise UserError(f"{catalog_path}: not a readable STAC catalog ({one_line(err)})") from None
     out = []
     for item in catalog.get_items(recursive=True):
         if any("label" in ext for ext in item.stac_extensions):
@@ -147,10 +155,10 @@ def shard_images(images: list[ImageInput], pixels: list[int], rank: int, world: 
     return sorted(mine, key=lambda im: im.stem)
 
 
-def open_source(path: Path, cfg) -> engine.RasterSource:
+def open_source(path: Path, cfg) -> RasterSource:
     """Open an image with the data-preparation rules (bands, alpha/nodata, stretch, zero = nodata)."""
     low, high = cfg.stretch_percentiles
-    src = engine.RasterSource(path, cfg.stretch, low, high, cfg.stretch_range, False)
+    src = RasterSource(path, cfg.stretch, low, high, cfg.stretch_range, False)
     src.zero_is_nodata = geo_io.resolve_zero_is_nodata(cfg.zero_is_nodata, src.ds)
     return src
 
@@ -158,18 +166,6 @@ def open_source(path: Path, cfg) -> engine.RasterSource:
 # --------------------------------------------------------------------------------------------------
 # Outputs
 # --------------------------------------------------------------------------------------------------
-
-def output_paths(output_dir: Path, stem: str, vector_format: str | None) -> dict[str, Path]:
-    paths = {
-        "probability": output_dir / "probabilities" / f"{stem}.tif",
-        "mask": output_dir / "masks" / f"{stem}.tif",
-        "geojson": output_dir / "footprints" / f"{stem}.geojson",
-    }
-    fmt = footprints.VECTOR_FORMATS.get(str(vector_format).lower() if vector_format else "none")
-    if fmt is not None and fmt[1] != ".geojson":
-        paths["vector"] = output_dir / "footprints" / f"{stem}{fmt[1]}"
-    return paths
-
 
 def model_list(value) -> list[str]:
     if value is None:
@@ -184,29 +180,29 @@ def _plain(value):
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
-def build_engine(cfg, models=None, device=None) -> tuple[engine.Engine, list[dict]]:
+def build_engine(cfg, models=None, device=None) -> tuple[Engine, list[dict]]:
     """Models + TTA/width plan from the config; returns the engine and the model records for run.json."""
     paths = model_list(cfg.model)
-    overrides = {k: cfg.get(k) for k in engine.ARCH_OVERRIDES}
+    overrides = {k: cfg[k] for k in model_lib.ARCH_OVERRIDES}
     device = device or resolve_device(cfg.device)
     loaded = models is None
     if loaded:
-        models = engine.load_models(paths, **overrides)
-    records = [{"path": str(Path(p).resolve()), "sha256": engine.file_sha256(p),
+        models = model_lib.load_models(paths, **overrides)
+    records = [{"path": str(Path(p).resolve()), "sha256": file_sha256(p),
                 "config": getattr(m, "config", None), "meta": _jsonable(getattr(m, "meta", None))}
                for p, m in zip(paths, models)]
     if loaded:
         models = choose_backend(cfg, models, paths, device)
-    widths = _plain(cfg.widths) if cfg.get("widths") is not None else [cfg.width]
-    tta = _plain(cfg.tta) if cfg.get("tta") is not None else [engine.seed_tta_name(cfg.flip, cfg.transpose)]
+    widths = _plain(cfg.widths) if cfg.widths is not None else [cfg.width]
+    tta = _plain(cfg.tta) if cfg.tta is not None else [seed_tta_name(cfg.flip, cfg.transpose)]
     if device.type == "cuda":
         import torch
 
         torch.backends.cudnn.benchmark = True
-    eng = engine.Engine(models, widths=widths, tta=tta, tile_size=cfg.tile_size, overlap=cfg.overlap,
-                        batch_size=cfg.batch_size, device=device, precision=cfg.precision,
-                        scale_factor=cfg.scale_factor, match_gsd=cfg.match_gsd, num_workers=cfg.num_workers,
-                        progress=cfg.progress)
+    eng = Engine(models, widths=widths, tta=tta, tile_size=cfg.tile_size, overlap=cfg.overlap,
+                 batch_size=cfg.batch_size, device=device, precision=cfg.precision,
+                 scale_factor=cfg.scale_factor, match_gsd=cfg.match_gsd, num_workers=cfg.num_workers,
+                 progress=cfg.progress)
     return eng, records
 
 
@@ -214,25 +210,25 @@ def choose_backend(cfg, models: list, paths: list[str], device) -> list:
     """`backend=auto`: ONNX Runtime on CPU for fp32 (about 2-4x faster than eager PyTorch on CPUs without
     AMX, measured on b1 at 672 px), PyTorch elsewhere (CUDA AMP, bf16/fp16 autocast). An automatic export
     that fails falls back to PyTorch with a warning; an explicit `backend=onnxruntime` fails loudly."""
-    backend = str(cfg.get("backend", "torch"))
-    if backend not in (*engine.BACKENDS, "auto"):
-        raise UserError(f"backend={backend}: choose auto, {' or '.join(engine.BACKENDS)}")
+    backend = str(cfg.backend)
+    if backend not in BACKENDS:
+        raise UserError(f"backend={backend}: choose {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
     if backend == "auto":
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
             return models
         if device.type != "cpu" or cfg.precision in ("bf16", "fp16") or (
-                cfg.precision == "auto" and engine._cpu_has_native_bf16()):
+                cfg.precision == "auto" and cpu_has_native_bf16()):
             return models
     if backend == "torch":
         return models
     try:
-        return engine.onnxruntime_models(models, paths, cfg.get("onnx_cache"))
+        return onnxruntime_models(models, paths, cfg.onnx_cache)
     except (RuntimeError, ValueError, OSError, UserError) as err:
         if backend == "onnxruntime":
             raise
-        print(f"warning: ONNX Runtime unavailable for these models ({str(err).splitlines()[0][:120]}); "
+        print(f"warning: ONNX Runtime unavailable for these models ({one_line(err, 120)}); "
               "using PyTorch", file=sys.stderr)
         return models
 
@@ -247,12 +243,12 @@ def _jsonable(obj):
         return {k: str(v) for k, v in (obj or {}).items()}
 
 
-def provenance(cfg, eng: engine.Engine, records: list[dict]) -> dict:
+def provenance(cfg, eng: Engine, records: list[dict]) -> dict:
     return {
         "toolkit_version": VERSION,
         "models": [{"path": r["path"], "sha256": r["sha256"], "config": r["config"]} for r in records],
         "passes": [{"model": p.model, "width": p.width, "tta": list(p.tta)} for p in eng.passes],
-        "tta": sorted({t for p in eng.passes for t in p.tta}, key=engine.TTA_NAMES.index),
+        "tta": sorted({t for p in eng.passes for t in p.tta}, key=TTA_NAMES.index),
         "widths": sorted({p.width for p in eng.passes}),
         "tile_size": eng.tile_size, "overlap": eng.overlap, "threshold": float(cfg.threshold),
         "scale_factor": eng.scale_factor, "match_gsd": eng.match_gsd,
@@ -278,32 +274,30 @@ def geotiff_tags(info: dict) -> dict:
 # The run
 # --------------------------------------------------------------------------------------------------
 
-def predict_image(eng: engine.Engine, image: ImageInput, paths: dict[str, Path], cfg, tags: dict) -> dict:
+def predict_image(eng: Engine, image: ImageInput, paths: dict[str, Path], cfg, tags: dict) -> dict:
     """Predict one image and write its probability map, mask and footprints (all or nothing)."""
     start = time.perf_counter()
-    with engine.gdal_env(), open_source(image.path, cfg) as src:
+    with geo_io.gdal_env(), open_source(image.path, cfg) as src:
         ds = src.ds
-        georef = engine.is_georeferenced(ds)
-        profile = engine.raster_profile(ds, georef)
+        georef = geo_io.is_georeferenced(ds)
+        profile = raster_profile(ds, georef)
         poly = footprints.Polygonizer(ds.height, ds.width)
-        with engine.SceneWriter(paths["probability"], paths["mask"], profile, tags, cog=cfg.cog,
-                                polygonizer=poly) as writer:
-            for strip in eng.predict(src):
-                prob_u8, mask = engine.quantize(strip.prob, strip.valid, cfg.threshold)
-                writer.write(strip.row_off, prob_u8, mask, strip.col_off)
+        with SceneWriter(paths["probability"], paths["mask"], profile, tags, cog=cfg.cog, polygonizer=poly,
+                         threshold=cfg.threshold) as writer:
+            stats = eng.predict_into(src, writer)
             gdf = footprints.footprints_frame(poly.finish(), ds.transform if georef else None,
                                               ds.crs if georef else None, min_area=cfg.min_area,
                                               simplify=cfg.simplify)
             footprints.write_footprints(gdf, paths["geojson"], cfg.vector_format)
             writer.tags["BUILDINGS_PRECISION"] = eng.precision_name  # `auto` is resolved on the first batch
             writer.commit()
-        stats = eng.stats
+        cls_prob = stats.scores[BUILDING_PRESENT]
         return {
             "path": str(image.path.resolve()), "height": ds.height, "width": ds.width,
             "crs": ds.crs.to_string() if georef else None, "gsd": src.gsd,
             "windows": stats.windows, "skipped_nodata_windows": stats.skipped,
-            "cls_prob": None if stats.cls_prob != stats.cls_prob else round(stats.cls_prob, 5),
-            "max_prob": round(stats.max_prob, 5), "buildings": len(gdf),
+            "cls_prob": None if math.isnan(cls_prob) else round(cls_prob, 5),
+            "max_prob": round(stats.map_max[BUILDING], 5), "buildings": len(gdf),
             "seconds": round(time.perf_counter() - start, 3),
         }
 
@@ -316,25 +310,11 @@ def is_empty(record: dict, threshold: float) -> bool:
     return (cls_prob is None or cls_prob < threshold) and record["max_prob"] < threshold
 
 
-def _load_run(path: Path) -> dict:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def rank_run_file(output_dir: Path, rank: int) -> Path:
-    """Per-rank progress record of a multi-process run, merged into run.json when every rank is done."""
-    return output_dir / f".run.rank{rank}.json"
-
-
 def previous_records(output_dir: Path) -> dict:
     """Image records of earlier runs: run.json plus progress left by ranks of an interrupted torchrun job."""
-    done = dict(_load_run(output_dir / RUN_FILE).get("images", {}))
-    for part in sorted(output_dir.glob(".run.rank*.json")):
-        done.update(_load_run(part).get("images", {}))
+    done = dict(run_folder.read_run(output_dir).get("images", {}))
+    for part in run_folder.rank_files(output_dir):
+        done.update(run_folder.read_record(part).get("images", {}))
     return done
 
 
@@ -366,7 +346,7 @@ def run(cfg, models=None) -> dict:
         eng, records = build_engine(cfg, models, device)
         info = provenance(cfg, eng, records)
         done = previous_records(output_dir) if not cfg.overwrite else {}
-        progress_path = output_dir / RUN_FILE if not d.enabled else rank_run_file(output_dir, d.rank)
+        progress_path = run_folder.rank_file(output_dir, d.rank) if d.enabled else run_folder.run_file(output_dir)
         summary = predict_images(eng, mine, cfg, info, done, progress_path)
         parts = gather_object((done, summary, info.get("precision_used")), d)
         if d.enabled:
@@ -377,9 +357,9 @@ def run(cfg, models=None) -> dict:
                        "empty": sorted(stem for p in parts for stem in p[1]["empty"])}
             if d.main:
                 info["precision_used"] = parts[0][2]
-                _write_run(output_dir / RUN_FILE, info, done)
+                _write_run(run_folder.run_file(output_dir), info, done)
         if d.main:
-            for part in output_dir.glob(".run.rank*.json"):  # merged into run.json (now or earlier)
+            for part in run_folder.rank_files(output_dir):  # merged into run.json (now or earlier)
                 part.unlink(missing_ok=True)
             print(f"{summary['predicted']} predicted, {summary['skipped']} already done"
                   + (f", {len(summary['empty'])} empty -> {cfg.output_dir_empty}" if cfg.mine_empty else "")
@@ -389,14 +369,14 @@ def run(cfg, models=None) -> dict:
     return {**info, "images": done, "summary": summary}
 
 
-def predict_images(eng: engine.Engine, images: list[ImageInput], cfg, info: dict, done: dict,
+def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done: dict,
                    progress_path: Path) -> dict:
     """Predict (or skip, when their outputs exist) `images`, recording each in `done` and `progress_path`."""
     output_dir = Path(cfg.output_dir)
     tags = geotiff_tags(info)
     summary = {"predicted": 0, "skipped": 0, "empty": []}
     for image in progress_bar(images, disable=not cfg.progress or len(images) < 2, unit="image"):
-        paths = output_paths(output_dir, image.stem, cfg.vector_format)
+        paths = run_folder.output_paths(output_dir, image.stem, cfg.vector_format)
         if not cfg.overwrite and all(p.exists() for p in paths.values()):
             summary["skipped"] += 1
             record = done.get(image.stem) or {"path": str(image.path.resolve())}
@@ -410,7 +390,7 @@ def predict_images(eng: engine.Engine, images: list[ImageInput], cfg, info: dict
             if record["empty"]:
                 target = Path(cfg.output_dir_empty) / image.path.name
                 if cfg.overwrite or not target.exists():
-                    engine.copy_file(image.path, target)
+                    copy_file(image.path, target)
                 summary["empty"].append(image.stem)
         done[image.stem] = record
         if cfg.debug:
@@ -420,8 +400,8 @@ def predict_images(eng: engine.Engine, images: list[ImageInput], cfg, info: dict
 
 
 def _write_run(path: Path, info: dict, done: dict) -> None:
-    write_json(path, {**info, "created": datetime.now(UTC).isoformat(timespec="seconds"), "images": done})
-    engine.make_readable(path)
+    run_folder.write_record(path, {**info, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                                   "images": done})
 
 
 @cli("inference")

@@ -17,65 +17,50 @@ a model class that only wires them together.
               linear building-present (2 logits) and scale-regression (1 value) heads on the pooled,
               dropped-out encoder head features.
 
-Checkpoints written by `save_checkpoint` describe themselves (model config, weights, metadata) and
-load with `torch.load(weights_only=True)`; `load_model` also reads the original pipeline's files,
-inferring the architecture from their parameter names and shapes.
+Reading and writing files is lib.checkpoints' job (every format, weights-only) and lib.exported's
+(TorchScript/ONNX graphs); this module turns what they read into a network: `load_model` rebuilds one
+from a checkpoint, inferring the architecture of the original pipeline's files from their parameter
+names and shapes, and `load_models` opens any `model=<path>` a user can give.
 """
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
-import pickle
-import zipfile
-from pathlib import Path
+import os
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.cli import VERSION
-from lib.errors import UserError
-from lib.files import atomic_path
+from lib.checkpoints import exported_kind, read_checkpoint
+from lib.errors import UserError, one_line
+from lib.exported import load_exported
+
+# the model contract, re-exported for callers of the model
 from lib.model_contract import (  # noqa: F401
     CLS,
     DICE,
     IMAGENET_MEAN,
     IMAGENET_STD,
     OUTPUT_KEYS,
-    OUTPUT_STRIDE,
     SCALE,
     SEG,
     STRIDE,
+    check_input_size,
     normalize,
 )
 
 # ----------------------------------------------------------------------------------------------
-# Public constants: output keys, model options, input normalisation
+# Model options
 # ----------------------------------------------------------------------------------------------
 
-
-MODEL_KEYS = (
-    "model_name",
-    "in_channels",
-    "use_context_block",
-    "use_mish",
-    "use_attention",
-    "use_ASPP",
-    "drop_connect_rate",
-)
-
-
-CHECKPOINT_FORMAT = "buildings-efficient-fpn"
-CHECKPOINT_FORMAT_VERSION = 1
-
+MODEL_KEYS = ("model_name", "in_channels", "use_context_block", "use_mish", "use_attention", "use_ASPP",
+              "drop_connect_rate")
+# Architecture keys a user may give for an original checkpoint, where the weights cannot tell them
+ARCH_OVERRIDES = ("model_name", "use_mish", "use_context_block", "use_attention")
 DECODER_CHANNELS = 64
 ASPP_RATES = (4, 8, 12)
-
-
-class InputSizeError(UserError, ValueError):
-    """An input whose height or width is not a multiple of 32 (callers that tile should pad)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,17 +337,6 @@ class EfficientFPN(nn.Module):
         return {SEG: self.seg_head(y), DICE: self.dice_head(y), CLS: cls, SCALE: scale}
 
 
-def check_input_size(x: torch.Tensor) -> None:
-    """Reject inputs the encoder cannot reduce 32x exactly (the FPN's top-down adds would misalign)."""
-    h, w = x.shape[-2:]
-    if h % STRIDE or w % STRIDE:
-        up = [-(-int(v) // STRIDE) * STRIDE for v in (h, w)]
-        raise InputSizeError(
-            f"input of {h}x{w} pixels: height and width must be multiples of {STRIDE}; "
-            f"pad it to {up[0]}x{up[1]} or choose a tile width that is a multiple of {STRIDE}"
-        )
-
-
 def build_model(model_name: str = "efficientnet-b1", *, pretrained: bool = False, in_channels: int = 3,
                 use_context_block: bool = False, use_mish: bool = False, use_attention: bool = True,
                 use_ASPP: bool = True, drop_connect_rate: float = 0.2, **layout) -> EfficientFPN:
@@ -404,10 +378,6 @@ def model_kwargs_from_cfg(cfg) -> dict:
         if value is not None:
             out[key] = value
     return out
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -464,17 +434,6 @@ def to_seed_names(state_dict: dict) -> dict:
     return {(_rename(k, swapped) or k): v for k, v in state_dict.items()}
 
 
-def _strip_wrappers(state_dict: dict) -> dict:
-    """Drop DataParallel/DDP (`module.`) and torch.compile (`_orig_mod.`) prefixes."""
-    out = {}
-    for k, v in state_dict.items():
-        for prefix in ("module.", "_orig_mod."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
-        out[k] = v
-    return out
-
-
 def infer_config(state_dict: dict, path, overrides: dict) -> dict:
     """Architecture of a checkpoint that does not describe itself, from its (our-named) keys and shapes.
 
@@ -525,135 +484,8 @@ def infer_config(state_dict: dict, path, overrides: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# Loading
 # ----------------------------------------------------------------------------------------------
-
-
-def _plain(obj, where: str = "checkpoint"):
-    """Convert to what `torch.load(weights_only=True)` accepts: tensors, numbers, strings, containers.
-
-    numpy arrays become tensors and numpy scalars Python numbers (e.g. `np.random.get_state()`),
-    OmegaConf configs plain dicts, paths strings; anything else is a bug in the caller.
-    """
-    import numpy as np
-
-    if obj is None or isinstance(obj, (torch.Tensor, torch.dtype, torch.device)):
-        return obj
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind == "u" else obj.copy())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    for kind in (bool, int, float, str, bytes):  # exact types: subclasses (TorchVersion, ...) pickle as objects
-        if isinstance(obj, kind):
-            return kind(obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-        return items if isinstance(obj, list) else tuple(items)
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(obj, (DictConfig, ListConfig)):
-            return OmegaConf.to_container(obj, resolve=True)
-    except ImportError:  # pragma: no cover
-        pass
-    raise TypeError(f"{where}: cannot store {type(obj).__name__} in a weights-only checkpoint")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The EfficientFPN inside DDP/DataParallel and torch.compile wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-            model = model.module
-        else:
-            return model
-
-
-def save_checkpoint(path, model: nn.Module, **extra) -> None:
-    """Write a self-describing checkpoint atomically: format marker, model config, weights, metadata.
-
-    `extra` (optimizer/scheduler/scaler state, rng, step, epoch, metrics, train_config, meta, ...) is
-    stored alongside; `meta` is merged over the code version and time stamp. The file loads with
-    `torch.load(weights_only=True)`: nothing in it needs unpickling code.
-    """
-    net = unwrap(model)
-    meta = {"version": VERSION, "torch": torch.__version__,
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-    meta.update(extra.pop("meta", None) or {})
-    payload = {
-        "format": CHECKPOINT_FORMAT,
-        "format_version": CHECKPOINT_FORMAT_VERSION,
-        "model_config": dict(net.config),
-        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
-        "meta": meta,
-    }
-    for key, value in extra.items():
-        if key in payload:
-            raise TypeError(f"save_checkpoint(): '{key}' is reserved")
-        payload[key] = value
-    payload = _plain(payload)
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-
-
-def load_checkpoint(path) -> dict:
-    """Read a checkpoint as plain data (weights-only), or fail with one line naming the file.
-
-    `.safetensors` files give {"state_dict": ..., "model_config"/"meta" from their metadata}.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"{path}: is a directory, not a checkpoint file; pass the .pth file with model=<path>")
-    if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found; check the model=<path> argument")
-    if path.suffix == ".safetensors":
-        return _load_safetensors(path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        msg = str(err)
-        if "Weights only load failed" in msg and ("GLOBAL" in msg or "global" in msg):
-            raise UserError(f"{path}: checkpoint contains pickled Python objects, which are not loaded for "
-                            "safety; re-save it with plain tensors (state_dict) only") from None
-        raise UserError(f"{path}: checkpoint is corrupt or not a PyTorch file; re-download or re-train it") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, IndexError) as err:
-        kind = "truncated or corrupt" if path.stat().st_size else "empty"
-        raise UserError(f"{path}: checkpoint is {kind} ({type(err).__name__}); re-download or re-train it") from None
-    if not isinstance(data, dict):
-        raise UserError(f"{path}: checkpoint holds a {type(data).__name__}, not a dict of weights")
-    return data
-
-
-def _load_safetensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file, safe_open
-
-    try:
-        state_dict = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as err:
-        raise UserError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]})") from None
-    out = {"state_dict": state_dict}
-    for key in ("model_config", "meta"):
-        if key in metadata:
-            out[key] = json.loads(metadata[key])
-    return out
-
-
-def _state_dict_of(ckpt: dict, path) -> dict:
-    """The weights inside a checkpoint dict: ours, the original pipeline's, or a bare state_dict."""
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(ckpt.get(key), dict):
-            return ckpt[key]
-    if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return ckpt
-    raise UserError(f"{path}: no model weights found (expected a 'state_dict' entry)")
 
 
 _NON_STRUCTURAL = ("drop_connect_rate",)
@@ -671,10 +503,10 @@ def load_model(path, **overrides) -> EfficientFPN:
     if unknown:
         raise TypeError(f"load_model() got unexpected arguments: {', '.join(sorted(unknown))}")
     overrides = {k: v for k, v in overrides.items() if v is not None and k != "pretrained"}
-    ckpt = load_checkpoint(path)
-    state_dict = from_seed_names(_strip_wrappers(_state_dict_of(ckpt, path)))
-    if isinstance(ckpt.get("model_config"), dict):
-        config = dict(ckpt["model_config"])
+    ckpt = read_checkpoint(path)
+    state_dict = from_seed_names(ckpt.state_dict)
+    if ckpt.model_config is not None:
+        config = dict(ckpt.model_config)
         source = "checkpoint"
         mismatch = [k for k in MODEL_KEYS if k in overrides and k not in _NON_STRUCTURAL
                     and _differs(overrides[k], config.get(k))]
@@ -695,12 +527,39 @@ def load_model(path, **overrides) -> EfficientFPN:
     kwargs = {k: v for k, v in config.items() if k != "model_name"}
     model = build_model(config["model_name"], pretrained=False, **kwargs)
     _load_weights(model, state_dict, path)
-    model.meta = dict(ckpt.get("meta") or {})
+    model.meta = dict(ckpt.meta)
     for key in ("step", "epoch", "metrics"):
-        if key in ckpt and key not in model.meta:
-            model.meta[key] = ckpt[key]
+        if key in ckpt.extra and key not in model.meta:
+            model.meta[key] = ckpt.extra[key]
     model.meta.setdefault("source", "efficient-fpn" if source == "checkpoint" else "open-cities-3rd-place")
     return model.eval()
+
+
+def load_models(paths: Sequence[str | os.PathLike], **overrides) -> list[nn.Module]:
+    """Every `model=<path>` a user can give, as modules in eval mode: checkpoints of any format through
+    `load_model`, exported TorchScript/ONNX files through lib.exported (they answer like the network).
+
+    Only non-None architecture overrides apply; giving one for an exported graph is an error, not
+    ignored. Weights that do not fit the architecture become a one-line UserError.
+    """
+    kwargs = {k: v for k, v in overrides.items() if v is not None}
+    return [_load_any(path, kwargs) for path in paths]
+
+
+def _load_any(path, overrides: dict) -> nn.Module:
+    if exported_kind(path):
+        given = {k: v for k, v in overrides.items() if k != "pretrained"}
+        if given:
+            names = ", ".join(f"{k}={v}" for k, v in given.items())
+            raise UserError(f"{path}: {names} cannot change an exported model; drop these overrides")
+        return load_exported(path)
+    try:
+        return load_model(path, **overrides)
+    except (RuntimeError, KeyError, ValueError, TypeError, AttributeError) as err:
+        if isinstance(err, UserError):
+            raise
+        hint = ", ".join(f"{k}=" for k in ARCH_OVERRIDES)
+        raise UserError(f"{path}: checkpoint does not match the model ({one_line(err)}); check {hint}") from None
 
 
 def _differs(given, stored) -> bool:

@@ -16,6 +16,7 @@ chips and extrapolated per chip (it is far too slow to run in full on large scen
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shutil
 import sys
@@ -98,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bench_dataset_", dir=args.workdir))
-    print(f"machine: {platform.processor() or platform.machine()}, {dataset.os.cpu_count()} CPUs; "
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"pad={args.pad}, ours num_workers={args.workers}, baseline 1 process (as the original)")
     print(f"{'buildings':>9} {'chips':>7} {'ours s':>8} {'ours chip/s':>11} {'cores':>5} {'base s/chip':>11} "
           f"{'base chip/s':>11} {'base total s':>12} {'speed-up':>8}")

@@ -41,9 +41,13 @@ import rasterio
 import torch
 import torch.nn.functional as F
 
-import engine
 import model as M
+from lib.checkpoints import save_checkpoint
 from lib.cli import compose_config
+from lib.devices import cpu_has_native_bf16
+from lib.exported import onnxruntime_models
+from lib.run_folder import output_paths
+from lib.tta import tta_forward, tta_inverse
 
 TTA = ["none", "hflip", "vflip", "hvflip", "transpose"]
 
@@ -101,7 +105,7 @@ def ours(tiles_dir: Path, ckpt: Path, out: Path, size: int, width: int, batch_si
 def export_onnx(ckpt: Path, cache: Path) -> float:
     """backend=onnxruntime's one-off export of the checkpoint into the cache (timed apart from the run)."""
     start = time.perf_counter()
-    engine.onnxruntime_models([M.load_model(ckpt)], [ckpt], cache)
+    onnxruntime_models([M.load_model(ckpt)], [ckpt], cache)
     return time.perf_counter() - start
 
 
@@ -118,10 +122,10 @@ def original_way(tiles: list[Path], ckpt: Path, out: Path, width: int, threshold
             h, w = rgb.shape[:2]
             x = cv2.resize(rgb, (width, width), interpolation=cv2.INTER_LINEAR)
             t = M.normalize(torch.from_numpy(x).permute(2, 0, 1)[None])
-            t = engine.tta_forward(t, name).contiguous()
+            t = tta_forward(t, name).contiguous()
             with torch.no_grad():
                 seg = net(t)[M.SEG]
-            prob = engine.tta_inverse(torch.softmax(seg, 1)[:, 1:2], name)
+            prob = tta_inverse(torch.softmax(seg, 1)[:, 1:2], name)
             prob = F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)[0, 0]
             cv2.imwrite(str(run_dir / f"{path.stem}.png"), (prob * 255).round().byte().numpy())
     for path in tiles:  # the original combine step: average the runs' maps, threshold, write masks
@@ -151,12 +155,12 @@ def pipeline_vs_model(ckpt: Path, tiles: list[Path], out: Path, args, device) ->
     x = torch.randn(per_call, 3, args.width, args.width, device=device).contiguous(memory_format=torch.channels_last)
     time_forward(net, x, repeats=1)  # warm-up of both paths
     inference.predict_image(eng, inference.ImageInput(tiles[0].stem, tiles[0]),
-                            inference.output_paths(out, "warmup", "none"), cfg, {})
+                            output_paths(out, "warmup", "none"), cfg, {})
     t_pipe = t_fwd = 0.0
     inputs = 0
     for tile in tiles:
         start = time.perf_counter()
-        paths = inference.output_paths(out, tile.stem, "gpkg")
+        paths = output_paths(out, tile.stem, "gpkg")
         inference.predict_image(eng, inference.ImageInput(tile.stem, tile), paths, cfg, {})
         _sync(device)
         t_pipe += time.perf_counter() - start
@@ -287,10 +291,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, {args.threads} threads, device {device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if device.type == 'cuda' else ''}, native CPU bf16: "
-          f"{engine._cpu_has_native_bf16()}")
+          f"{cpu_has_native_bf16()}")
     torch.manual_seed(0)
     ckpt = work / "model.pth"
-    M.save_checkpoint(ckpt, M.build_model(args.model_name, pretrained=False))
+    save_checkpoint(ckpt, M.build_model(args.model_name, pretrained=False))
     tiles = make_tiles(work / "tiles" / "images", args.tiles, args.size)
     results = {"args": vars(args)}
 
@@ -326,7 +330,7 @@ def main() -> None:
         results.update(model_only_inputs_per_s=fwd_tp, pipeline_inputs_per_s=pipe_tp)
 
     if "precision" not in args.skip:
-        native = device.type == "cuda" or engine._cpu_has_native_bf16()
+        native = device.type == "cuda" or cpu_has_native_bf16()
         size = args.precision_size or (args.width if native else 128)
         print(f"\n[3] precision, batch {args.precision_batch} at {size}^2"
               + ("" if native else " (bf16 is emulated on this CPU: small size only)"))

@@ -3,9 +3,9 @@
     python benchmarks/bench_train.py                                   # b1, 512 px, batch 8, on the GPU if any
     python benchmarks/bench_train.py --steps 3 --size 256 --batch 2 --threads 2      # a quick CPU run
 
-For each precision it times `train.train_step` (forward, losses, backward, optimiser) twice:
+For each precision it times `lib.trainer.train_step` (forward, losses, backward, optimiser) twice:
 - model only: one batch kept on the device, so the figure is the compute ceiling;
-- pipeline: batches from train.py's real DataLoader (chips, augmentations, workers, pinned memory),
+- pipeline: batches from the segmentation task's real DataLoader (chips, augmentations, workers, pinned memory),
   measuring how long each step waits for its batch. The share of step time spent waiting is what the
   loader costs; near 0 % means it never starves the device.
 The ratio printed is each precision's model-only images/s over fp32's, measured in the same process.
@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 import train
+from lib import trainer
 from lib.cli import compose_config
 from lib.devices import resolve_device
 
@@ -48,18 +49,17 @@ def session(args, precision: str):
     return train.prepare(compose_config("train", overrides))
 
 
-def measure(s, steps: int, warmup: int, fixed: dict | None):
+def measure(s, steps: int, warmup: int, fixed: tuple | None):
     """Seconds per step and seconds per step spent waiting for data (0 for a fixed on-device batch)."""
-    channels_last = s.device.type == "cuda"
-    it = train.batches(s, "train") if fixed is None else None
+    it = s.task.train_batches(s) if fixed is None else None
     total = wait = 0.0
     for i in range(warmup + steps):
         sync(s.device)
         t0 = time.perf_counter()
-        batch = fixed if fixed is not None else train.to_device(next(it), s.device, channels_last)
+        batch = fixed if fixed is not None else next(it)
         sync(s.device)
         t1 = time.perf_counter()
-        train.train_step(s, batch)
+        trainer.train_step(s, batch)
         sync(s.device)
         t2 = time.perf_counter()
         if i >= warmup:
@@ -112,7 +112,7 @@ def main(argv=None) -> list[dict]:
     device = resolve_device(args.device)
     for p in precisions(device, ["fp32", *[q for q in args.precision.split(",") if q != "fp32"]], args.force_bf16):
         s = session(args, p)
-        batch = train.to_device(next(train.batches(s, "train")), s.device, s.device.type == "cuda")
+        batch = next(s.task.train_batches(s))
         model_step, _ = measure(s, args.steps, args.warmup, batch)
         pipe_step, pipe_wait = measure(s, args.steps, args.warmup, None)
         row = {"precision": p, "model_img_s": args.batch / model_step, "pipeline_img_s": args.batch / pipe_step,

@@ -19,7 +19,7 @@ from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
-from lib.errors import UserError
+from lib.errors import UserError, one_line
 from lib.files import atomic_path
 
 # Values for the `stretch` option.
@@ -36,13 +36,8 @@ def open_raster(path: str | os.PathLike) -> rasterio.io.DatasetReader:
     try:
         ds = rasterio.open(path)
     except RasterioIOError as err:
-        raise UserError(f"{path}: not a readable raster ({_first_line(err)})") from None
+        raise UserError(f"{path}: not a readable raster ({one_line(err)})") from None
     return ds
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
 
 
 def check_readable(ds, path=None) -> None:
@@ -52,12 +47,26 @@ def check_readable(ds, path=None) -> None:
         ds.read(1, window=Window(max(0, w - 1), max(0, h - 1), 1, 1))
         ds.read(1, window=Window(0, 0, 1, 1))
     except RasterioError as err:
-        raise UserError(f"{path or ds.name}: corrupt or truncated raster ({_first_line(err)})") from None
+        raise UserError(f"{path or ds.name}: corrupt or truncated raster ({one_line(err)})") from None
+
+
+def is_georeferenced(ds) -> bool:
+    """A CRS and a real transform: outputs keep them. Plain images (PNG, JPEG) give plain outputs."""
+    return ds.crs is not None and not ds.transform.is_identity
+
+
+def gdal_env(cache_mb: int = 32):
+    """GDAL settings for streaming: a bounded block cache so memory does not follow the scene size.
+
+    32 MB holds the source blocks of one 1024-row band of an 8192-px-wide RGBA scene, enough for
+    neighbouring windows to share reads; GDAL's default (5 % of RAM) would fill with whole scenes.
+    """
+    return rasterio.Env(GDAL_CACHEMAX=cache_mb, GDAL_TIFF_INTERNAL_MASK=True)
 
 
 def raster_gsd(ds) -> float | None:
     """Ground sample distance in metres per pixel, or None for plain (non-georeferenced) images."""
-    if ds.crs is None or ds.transform.is_identity:
+    if not is_georeferenced(ds):
         return None
     res_x = math.hypot(ds.transform.a, ds.transform.d)
     if ds.crs.is_geographic:
@@ -163,7 +172,7 @@ def read_window(ds, window: Window | None = None, stretch: np.ndarray | None = N
             elif any(m.name == "per_dataset" for m in ds.mask_flag_enums[0]):
                 ok &= ds.read_masks(1, window=inner) > 0
         except RasterioError as err:
-            raise UserError(f"{ds.name}: corrupt or truncated raster ({_first_line(err)})") from None
+            raise UserError(f"{ds.name}: corrupt or truncated raster ({one_line(err)})") from None
         rows, cols = slice(r0 - row, r1 - row), slice(c0 - col, c1 - col)
         data[:, rows, cols] = part
         valid[rows, cols] = ok
@@ -200,7 +209,7 @@ def load_footprints_report(path: str | os.PathLike, crs=None):
     try:
         gdf = gpd.read_file(path)
     except Exception as err:  # noqa: BLE001 - pyogrio raises several types for unreadable files
-        raise UserError(f"{path}: not a readable vector file ({_first_line(err)})") from None
+        raise UserError(f"{path}: not a readable vector file ({one_line(err)})") from None
     report = {"read": len(gdf), "repaired": 0, "dropped": 0}
     if len(gdf) == 0:
         gdf = gdf.set_crs(crs or "EPSG:4326", allow_override=True) if gdf.crs is None else gdf

@@ -154,8 +154,7 @@ class LossConfig:
 
     @classmethod
     def from_cfg(cls, cfg) -> LossConfig:
-        names = cls.__dataclass_fields__
-        return cls(**{k: cfg.get(k) for k in names if cfg.get(k) is not None})
+        return cls(**{k: cfg[k] for k in cls.__dataclass_fields__})
 
 
 def building_present(target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from lib.errors import UserError
+
 SEG = "seg"  # [N, 2, H/4, W/4] logits; softmax(...)[:, 1] is the building probability
 DICE = "dice"  # [N, 1, H/4, W/4] logits trained with the dice loss
 CLS = "cls"  # [N, 2] building-present logits (used for negative mining)
@@ -38,9 +40,22 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
 
 def check_input_multiple(name: str, value: int) -> int:
     """Model input sides (width=, tile sizes) must be positive multiples of STRIDE; say so in one line."""
-    from lib.errors import UserError
-
     value = int(value)
     if value <= 0 or value % STRIDE:
         raise UserError(f"{name}={value}: must be a positive multiple of {STRIDE} (e.g. 256, 512, 672, 1024)")
     return value
+
+
+class InputSizeError(UserError, ValueError):
+    """An input whose height or width is not a multiple of STRIDE (callers that tile should pad)."""
+
+
+def check_input_size(x: torch.Tensor) -> None:
+    """Reject inputs the encoder cannot reduce 32x exactly (the FPN's top-down adds would misalign)."""
+    h, w = x.shape[-2:]
+    if h % STRIDE or w % STRIDE:
+        up = [-(-int(v) // STRIDE) * STRIDE for v in (h, w)]
+        raise InputSizeError(
+            f"input of {h}x{w} pixels: height and width must be multiples of {STRIDE}; "
+            f"pad it to {up[0]}x{up[1]} or choose a tile width that is a multiple of {STRIDE}"
+        )

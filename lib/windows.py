@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 BLEND_FLOOR = 0.02  # weight floor of the Hann window: border pixels of the scene keep a weight
+OUT_COLS = 2048  # finished rows are handed out, written and vectorised in column blocks of this width
 
 
 def window_offsets(length: int, extent: int, overlap: int) -> list[int]:

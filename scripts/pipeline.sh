@@ -29,7 +29,7 @@ OUT=${OUT:-outputs/pipeline}
 GPUS=${GPUS:-1}
 DEMO_DIR=${BUILDINGS_DEMO_DIR:-data/demo}
 if [ -z "${DATA_DIR:-}" ]; then
-  "$PY" -c "import demo_scene; demo_scene.ensure_demo_scene()"
+  "$PY" -c "from lib import demo_scene; demo_scene.ensure_demo_scene()"
   DATA_DIR=$DEMO_DIR
   TEST_DIR=${TEST_DIR:-$DEMO_DIR/test/images}
   TEST_LABELS=${TEST_LABELS:-$DEMO_DIR/test/labels}

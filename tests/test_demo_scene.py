@@ -14,6 +14,7 @@ from rasterio.features import rasterize
 import dataset
 from lib import demo_scene
 from lib.demo_scene import big_scene, ensure_demo_scene, generate_scene
+from lib.scene_sources import pair_scenes, stac_scenes
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ def test_demo_is_an_open_cities_stac_catalog_with_georeferenced_rgba_scenes(demo
         burned = rasterize(labels.to_crs(32636).geometry, out_shape=(1280, 1280), transform=ds.transform) > 0
         assert (burned != scene.drawn).sum() <= 0.001 * scene.drawn.sum()
         assert (alpha == 0).any()
-    assert [s.key for s in dataset.stac_scenes(demo / "catalog.json")] == ["demo/demo_a", "demo/demo_b", "demo/demo_c"]
+    assert [s.key for s in stac_scenes(demo / "catalog.json")] == ["demo/demo_a", "demo/demo_b", "demo/demo_c"]
     rows = list(csv.DictReader((demo / "train_metadata.csv").open()))
     assert all((demo / r["img_uri"]).exists() and (demo / r["label_uri"]).exists() for r in rows) and len(rows) == 3
 
@@ -88,9 +89,10 @@ def test_demo_has_a_held_out_labelled_test_pair(demo):
         assert ds.crs.to_epsg() == 32636 and (ds.width, ds.height) == (1024, 1024)
     info = json.loads((demo / "demo.json").read_text())
     assert len(gpd.read_file(labels)) == info["test"]["demo_test"] > 30
-    assert [s.name for s in dataset.pair_scenes(demo / "test")] == ["demo_test"]
+    assert [s.name for s in pair_scenes(demo / "test")] == ["demo_test"]
 
 
+@pytest.mark.slow
 def test_ensure_demo_scene_generates_once_and_replaces_an_outdated_one(tmp_path):
     root = tmp_path / "demo"
     assert ensure_demo_scene(root) == root
@@ -113,6 +115,7 @@ def test_big_scene_holds_about_the_requested_number_of_buildings():
     assert scene.rgba.shape[1] == scene.rgba.shape[2] == demo_scene.size_for_buildings(600, demo_scene.CELL_METRES / 0.3)
 
 
+@pytest.mark.slow
 def test_demo_chips_dir_prepares_chips_once_for_training(tmp_path, monkeypatch):
     monkeypatch.setenv("BUILDINGS_DEMO_DIR", str(tmp_path / "demo"))
     chips_dir = dataset.demo_chips_dir()

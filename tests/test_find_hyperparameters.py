@@ -1,10 +1,9 @@
-"""find_hyperparameters.py: a two-trial resumable optuna study and the learning-rate range test."""
+"""find_hyperparameters.py: a two-trial resumable optuna study and the learning-rate range test (conftest's
+synthetic `chips`)."""
 
 import itertools
 import json
 
-import cv2
-import numpy as np
 import pytest
 import torch
 
@@ -17,24 +16,7 @@ TINY = ["arch=b0", "pretrained=false", "width=64", "batch_size=2", "num_workers=
         "augment=light"]
 
 
-@pytest.fixture()
-def chips(tmp_path):
-    """Synthetic chips of two scenes: bright rectangular roofs on textured ground."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "chips"
-    for scene in ("a/s1", "a/s2"):
-        (root / scene).mkdir(parents=True)
-        for i in range(5):
-            img = rng.integers(60, 110, (96, 96, 3), dtype=np.uint8)
-            mask = np.zeros((96, 96), np.uint8)
-            y, x = rng.integers(0, 50, 2)
-            img[y:y + 30, x:x + 40] = 220
-            mask[y:y + 30, x:x + 40] = 255
-            cv2.imwrite(str(root / scene / f"1_{i}.png"), img)
-            cv2.imwrite(str(root / scene / f"1_{i}_mask.png"), mask)
-    return root
-
-
+@pytest.mark.slow
 def test_two_trial_search_prints_overrides_and_resumes_from_sqlite(chips, tmp_path, capsys):
     db = tmp_path / "study.db"
     args = [*TINY, f"data_dir={chips}", "n_trials=2", "steps_per_trial=2", "reports_per_trial=2",
@@ -51,6 +33,7 @@ def test_two_trial_search_prints_overrides_and_resumes_from_sqlite(chips, tmp_pa
     assert "2 finished trial(s), running 1 more" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_lr_range_writes_a_loss_vs_lr_plot_and_suggests_max_lr(chips, tmp_path):
     out = tmp_path / "lr"
     result = fh.run(compose_config("find_hyperparameters", [*TINY, f"data_dir={chips}", "mode=lr_range",

@@ -1,7 +1,9 @@
-"""model.py: the original pipeline's exact architecture, our checkpoints, and the model's edges."""
+"""model.py: the original pipeline's exact architecture, rebuilt from checkpoints, and the model's edges.
+
+Reading and refusing files is tested in test_checkpoints.py, exported graphs in test_exported.py.
+"""
 
 import math
-import pickle
 import urllib.error
 
 import numpy as np
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 import model as M
+from lib.checkpoints import CHECKPOINT_FORMAT, save_checkpoint
 from lib.cli import compose_config
 from lib.errors import UserError
 
@@ -71,7 +74,7 @@ def test_presets_build_the_original_architectures(reference, preset, count, refe
     """Parameter counts and every parameter name/shape map one-to-one onto the original checkpoints."""
     cfg = compose_config(None, [f"+arch={preset}"])
     model = M.build_model(**M.model_kwargs_from_cfg(cfg))
-    assert M.count_parameters(model) == count
+    assert sum(p.numel() for p in model.parameters()) == count
     original = reference[reference_name][0]["state_dict"]
     ours = M.to_seed_names(model.state_dict())
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in original.items()}
@@ -90,11 +93,11 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, preset):
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     path = tmp_path / "last.pth"
-    M.save_checkpoint(path, model, optimizer=opt.state_dict(), step=7, epoch=1, metrics={"jaccard": np.float64(0.5)},
+    save_checkpoint(path, model, optimizer=opt.state_dict(), step=7, epoch=1, metrics={"jaccard": np.float64(0.5)},
                       rng={"numpy": np.random.get_state(), "torch": torch.get_rng_state()},
                       train_config={"width": 512}, meta={"ref_scale": 0.3})
     raw = torch.load(path, weights_only=True)  # nothing in it needs unpickling code
-    assert raw["format"] == M.CHECKPOINT_FORMAT and raw["model_config"] == model.config
+    assert raw["format"] == CHECKPOINT_FORMAT and raw["model_config"] == model.config
     assert raw["step"] == 7 and raw["metrics"] == {"jaccard": 0.5} and raw["meta"]["version"]
     assert raw["rng"]["numpy"][1].shape == (624,)
     assert not list(tmp_path.glob(".*"))  # no temporary file left beside it
@@ -107,44 +110,18 @@ def test_save_load_round_trip_gives_identical_outputs(tmp_path, preset):
     assert all(torch.equal(before[k], after[k]) for k in M.OUTPUT_KEYS)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
-def test_damaged_checkpoint_refused_with_one_line(tmp_path, damage):
-    good = tmp_path / "good.pth"
-    M.save_checkpoint(good, M.build_model("efficientnet-b0"))
-    raw = good.read_bytes()
-    bad = tmp_path / f"{damage}.pth"
-    bad.write_bytes({"truncated": raw[: len(raw) // 2], "garbage": b"not a checkpoint" * 64, "empty": b""}[damage])
-    with pytest.raises(UserError) as err:
-        M.load_model(bad)
-    msg = str(err.value)
-    assert str(bad) in msg and "\n" not in msg
-    assert ("empty" if damage == "empty" else "corrupt") in msg
-
-
-class Payload:
-    """Stands in for any pickled object that `weights_only` loading must not execute."""
-
-
-def test_checkpoint_with_pickled_object_refused(tmp_path):
-    path = tmp_path / "pickled.pth"
-    torch.save({"state_dict": M.build_model("efficientnet-b0").state_dict(), "extra": Payload()}, path)
-    with pytest.raises(UserError, match="pickled Python objects") as err:
-        M.load_checkpoint(path)
-    assert str(path) in str(err.value)
-    with pytest.raises(pickle.UnpicklingError):  # the refusal comes from torch's weights-only loader
-        torch.load(path, weights_only=True)
-
-
-def test_missing_checkpoint_and_directory_refused(tmp_path):
+def test_load_model_refuses_a_bad_file_in_one_line(tmp_path):
+    """The refusals themselves are lib.checkpoints' (test_checkpoints.py); load_model passes them on."""
     with pytest.raises(UserError, match="not found"):
         M.load_model(tmp_path / "nope.pth")
-    with pytest.raises(UserError, match="directory"):
-        M.load_model(tmp_path)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(UserError, match="empty"):
+        M.load_model(tmp_path / "empty.pth")
 
 
 def test_overrides_contradicting_a_checkpoint_refused(tmp_path, reference):
     path = tmp_path / "ours.pth"
-    M.save_checkpoint(path, M.build_model("efficientnet-b0", use_mish=True))
+    save_checkpoint(path, M.build_model("efficientnet-b0", use_mish=True))
     with pytest.raises(UserError, match="use_mish=False does not match") as err:
         M.load_model(path, use_mish=False)
     assert str(path) in str(err.value)
@@ -159,11 +136,23 @@ def test_overrides_contradicting_a_checkpoint_refused(tmp_path, reference):
 def test_weights_that_do_not_fit_the_stored_config_refused(tmp_path):
     b0 = M.build_model("efficientnet-b0")
     path = tmp_path / "mixed.pth"
-    torch.save({"format": M.CHECKPOINT_FORMAT, "model_config": dict(b0.config, use_ASPP=False),
+    torch.save({"format": CHECKPOINT_FORMAT, "model_config": dict(b0.config, use_ASPP=False),
                 "state_dict": b0.state_dict()}, path)
     with pytest.raises(UserError, match="do not fit") as err:
         M.load_model(path)
     assert str(path) in str(err.value) and "unexpected" in str(err.value)
+
+
+def test_load_models_passes_only_given_overrides_and_names_the_file_on_a_foreign_config(tmp_path, reference):
+    _, seed_b1 = reference["seed_b1.pt"]
+    (net,) = M.load_models([seed_b1], model_name=None, use_mish=None, use_context_block=None, use_attention=None)
+    assert net.config["model_name"] == "efficientnet-b1" and not net.training
+    b0 = M.build_model("efficientnet-b0")
+    path = tmp_path / "foreign.pth"
+    torch.save({"model_config": dict(b0.config, decoder="unet"), "state_dict": b0.state_dict()}, path)
+    with pytest.raises(UserError, match="checkpoint does not match the model") as err:
+        M.load_models([path])
+    assert str(path) in str(err.value) and "model_name=" in str(err.value)
 
 
 def test_seed_mish_override_honoured_only_without_context_block(reference):
@@ -221,7 +210,7 @@ def test_four_channel_input_adapts_stem(tmp_path):
     with torch.no_grad():
         out = model(torch.randn(1, 4, 64, 64))
     assert out[M.SEG].shape == (1, 2, 16, 16)
-    M.save_checkpoint(tmp_path / "m.pth", model)
+    save_checkpoint(tmp_path / "m.pth", model)
     assert M.load_model(tmp_path / "m.pth").config["in_channels"] == 4
 
     rgb = torch.randn(8, 3, 3, 3)
@@ -269,6 +258,7 @@ def test_drop_connect_follows_original_schedule():
     assert rates[-1] == pytest.approx(0.5 * 22 / n)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::torch.jit.TracerWarning")
 def test_trace_channels_last_and_compile_match_eager():
     model = _randomise_buffers(M.build_model("efficientnet-b0", use_context_block=True, use_mish=True))

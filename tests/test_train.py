@@ -1,16 +1,12 @@
-"""train.py: the original command lines, learning on real chips, exact resume after SIGKILL, DDP, bad inputs.
+"""train.py: config resolution and run folders, the original command lines, learning on real chips, bad inputs.
 
 Runs are tiny (b0, pretrained=false, 64-128 px crops, a few steps, one thread) so the file stays within a few
 minutes on two cores. Real chips come from ../shared/data/kampala through dataset.py; synthetic chips
-(rectangles on texture, two scenes) are made in the test where only the mechanics matter.
+(conftest's `chips`) where only the mechanics matter. Exact resume and DDP parity: test_trainer.py.
 """
 
-import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -19,33 +15,16 @@ import pytest
 import torch
 
 import train
+from lib import trainer
+from lib.checkpoints import load_checkpoint
 from lib.cli import REPO_DIR, compose_config
+from lib.distributed import Dist
 from lib.errors import UserError
-from model import load_checkpoint, load_model
+from model import load_model
 
 torch.set_num_threads(1)
 TINY = ["arch=b0", "pretrained=false", "width=64", "batch_size=2", "num_workers=0", "threads=1", "progress=false",
         "augment=light"]
-
-
-def make_chips(root: Path, scenes=("a/s1", "a/s2"), per_scene=6, size=128, seed=0) -> Path:
-    """Chips like dataset.py writes them: textured ground with bright rectangular roofs, 0/255 masks."""
-    rng = np.random.default_rng(seed)
-    for scene in scenes:
-        folder = root / scene
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_scene):
-            img = rng.integers(60, 110, (size, size, 3), dtype=np.uint8)
-            mask = np.zeros((size, size), np.uint8)
-            for _ in range(rng.integers(1, 4)):
-                y, x = rng.integers(0, size - 40, 2)
-                h, w = rng.integers(16, 40, 2)
-                img[y:y + h, x:x + w] = rng.integers(170, 250, 3)
-                mask[y:y + h, x:x + w] = 255
-            cv2.imwrite(str(folder / f"1_{i}.png"), img)
-            cv2.imwrite(str(folder / f"1_{i}_mask.png"), mask)
-    (root / "resolutions.json").write_text(json.dumps({s: 0.1 for s in scenes}))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -57,24 +36,6 @@ def kampala_chips(shared, tmp_path_factory):
     dataset.run(compose_config("dataset", [f"base_dir={shared / 'data' / 'kampala'}", f"out_dir={out}",
                                            "progress=false", "num_workers=1"]))
     assert len(dataset.list_chips(out)) >= 100
-    return out
-
-
-@pytest.fixture()
-def chips(tmp_path):
-    return make_chips(tmp_path / "chips")
-
-
-def tb_losses(run_dir: Path) -> dict[int, float]:
-    """Per-step training loss from a run's TensorBoard events (last write wins, as TensorBoard shows it)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out = {}
-    for events in sorted(Path(run_dir).glob("events.out.tfevents.*"), key=os.path.getmtime):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        if "train/loss" in acc.Tags()["scalars"]:
-            out.update({e.step: e.value for e in acc.Scalars("train/loss")})
     return out
 
 
@@ -101,61 +62,22 @@ def test_every_original_config_key_is_present():
         assert key in cfg, key
 
 
-# --------------------------------------------------------------------------------------------------
-# Data order and augmentation
-# --------------------------------------------------------------------------------------------------
+def test_run_folders_are_named_by_the_arch_preset_unless_arch_keys_were_overridden():
+    assert train.run_name(compose_config("train")) == "b1"
+    assert train.run_name(compose_config("train", ["arch=b2_context_mish"])) == "b2_context_mish"
+    seed_b2 = compose_config("train", ["model_name=efficientnet-b2", "use_mish=True", "use_context_block=True"])
+    assert train.run_name(seed_b2) == "b2_context_mish"  # the slug of the keys, not the untouched preset "b1"
+    assert train.run_name(compose_config("train", ["arch=b0", "use_mish=true"])) == "b0_mish"
+    cfg = train.resolve_config(compose_config("train", ["arch=b2", "data_dir=x", "pretrained=false"]), Dist())
+    assert Path(cfg.output_dir).parent == Path("outputs/train") and cfg.output_dir.endswith("_b2")
+    assert cfg.max_lr == train.DEFAULT_LR_SCRATCH
 
 
-def test_epoch_order_is_a_function_of_seed_and_epoch_and_resumes_in_place():
-    d = train.Dist()
-    sampler = train.EpochBatches(10, 3, seed=5, d=d)
-    it = iter(sampler)
-    batches = [next(it) for _ in range(7)]  # 3 batches per epoch: epochs 0, 1 and the first of 2
-    assert [b[0][0] for b in batches] == [0, 0, 0, 1, 1, 1, 2]
-    assert sorted(i for b in batches[:3] for _, i in b) == sorted(sampler.indices(0)[:9])
-    assert sampler.indices(0) != sampler.indices(1)
-    resumed = iter(train.EpochBatches(10, 3, seed=5, d=d, start=4))
-    assert [next(resumed) for _ in range(3)] == batches[4:7]
-
-
-def test_two_processes_see_the_same_global_batches_as_one():
-    one = iter(train.EpochBatches(12, 4, seed=1, d=train.Dist()))
-    ranks = [iter(train.EpochBatches(12, 2, seed=1, d=train.Dist(r, 2))) for r in (0, 1)]
-    for _ in range(6):
-        single = sorted(next(one))
-        split = sorted(next(ranks[0]) + next(ranks[1]))
-        assert single == split
-
-
-def test_balanced_sampling_draws_empty_sparse_and_dense_chips_equally():
-    fractions = np.array([0.0] * 2 + [0.01, 0.02, 0.03, 0.04] + [0.5] * 14)
-    weights = train.balanced_weights(fractions)
-    bins = np.where(fractions == 0, 0, np.where(fractions < np.median(fractions[fractions > 0]), 1, 2))
-    assert [weights[bins == b].sum() for b in range(3)] == pytest.approx([1 / 3] * 3)
-    sampler = train.EpochBatches(len(fractions), 10, seed=0, d=train.Dist(), weights=weights)
-    drawn = [i for e in range(150) for i in sampler.indices(e)]
-    share = np.bincount(bins[drawn], minlength=3) / len(drawn)
-    assert share == pytest.approx([1 / 3] * 3, abs=0.03)
-
-
-def test_reseeded_augmentations_are_reproducible_and_independent():
-    import dataset
-
-    tf = dataset.train_transform(64, level="light")
-    img = np.arange(96 * 96 * 3, dtype=np.uint8).reshape(96, 96, 3)
-    mask = np.zeros((96, 96), np.uint8)
-
-    def apply(words):
-        train.seed_transform(tf, words)
-        return tf(image=img, mask=mask, valid=mask)["image"]
-
-    assert np.array_equal(apply([0, 0, 3, 7]), apply([0, 0, 3, 7]))
-    outcomes = set()
-    for k in range(40):  # horizontal and vertical flips must not always fire together
-        train.seed_transform(tf, [k])
-        flips = [t for t in tf.transforms if type(t).__name__ in ("HorizontalFlip", "VerticalFlip")]
-        outcomes.add(tuple(t.py_random.random() < 0.5 for t in flips))
-    assert len(outcomes) == 4
+def test_default_config_is_the_composed_train_config():
+    defaults = train.default_config()
+    assert defaults["model_name"] == "efficientnet-b1" and defaults["arch_name"] == "b1"
+    assert "defaults" not in defaults and "hydra" not in defaults
+    assert defaults["precision"] == "auto"  # from a shared group, not train.yaml itself
 
 
 # --------------------------------------------------------------------------------------------------
@@ -181,6 +103,7 @@ SEED_COMMANDS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SEED_COMMANDS)
 def test_original_command_lines_train_and_last_checkpoint_rebuilds_alone(name, kampala_chips, tmp_path):
     soft = soft_labels(kampala_chips, tmp_path / "soft") if name == "b2_soft" else ""
@@ -204,14 +127,15 @@ def test_original_command_lines_train_and_last_checkpoint_rebuilds_alone(name, k
     assert out["seg"].shape == (1, 2, 16, 16)
 
 
+@pytest.mark.slow
 def test_short_cpu_training_on_kampala_lowers_val_loss_and_raises_jaccard(kampala_chips, tmp_path):
     """The default from-scratch recipe (auto max_lr, one-cycle, BatchNorm momentum 0.1) on 60 small steps."""
     cfg = compose_config("train", [f"data_dir={kampala_chips}", "arch=b0", "pretrained=false", "ref_scale=0.3",
                                    "width=128", "batch_size=4", "max_steps=60", "augment=light", "num_workers=0",
                                    "threads=1", "progress=false", "val_batch_size=16", f"output_dir={tmp_path / 'run'}"])
     s = train.prepare(cfg)
-    before = train.validate(s)
-    result = train.fit(s)
+    before = trainer.validate(s)
+    result = trainer.fit(s)
     after = result["last"]
     assert after["val_loss"] < before["val_loss"] - 0.05
     assert after["val_jaccard"] > before["val_jaccard"] + 0.05
@@ -219,73 +143,12 @@ def test_short_cpu_training_on_kampala_lowers_val_loss_and_raises_jaccard(kampal
 
 
 # --------------------------------------------------------------------------------------------------
-# Exactness: determinism, resume after SIGKILL, DDP
-# --------------------------------------------------------------------------------------------------
-
-
-def test_same_seed_gives_identical_steps(chips, tmp_path):
-    losses = []
-    for k in range(2):
-        s = train.prepare(compose_config("train", [*TINY, f"data_dir={chips}", "max_steps=2", "augment=seed",
-                                                   f"output_dir={tmp_path / str(k)}"]))
-        it = train.batches(s, "train")
-        losses.append([train.train_step(s, next(it))["loss"] for _ in range(2)])
-    assert losses[0] == losses[1]
-
-
-def test_run_killed_with_sigkill_resumes_exactly(chips, tmp_path):
-    common = [*TINY, f"data_dir={chips}", "max_steps=10", "val_every=5", "save_every=3", "log_every=1",
-              "augment=seed", "use_over9000_optimizer=true"]
-    train.run(compose_config("train", [*common, f"output_dir={tmp_path / 'straight'}"]))
-    straight = tb_losses(tmp_path / "straight")
-    assert sorted(straight) == list(range(1, 11))
-
-    killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "train.py", *common, f"output_dir={killed}"], cwd=REPO_DIR,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not (killed / "last.pth").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
-    step = load_checkpoint(killed / "last.pth")["step"]
-    assert step in (3, 5, 6, 9)
-
-    result = train.run(compose_config("train", ["threads=1", "progress=false", f"resume={killed / 'last.pth'}"]))
-    assert result["step"] == 10
-    resumed = tb_losses(killed)
-    for k in range(step + 1, 11):
-        assert resumed[k] == straight[k], f"step {k}"  # bit-identical continuation
-    rows = (killed / "metrics.csv").read_text().splitlines()
-    assert [r.split(",")[0] for r in rows[1:]] == ["5", "10"]
-
-
-def test_two_process_gloo_training_matches_one_process_with_the_same_global_batch(chips, tmp_path):
-    common = [*TINY, f"data_dir={chips}", "max_steps=3", "val_every=3", "log_every=1", "freeze_bn=true",
-              "dropout=false"]
-    train.run(compose_config("train", [*common, "batch_size=4", f"output_dir={tmp_path / 'one'}"]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train.py", *common, "batch_size=2", f"output_dir={tmp_path / 'two'}"],
-                          cwd=REPO_DIR, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, two = tb_losses(tmp_path / "one"), tb_losses(tmp_path / "two")
-    assert sorted(two) == [1, 2, 3]
-    for k in (1, 2, 3):
-        assert two[k] == pytest.approx(one[k], rel=1e-5), f"step {k}"  # float32 rounding only
-    assert len(list((tmp_path / "two").glob("events.out.tfevents.*"))) == 1  # only rank 0 writes
-    v1 = (tmp_path / "one" / "metrics.csv").read_text().splitlines()[1].split(",")
-    v2 = (tmp_path / "two" / "metrics.csv").read_text().splitlines()[1].split(",")
-    assert float(v2[5]) == pytest.approx(float(v1[5]), abs=1e-4)  # validation Jaccard over the shards
-
-
-# --------------------------------------------------------------------------------------------------
 # Options: every recipe switch runs; weights initialisation
 # --------------------------------------------------------------------------------------------------
 
 
-def test_noisy_label_options_and_hard_soft_labels_train(chips, tmp_path):
+@pytest.mark.slow
+def test_noisy_label_options_and_hard_soft_labels_train(chips, make_chips, tmp_path):
     soft = make_chips(tmp_path / "soft", scenes=("u",), per_scene=4, seed=3)
     result = train.run(compose_config("train", [
         *TINY, f"data_dir={chips}", "max_steps=2", "label_smoothing=0.05", "entropy_weight=0.1",
@@ -296,6 +159,7 @@ def test_noisy_label_options_and_hard_soft_labels_train(chips, tmp_path):
     assert ckpt["train_config"]["soft_to_hard"] is True
 
 
+@pytest.mark.slow
 def test_model_init_and_load_state_take_weights_and_moments(chips, tmp_path):
     first = tmp_path / "first"
     train.run(compose_config("train", [*TINY, f"data_dir={chips}", "max_steps=2", f"output_dir={first}"]))
@@ -333,21 +197,7 @@ def test_bad_inputs_are_one_line_user_errors(override, match, chips, tmp_path):
                                                f"output_dir={tmp_path / 'run'}"]))
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(chips, tmp_path):
-    out = tmp_path / "run"
-    s = train.prepare(compose_config("train", [*TINY, f"data_dir={chips}", "max_steps=4", "save_every=1",
-                                               f"output_dir={out}"]))
-    it = train.batches(s, "train")
-    train.train_step(s, next(it))
-    train.checkpoint(s, ["last.pth"])
-    with torch.no_grad():
-        next(s.net.parameters()).fill_(float("nan"))
-    with pytest.raises(UserError, match="last good checkpoint"):
-        train.train_step(s, next(it))
-    good = load_model(out / "last.pth")
-    assert all(torch.isfinite(p).all() for p in good.parameters())
-
-
+@pytest.mark.slow
 def test_cli_prints_one_line_error_and_exits_2(tmp_path):
     proc = subprocess.run([sys.executable, "train.py", f"data_dir={tmp_path / 'nope'}", "pretrained=false"],
                           cwd=REPO_DIR, capture_output=True, text=True, timeout=120, check=False)
@@ -355,6 +205,7 @@ def test_cli_prints_one_line_error_and_exits_2(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: ") and "nope" in proc.stderr
 
 
+@pytest.mark.slow
 def test_model_init_from_an_original_pipeline_checkpoint(shared, chips, tmp_path):
     """The seed's checkpoint layout ({"state_dict": ...} with its parameter names) initialises training."""
     ref = torch.load(shared / "reference" / "seed_b1.pt", weights_only=True)

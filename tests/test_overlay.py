@@ -1,0 +1,52 @@
+"""overlay.py: a PNG preview of an image with predicted (magenta) and true (green) outlines."""
+
+import cv2
+import geopandas as gpd
+import numpy as np
+import rasterio
+from shapely.geometry import box
+
+from lib.cli import compose_config
+
+
+def _box_file(path, ds, rows, cols):
+    """A footprint covering image rows/cols (pixel ranges), saved in EPSG:4326 like inference's GeoJSON."""
+    (x0, y0), (x1, y1) = ds.transform * (cols[0], rows[1]), ds.transform * (cols[1], rows[0])
+    gpd.GeoDataFrame(geometry=[box(x0, y0, x1, y1)], crs=ds.crs).to_crs(4326).to_file(path)
+    return path
+
+
+def test_overlay_is_a_small_png_with_outlines_where_the_footprints_are(drone, tmp_path):
+    import overlay
+
+    with rasterio.open(drone) as ds:
+        pred = _box_file(tmp_path / "pred.geojson", ds, (400, 700), (200, 500))
+        gt = _box_file(tmp_path / "gt.geojson", ds, (100, 300), (300, 450))
+    factor = 400 / 923
+
+    def draw(name, *extra):
+        cfg = [f"image={drone}", "max_size=400", f"output={tmp_path / name}", *extra]
+        return cv2.cvtColor(cv2.imread(str(overlay.run(compose_config("overlay", cfg)))), cv2.COLOR_BGR2RGB)
+
+    plain = draw("plain.png")
+    assert plain.shape == (400, round(576 * factor), 3)
+    for extra, colour, (r0, r1), (c0, c1) in (([f"pred={pred}"], overlay.PRED_COLOUR, (400, 700), (200, 500)),
+                                              ([f"gt={gt}"], overlay.GT_COLOUR, (100, 300), (300, 450))):
+        canvas = draw("o.png", *extra)
+        changed = np.abs(canvas.astype(int) - plain).max(-1) > 40
+        changed[:60, :160] = False  # leave out the legend
+        rows, cols = np.nonzero(changed)
+        assert np.allclose([rows.min(), rows.max(), cols.min(), cols.max()],
+                           np.array([r0, r1, c0, c1]) * factor, atol=2)
+        top_edge = canvas[round(r0 * factor), round((c0 + c1) / 2 * factor)]
+        assert np.abs(top_edge.astype(int) - colour).max() < 60  # outline in its colour
+
+
+def test_overlay_without_image_or_output_is_a_one_line_error(tmp_path):
+    import pytest
+
+    import overlay
+    from lib.errors import UserError
+
+    with pytest.raises(UserError, match="image=<raster> and output=<file.png>"):
+        overlay.run(compose_config("overlay", [f"output={tmp_path / 'o.png'}"]))

@@ -1,0 +1,71 @@
+"""lib/raster_outputs.py: quantisation, aligned profiles and the atomic probability/mask writer."""
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from standins import read
+
+from lib.raster_outputs import SceneWriter, quantize, raster_profile
+from lib.segmentation import BUILDING
+from lib.tiling import Block
+
+
+def test_quantize_rounds_to_0_255_and_nodata_is_never_building_even_at_threshold_0():
+    prob = torch.tensor([[0.0, 0.5, 1.0], [0.2, 1.7, -0.3]])
+    valid = np.array([[True, True, True], [False, True, True]])
+    prob_u8, mask = quantize(prob, valid, threshold=0.0)
+    assert prob_u8.tolist() == [[0, 128, 255], [51, 255, 0]]
+    assert mask.tolist() == [[True, True, True], [False, True, False]]
+
+
+def test_raster_profile_keeps_the_grid_of_georeferenced_images_and_drops_it_for_plain_ones(drone):
+    with rasterio.open(drone) as ds:
+        geo = raster_profile(ds, True)
+        plain = raster_profile(ds, False)
+        assert (geo["crs"], geo["transform"], geo["width"], geo["height"]) == (ds.crs, ds.transform, 576, 923)
+    assert "crs" not in plain and "transform" not in plain and geo["dtype"] == "uint8" and geo["count"] == 1
+
+
+def _profile(h=40, w=60):
+    return {"driver": "GTiff", "width": w, "height": h, "count": 1, "dtype": "uint8", "crs": None, "nodata": None}
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_writer_as_a_sink_writes_blocks_thresholded_and_renames_only_on_commit(tmp_path):
+    prob_path, mask_path = tmp_path / "p" / "a.tif", tmp_path / "m" / "a.tif"
+    with SceneWriter(prob_path, mask_path, _profile(), {"RUN": "x"}, cog=False, threshold=0.6) as w:
+        for row in (0, 25):
+            h = 25 if row == 0 else 15
+            prob = torch.linspace(0, 1, 60).repeat(h, 1)
+            w.add(Block(row, {BUILDING: prob}, np.ones((h, 60), bool)))
+        assert not prob_path.exists() and not mask_path.exists()  # nothing final before commit
+        w.commit()
+    p, _ = read(prob_path)
+    m, _ = read(mask_path)
+    expected = torch.linspace(0, 1, 60).numpy()
+    assert np.array_equal(p[0], np.round(expected * 255).astype(np.uint8))
+    assert np.array_equal(m[39] == 255, expected >= np.float32(0.6))
+    with rasterio.open(prob_path) as ds:
+        assert ds.tags()["RUN"] == "x"
+
+
+def test_a_writer_that_fails_or_misses_pixels_leaves_no_file(tmp_path):
+    with (pytest.raises(RuntimeError, match="wrote 600 of 2400 pixels"),
+          SceneWriter(tmp_path / "p.tif", tmp_path / "m.tif", _profile(), cog=False) as w):
+        w.write(0, np.zeros((10, 60), np.uint8), np.zeros((10, 60), bool))
+        w.commit()
+    with pytest.raises(KeyError), SceneWriter(tmp_path / "p.tif", tmp_path / "m.tif", _profile(), cog=False):
+        raise KeyError("interrupted")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_georeferenced_outputs_become_cloud_optimized_geotiffs(tmp_path, drone):
+    with rasterio.open(drone) as ds:
+        profile = raster_profile(ds, True)
+    with SceneWriter(tmp_path / "p.tif", tmp_path / "m.tif", profile, cog=True) as w:
+        w.write(0, np.full((923, 576), 200, np.uint8), np.ones((923, 576), bool))
+        w.commit()
+    with rasterio.open(tmp_path / "p.tif") as ds:
+        assert ds.overviews(1) and ds.profile["tiled"] and ds.read(1).min() == 200
+        assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"

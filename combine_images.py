@@ -6,9 +6,15 @@
 Every folder under `base_dir` holding `probabilities/` is a run (or list them with `inputs=[...]`).
 Same-named maps are averaged band by band (memory does not grow with the scene), thresholded, and
 written through inference's writer (lib.raster_outputs) into a run folder of its own (lib.run_folder):
-georeferenced `probabilities/`, `masks/` and `footprints/`. With `add_mask_suffix=True` the output is instead a training folder for self-training:
-`<stem><ext>` (a copy of, or a link to, the source image found through the runs' run.json) beside
-`<stem>_mask.png`, the averaged probability as a 0-255 soft label.
+georeferenced `probabilities/`, `masks/` and `footprints/`.
+
+With `add_mask_suffix=True` the output is instead a training folder for self-training (train.py
+`soft_labels_dir=`): the averaged probability as a 0-255 soft label `<name>_mask.png` beside its image.
+An image no larger than `soft_chip_size` is kept whole (`<stem><ext>`, a copy of or a link to the source
+image found through the runs' run.json), as the original pipeline did with the 1024 px Open Cities test
+tiles; a bigger scene is cut into `soft_chip_size` chips `<stem>_<row>_<col>.tif` (georeferenced RGB,
+`_ignore.png` where the scene has no imagery, chips without any imagery left out), so one orthomosaic
+gives enough soft-labelled chips for a batch. `soft_labels.json` records what each image gave.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import torch
 from rasterio.windows import Window
 
 from lib import footprints, geo_io, run_folder
+from lib.chip_writer import IGNORE_SUFFIX, MASK_SUFFIX
 from lib.cli import VERSION, cli, progress_bar
 from lib.errors import UserError
 from lib.files import atomic_path, copy_file
@@ -30,6 +37,7 @@ from lib.raster_outputs import SceneWriter, quantize, raster_profile
 from lib.windows import OUT_COLS
 
 BAND_ROWS = 512  # rows averaged at a time (in blocks of OUT_COLS columns)
+SOFT_RECORD = "soft_labels.json"  # in a soft-label folder: what each image gave (chips, chip size)
 
 
 def find_runs(base_dir: Path | None, inputs, out_dir: Path) -> list[Path]:
@@ -131,17 +139,32 @@ def write_ensemble(stem: str, paths: list[Path], out_dir: Path, cfg, tags: dict)
         for row, col, prob in average_bands(paths):
             prob_u8, mask = quantize(prob, np.ones(prob.shape, bool), cfg.threshold)
             writer.write(row, prob_u8, mask, col)
-        gdf = footprints.footprints_frame(poly.finish(), transform if georef else None, crs if georef else None,
-                                          min_area=cfg.min_area, simplify=cfg.simplify)
-        footprints.write_footprints(gdf, out["geojson"], cfg.vector_format)
+        gdf = footprints.save_footprints(poly.finish(), transform if georef else None, crs if georef else None,
+                                         out["geojson"], cfg)
         writer.commit()
     return len(gdf)
 
 
-def write_soft_label(stem: str, paths: list[Path], image: Path | None, out_dir: Path, link: bool) -> None:
-    """`<stem>_mask.png` (0-255 averaged probability) beside a copy of / link to the source image."""
-    import cv2
+def soft_label(paths: list[Path]) -> np.ndarray:
+    """The runs' averaged probability of one image as a 0-255 uint8 array."""
+    label = np.zeros(_shape(paths[0]), np.uint8)
+    for row, col, prob in average_bands(paths):
+        h, w = prob.shape
+        label[row:row + h, col:col + w] = (prob * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+    return label
 
+
+def chip_offsets(length: int, size: int) -> list[int]:
+    """Chip starts along one axis: every `size` pixels, the last chip moved back to end at the edge, so
+    every chip is `size` long (or the whole axis when it is shorter)."""
+    if length <= size:
+        return [0]
+    starts = list(range(0, length - size + 1, size))
+    return starts if starts[-1] + size == length else [*starts, length - size]
+
+
+def write_soft_label(stem: str, paths: list[Path], image: Path | None, out_dir: Path, cfg) -> list[str]:
+    """One image's soft labels: whole, or cut into `soft_chip_size` chips; returns the chip names."""
     if image is None or not image.is_file():
         raise UserError(f"{stem}: source image {image or '(not recorded)'} not found; the runs' run.json records "
                         "where inference read it -- restore the file or re-run inference")
@@ -150,10 +173,26 @@ def write_soft_label(stem: str, paths: list[Path], image: Path | None, out_dir: 
         with rasterio.open(paths[0]) as ref, rasterio.open(image) as src:
             if (ref.height, ref.width) != (src.height, src.width):
                 raise UserError(f"{image}: size differs from its probability map {paths[0]}")
-    label = np.zeros(_shape(paths[0]), np.uint8)
-    for row, col, prob in average_bands(paths):
-        h, w = prob.shape
-        label[row:row + h, col:col + w] = (prob * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
+    label = soft_label(paths)
+    size = int(cfg.soft_chip_size)
+    if max(label.shape) <= size:
+        _write_whole(stem, image, label, out_dir, cfg.link_images)
+        return [stem]
+    names = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with geo_io.gdal_env(), geo_io.open_raster(image) as src:
+            for row in chip_offsets(label.shape[0], size):
+                for col in chip_offsets(label.shape[1], size):
+                    name = f"{stem}_{row}_{col}"
+                    if _write_chip(src, Window(col, row, min(size, src.width - col), min(size, src.height - row)),
+                                   label, out_dir / name):
+                        names.append(name)
+    return names
+
+
+def _write_whole(stem: str, image: Path, label: np.ndarray, out_dir: Path, link: bool) -> None:
+    """`<stem>_mask.png` beside a copy of / link to the source image."""
     target = out_dir / f"{stem}{image.suffix.lower()}"
     if not target.exists():
         if link:
@@ -161,9 +200,50 @@ def write_soft_label(stem: str, paths: list[Path], image: Path | None, out_dir: 
             os.symlink(image.resolve(), target)
         else:
             copy_file(image, target)
-    with atomic_path(out_dir / f"{stem}_mask.png") as tmp:
-        if not cv2.imwrite(str(tmp), label):
-            raise UserError(f"{out_dir}: could not write {stem}_mask.png")
+    _write_png(out_dir / f"{stem}{MASK_SUFFIX}", label)
+
+
+def _write_chip(src, window: Window, label: np.ndarray, stem: Path) -> bool:
+    """One soft-label chip (GeoTIFF RGB, soft label, ignore mask); False (nothing written) without imagery.
+
+    The image is written last, so its presence marks a complete chip.
+    """
+    rgb, valid = geo_io.read_window(src, window)
+    if not valid.any():
+        return False
+    r, c, h, w = int(window.row_off), int(window.col_off), int(window.height), int(window.width)
+    chip = label[r:r + h, c:c + w].copy()
+    chip[~valid] = 0
+    _write_png(stem.with_name(stem.name + MASK_SUFFIX), chip)
+    ignore = stem.with_name(stem.name + IGNORE_SUFFIX)
+    if not valid.all():
+        _write_png(ignore, (~valid).astype(np.uint8) * 255)
+    elif ignore.exists():
+        ignore.unlink()
+    georef = geo_io.is_georeferenced(src)
+    profile = {"driver": "GTiff", "compress": "deflate", "photometric": "RGB",
+               **({"crs": src.crs, "transform": src.window_transform(window)} if georef else {})}
+    geo_io.write_raster(stem.with_name(stem.name + ".tif"), np.moveaxis(rgb, -1, 0), profile)
+    return True
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    import cv2
+
+    with atomic_path(path) as tmp:
+        if not cv2.imwrite(str(tmp), array):
+            raise UserError(f"{path}: could not write it (disk full or folder not writable?)")
+
+
+def soft_done(record: dict, stem: str, out_dir: Path, size: int) -> bool:
+    """Whether an earlier run already wrote this image's soft labels at this chip size."""
+    rec = record.get("images", {}).get(stem)
+    if not rec:
+        return False
+    if rec.get("soft_chip_size") != size:
+        raise UserError(f"{out_dir}: holds soft labels cut at soft_chip_size={rec.get('soft_chip_size')}, "
+                        f"not {size}; write them into a new out_dir")
+    return all((out_dir / f"{name}{MASK_SUFFIX}").exists() for name in rec.get("chips", []))
 
 
 def _shape(path: Path) -> tuple[int, int]:
@@ -183,6 +263,7 @@ def run(cfg) -> dict:
     else:
         out_dir = (base_dir if base_dir is not None else Path(inputs[0]).resolve().parent) / "ensemble"
     runs = find_runs(base_dir, inputs, out_dir)
+    footprints.check_inputs(cfg)  # a bad existing= file fails before any map is combined
     maps = matched_maps(runs)
     images = source_images(runs)
     info = {"toolkit_version": VERSION, "combined_from": [str(r.resolve()) for r in runs],
@@ -192,13 +273,20 @@ def run(cfg) -> dict:
             "BUILDINGS_THRESHOLD": float(cfg.threshold)}
 
     done = {}
+    soft_record = run_folder.read_record(out_dir / SOFT_RECORD) if cfg.add_mask_suffix else {}
+    size = int(cfg.soft_chip_size)
+    if size < 32:
+        raise UserError(f"soft_chip_size={size}: must be at least 32 pixels")
     for stem, paths in progress_bar(maps.items(), disable=not cfg.progress or len(maps) < 2, unit="image"):
         check_aligned(paths)
         if cfg.add_mask_suffix:
-            target = out_dir / f"{stem}_mask.png"
-            if cfg.overwrite or not target.exists():
-                write_soft_label(stem, paths, images.get(stem), out_dir, cfg.link_images)
-            done[stem] = {"path": str(images.get(stem, "")), "soft_label": str(target)}
+            if cfg.overwrite or not soft_done(soft_record, stem, out_dir, size):
+                chips = write_soft_label(stem, paths, images.get(stem), out_dir, cfg)
+            else:
+                chips = soft_record["images"][stem]["chips"]
+            done[stem] = {"path": str(images.get(stem, "")), "soft_chip_size": size, "chips": chips}
+            run_folder.write_record(out_dir / SOFT_RECORD, {**info, "images": {**soft_record.get("images", {}),
+                                                                                **done}})
         else:
             out = run_folder.output_paths(out_dir, stem, cfg.vector_format)
             if cfg.overwrite or not all(p.exists() for p in out.values()):
@@ -206,8 +294,11 @@ def run(cfg) -> dict:
             done[stem] = {"path": str(images[stem]) if stem in images else None}
     if not cfg.add_mask_suffix:
         run_folder.write_record(run_folder.run_file(out_dir), {**info, "images": done})
-    kind = "soft labels" if cfg.add_mask_suffix else "ensemble maps"
-    print(f"{len(done)} {kind} from {len(runs)} runs -> {out_dir}")
+    if cfg.add_mask_suffix:
+        chips = sum(len(rec["chips"]) for rec in done.values())
+        print(f"{chips} soft-labelled chips of {len(done)} images from {len(runs)} runs -> {out_dir}")
+    else:
+        print(f"{len(done)} ensemble maps from {len(runs)} runs -> {out_dir}")
     return {**info, "out_dir": str(out_dir), "images": done}
 
 

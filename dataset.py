@@ -21,7 +21,7 @@ import json
 import os
 import random
 import re
-import warnings
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from lib.cli import cli, compose_config
 from lib.distributed import Dist
 from lib.errors import UserError
 from lib.model_contract import normalize
-from lib.scene_sources import DataWarning, warn
+from lib.scene_sources import warn
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
 MODES = ("buildings", "grid")
@@ -427,11 +427,13 @@ def load_data(cfg, d: Dist) -> Data:
             raise UserError(f"{cfg.soft_labels_dir}: no soft-labelled images (<name> + <name>_mask.png); "
                             "write them with `python combine_images.py base_dir=<runs> add_mask_suffix=True`")
     need = int(cfg.batch_size) * d.world
-    for name, items in (("training", train), ("soft-label", soft)):
-        if items and len(items) < need:
-            raise UserError(f"{cfg.data_dir if name == 'training' else cfg.soft_labels_dir}: only {len(items)} "
-                            f"{name} chips for a batch of {cfg.batch_size} x {d.world} process(es); "
-                            "lower batch_size or add chips")
+    if len(train) < need:
+        raise UserError(f"{cfg.data_dir}: only {len(train)} training chips for a batch of {cfg.batch_size} x "
+                        f"{d.world} process(es); lower batch_size or add chips")
+    if soft and len(soft) < need:
+        raise UserError(f"{cfg.soft_labels_dir}: only {len(soft)} soft-label chips for a batch of {cfg.batch_size} "
+                        f"x {d.world} process(es); cut them smaller (combine_images.py soft_chip_size=256 "
+                        "into a new out_dir), add unlabelled images or lower batch_size")
     width, ref = int(cfg.width), cfg.ref_scale
 
     def augmenting(items):
@@ -487,13 +489,17 @@ def _validate(cfg) -> None:
         raise UserError(f"image_format={cfg.image_format}: use one of {', '.join(IMAGE_FORMATS)}")
     if cfg.mode == "grid" and int(cfg.tile_size) < 1:
         raise UserError(f"tile_size={cfg.tile_size}: must be a positive number of pixels")
+    from lib.geo_io import check_bands
+
+    check_bands(cfg.bands)
 
 
 def run(cfg) -> dict:
     """Prepare chips as configured (no base_dir: the built-in demo); returns counts and the output folder.
 
-    Every scene is validated and planned before the first chip is written, so bad input stops the run
-    with nothing written. Chips that already exist are skipped (resume after an interruption).
+    Every scene is validated and planned before the first chip is written; a scene that cannot be read
+    is reported and left out (`failed` in the result) while the others are written. Chips that already
+    exist are skipped, so a rerun resumes an interrupted run and retries the failed scenes.
     """
     _validate(cfg)
     if cfg.base_dir in (None, ""):
@@ -513,22 +519,18 @@ def _plain(cfg) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def _format_warning(message, category, filename, lineno, line=None):
-    return f"warning: {message}\n" if issubclass(category, DataWarning) else _default_format(
-        message, category, filename, lineno, line)
-
-
-_default_format = warnings.formatwarning
-
-
 @cli("dataset")
 def main(cfg) -> None:
-    warnings.formatwarning = _format_warning
     if cfg.base_dir in (None, ""):
         print("no base_dir given: using the built-in demo scene (generated on first use)")
     summary = run(cfg)
     print(f"{summary['written']} chips written ({summary['positive']} with buildings), {summary['skipped']} "
-          f"already there, from {summary['scenes']} scene(s) -> {summary['out_dir']}")
+          f"already there" + (f", {summary['nodata']} without imagery left out" if summary["nodata"] else "")
+          + f", from {summary['scenes']} scene(s) -> {summary['out_dir']}")
+    if summary["failed"]:  # the other scenes are done; the exit status (1, as inference.py) says not all are
+        print(f"error: {len(summary['failed'])} scene(s) could not be read and were skipped (listed above); "
+              "fix them and rerun: chips already written are kept", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,18 @@
     python evaluate.py gt=../shared/data/solaris/gt.geojson pred=../shared/data/solaris/pred.geojson min_area=0
     python evaluate.py gt=<labels folder> pred=<inference output_dir> images=<images> output=scores.json
     python evaluate.py gt=truth.csv pred=proposals.csv                  # SpaceNet CSVs (PolygonWKT_Pix)
+    python evaluate.py task=points gt=labels.csv pred=detections.csv shore_root=<shorelines> output=x.json  # xView3
+    python evaluate.py task=points gt=centroids.geojson pred=points.geojson distance_m=3   # building points
 
 `gt`/`pred` may be a file or folder of GeoJSON/GPKG footprints, a SpaceNet CSV, a folder of mask
 rasters, or an inference output folder (its masks/ and footprints/ are used). Files pair up by name
 (stem). Pixel Jaccard needs predicted masks and either true masks or footprints, which are rasterised
 on the prediction's grid. Polygons are compared in pixel coordinates of the image grid when one is
-known (so `min_area` is in px^2, as in SpaceNet), otherwise in the footprints' own projected CRS
-(a local UTM zone for longitude/latitude).
+known, otherwise in the footprints' own projected CRS (a local UTM zone for longitude/latitude);
+either way `min_area` is ground area in m^2 (px^2 only for plain pixel footprints), so two GeoJSON
+files score the same as on their image grid. Overlapping ground-truth polygons (common in OSM) are
+each scored as a building, with a warning. Vertices per polygon and the share of right-angle corners
+of both sides are printed and recorded under `outlines`.
 """
 
 from __future__ import annotations
@@ -21,14 +26,18 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import shapely
 
-from lib import geo_io, metrics, run_folder
+from lib import footprints, geo_io, metrics, run_folder, xview3_metric
 from lib.cli import cli
 from lib.errors import UserError
 from lib.files import write_json
 
 VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp")
 RASTER_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+TASKS = ("segmentation", "points")
+XVIEW3_HEADLINE = ("aggregate", "loc_fscore", "loc_fscore_shore", "vessel_fscore", "fishing_fscore", "length_acc")
+POINT_TOLERANCE_M = 3.0  # building centroids: a few metres, about half a small house
 CONFIDENCE_COLUMNS = ("confidence", "Confidence", "conf", "score", "mean_prob")
 
 
@@ -93,7 +102,6 @@ def read_spacenet_csv(path: Path) -> dict:
     """SpaceNet CSV (ImageId, BuildingId, PolygonWKT_Pix[, Confidence]) -> id -> GeoDataFrame (pixels)."""
     import geopandas as gpd
     import pandas as pd
-    import shapely
 
     try:
         df = pd.read_csv(path)
@@ -137,7 +145,6 @@ def _grid(path: Path | None):
 
 def to_pixels(gdf, grid):
     """Geometries in pixel coordinates of `grid` (unchanged when the footprints have no CRS)."""
-    import shapely
 
     transform, crs, _ = grid
     geoms = gdf.geometry.values
@@ -152,16 +159,31 @@ def to_pixels(gdf, grid):
 
 
 def common_projected(gt, pred):
-    """Both sides in one projected CRS when no image grid is known (UTM for longitude/latitude)."""
+    """Both sides in one projected CRS when no image grid is known (UTM for longitude/latitude).
+
+    Returns (gt geometries, pred geometries, their CRS or None for pixel coordinates).
+    """
     if gt.crs is None or pred.crs is None:
         if (gt.crs is None) != (pred.crs is None) and len(gt) and len(pred):
             raise UserError("one side has georeferenced footprints and the other pixel coordinates; pass "
                             "images=<folder> so they can be put on the image grid")
-        return gt.geometry.values, pred.geometry.values
+        return gt.geometry.values, pred.geometry.values, gt.crs or pred.crs
     crs = gt.crs
     if crs.is_geographic:
         crs = gt.estimate_utm_crs() if len(gt) else pred.estimate_utm_crs()
-    return gt.to_crs(crs).geometry.values, pred.to_crs(crs).geometry.values
+    return gt.to_crs(crs).geometry.values, pred.to_crs(crs).geometry.values, crs
+
+
+def overlapping(geoms) -> int:
+    """How many polygons overlap another one (share area, not only a boundary)."""
+    geoms = np.asarray(geoms, dtype=object)
+    if len(geoms) < 2:
+        return 0
+    i, j = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    pair = i < j
+    i, j = i[pair], j[pair]
+    shared = shapely.area(shapely.intersection(geoms[i], geoms[j])) > 0
+    return len(np.unique(np.concatenate([i[shared], j[shared]])))
 
 
 def confidence_of(gdf) -> np.ndarray | None:
@@ -224,13 +246,14 @@ def score_pixels(gt: Sources, pred: Sources, images: dict[str, Path], cfg) -> me
     return total if total.per_image else None
 
 
-def score_vectors(gt: Sources, pred: Sources, images: dict[str, Path], cfg) -> tuple[dict, dict] | None:
-    """SpaceNet polygon counts, total and per image."""
+def score_vectors(gt: Sources, pred: Sources, images: dict[str, Path], cfg) -> tuple[dict, dict, dict] | None:
+    """SpaceNet polygon counts, total and per image, and outline_stats of both sides (on the ground)."""
     import geopandas as gpd
 
     if not gt.vectors or not pred.vectors:
         return None
     per_image = {}
+    shapes: dict[str, list] = {"pred": [], "gt": []}
     tp = fp = fn = 0
     for image_id, g_item, p_item in pair_ids(gt.vectors, pred.vectors, gt.single, pred.single):
         g = load_vectors(g_item)
@@ -239,17 +262,32 @@ def score_vectors(gt: Sources, pred: Sources, images: dict[str, Path], cfg) -> t
         grid = _grid(grid_path)
         if grid is not None and (grid[0] is not None or (g.crs is None and p.crs is None)):
             g_geoms, p_geoms = to_pixels(g, grid), to_pixels(p, grid)
+            transform, crs = grid[0], grid[1]
         else:
-            g_geoms, p_geoms = common_projected(g, p)
+            (g_geoms, p_geoms, crs), transform = common_projected(g, p), None
+        # min_area is in m^2 on the ground whatever the frame of comparison (px^2 for plain pixels)
+        g_ground = footprints.ground_geometries(g_geoms, transform, crs)
+        p_ground = footprints.ground_geometries(p_geoms, transform, crs)
+        shapes["gt"].extend(g_ground)
+        shapes["pred"].extend(p_ground)
+        n = overlapping(g_ground)
+        if n:
+            print(f"warning: {image_id}: {n} ground-truth polygons overlap another; each is scored as a building")
         r = metrics.score_polygons(g_geoms, p_geoms, confidence_of(p), min_area=cfg.min_area,
-                                   iou_threshold=cfg.iou_threshold)
+                                   iou_threshold=cfg.iou_threshold, gt_areas=shapely.area(g_ground),
+                                   pred_areas=shapely.area(p_ground))
         r.pop("matches")
         per_image[image_id] = r
         tp, fp, fn = tp + r["tp"], fp + r["fp"], fn + r["fn"]
-    return metrics.prf(tp, fp, fn), per_image
+    outlines = {side: metrics.outline_stats(v) for side, v in shapes.items()}
+    return metrics.prf(tp, fp, fn), per_image, outlines
 
 
 def run(cfg) -> dict:
+    if cfg.task not in TASKS:
+        raise UserError(f"task={cfg.task}: choose one of {', '.join(TASKS)}")
+    if cfg.task == "points":
+        return run_points(cfg)
     if cfg.gt is None and cfg.gt_masks is None:
         raise UserError("pass gt=<ground-truth footprints, masks or CSV>")
     if cfg.pred is None and cfg.pred_masks is None:
@@ -274,11 +312,38 @@ def run(cfg) -> dict:
         result["polygon"] = poly[0]
         for k, v in poly[1].items():
             per_image.setdefault(k, {}).update(v)
+        result["outlines"] = poly[2]
     if not result:
         raise UserError("nothing to score: give footprints on both sides (polygon F1) or predicted masks with "
                         "true masks/footprints (pixel Jaccard)")
     result["per_image"] = per_image
     print(format_table(result))
+    for side, o in result.get("outlines", {}).items():
+        if o["polygons"]:
+            print(f"outlines {side}: {o['polygons']} polygons, {o['vertices_per_polygon']:.1f} vertices per polygon, "
+                  + ("no corners" if o["right_angle_share"] is None else f"{100 * o['right_angle_share']:.1f} % right-angle corners"))
+    if cfg.output:
+        write_json(cfg.output, result)
+    return result
+
+
+def run_points(cfg) -> dict:
+    """Point detection: the xView3 aggregate metric for detection CSVs, point F1 within `distance_m` for
+    point files (building centroids); both match one-to-one with the Hungarian algorithm."""
+    if cfg.gt is None or cfg.pred is None:
+        raise UserError("task=points: pass gt=<labels CSV or points file> and pred=<detections CSV or points file>")
+    gt, pred = Path(cfg.gt), Path(cfg.pred)
+    if gt.suffix.lower() == ".csv":
+        options = {"score_all": bool(cfg.score_all)}
+        if cfg.distance_m is not None:
+            options["distance_tolerance_m"] = float(cfg.distance_m)
+        result = xview3_metric.score_files(gt, pred, cfg.shore_root, **options)
+        print("  ".join(f"{k} {result[k]:.6f}" for k in XVIEW3_HEADLINE))
+    else:
+        tolerance = POINT_TOLERANCE_M if cfg.distance_m is None else float(cfg.distance_m)
+        result = xview3_metric.score_point_files(gt, pred, tolerance)
+        print(f"points within {tolerance:g} m: " + "  ".join(f"{k} {_fmt(result[k])}" for k in
+                                                             ("tp", "fp", "fn", "precision", "recall", "f1")))
     if cfg.output:
         write_json(cfg.output, result)
     return result

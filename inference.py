@@ -8,8 +8,13 @@ original pipeline's one-transform-per-run commands (`flip`, `transpose`) still w
 be averaged afterwards with combine_images.py. Tiling, TTA and blending are lib.tiling's `Engine`; the
 rasters are written by lib.raster_outputs' `SceneWriter`.
 
-Outputs under `output_dir` (lib.run_folder): probabilities/<stem>.tif (uint8 0-255), masks/<stem>.tif
-(0/255), footprints/<stem>.geojson (EPSG:4326) + .gpkg (image CRS), and run.json (provenance).
+Outputs under `output_dir` (lib.run_folder): probabilities/<stem>.tif (uint8 0-255) and masks/<stem>.tif
+(0/255), both with an internal nodata mask, footprints/<stem>.geojson (EPSG:4326) + .gpkg (image CRS),
+stac/<stem>.json + stac/catalog.json (lib.stac_outputs), and run.json. Provenance is per image
+(lib.provenance): an image's tags, run.json entry and STAC item say what made it. Re-run rule: an image
+is skipped only when its recorded settings fingerprint equals the current one; otherwise it is
+recomputed and the log says why; `overwrite=true` recomputes all. Unreadable images are reported,
+recorded as failed and skipped; the run then exits with status 1 and a summary.
 """
 
 from __future__ import annotations
@@ -19,123 +24,30 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import rasterio
 
 import model as model_lib
-from lib import footprints, geo_io, run_folder
+from lib import footprints, geo_io, provenance, run_folder, stac_outputs
 from lib.cli import VERSION, cli, progress_bar
 from lib.devices import cpu_has_native_bf16, resolve_device
 from lib.errors import UserError, one_line
 from lib.exported import onnxruntime_models
 from lib.files import copy_file, file_sha256
-from lib.image_sources import RasterSource
+from lib.image_sources import ImageInput, RasterSource, check_images, default_data_dir, list_images
 from lib.raster_outputs import SceneWriter, raster_profile
 from lib.segmentation import BUILDING, BUILDING_PRESENT
-from lib.tiling import Engine
+from lib.tiling import Engine, model_gsd
 from lib.tta import TTA_NAMES, seed_tta_name
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".jpg", ".jpeg", ".png")
-SIDE_SUFFIXES = ("_mask", "_ignore")  # training-chip companions, never inputs
 BACKENDS = ("auto", "torch", "onnxruntime")
 
 
-@dataclass
-class ImageInput:
-    stem: str
-    path: Path
-
-
 # --------------------------------------------------------------------------------------------------
-# Inputs
+# Inputs (listing and checking: lib.image_sources)
 # --------------------------------------------------------------------------------------------------
-
-def default_data_dir() -> Path:
-    """The built-in demo's held-out test images (generated on first use)."""
-    from lib import demo_scene
-
-    return Path(demo_scene.ensure_demo_scene()) / "test" / "images"
-
-
-def list_images(data_dir: str | os.PathLike, exclude: Sequence[Path] = ()) -> list[ImageInput]:
-    """One image, a folder of images (searched recursively) or a STAC catalog (its image items).
-
-    Files under `exclude` (this run's own output folders) are left out.
-    """
-    path = Path(data_dir)
-    if not path.exists():
-        raise UserError(f"{path}: data_dir does not exist; pass an image, a folder of images or a STAC catalog.json")
-    if path.is_dir() and (path / "catalog.json").is_file():
-        path = path / "catalog.json"
-    if path.is_file() and path.suffix.lower() == ".json":
-        images = _stac_images(path)
-    elif path.is_file():
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            raise UserError(f"{path}: not an image ({', '.join(IMAGE_SUFFIXES)}) or STAC catalog.json")
-        images = [ImageInput(path.stem, path)]
-    else:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                       and not p.stem.endswith(SIDE_SUFFIXES) and not p.name.startswith("."))
-        excluded = [Path(d).resolve() for d in exclude]
-        images = [ImageInput(p.stem, p) for p in files
-                  if not any(p.resolve().is_relative_to(d) for d in excluded)]
-    if not images:
-        raise UserError(f"{path}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
-    seen: dict[str, Path] = {}
-    for im in images:
-        if im.stem in seen:
-            raise UserError(f"{im.path}: same name as {seen[im.stem]}; outputs are named by stem, so rename one")
-        seen[im.stem] = im.path
-    return images
-
-
-def _stac_images(catalog_path: Path) -> list[ImageInput]:
-    """Image assets of every item in a STAC catalog; label items (label extension) are skipped."""
-    import pystac
-
-    try:
-        catalog = pystac.read_file(str(catalog_path))
-    except Exception as err:  # noqa: BLE001 - pystac raises many types for broken catalogs
-        raise UserError(f"{catalog_path}: not a readable STAC catalog ({one_line(err)})") from None
-    out = []
-    for item in catalog.get_items(recursive=True):
-        if any("label" in ext for ext in item.stac_extensions):
-            continue
-        for key, asset in item.assets.items():
-            media = (asset.media_type or "").lower()
-            href = asset.get_absolute_href() or asset.href
-            if "labels" in (asset.roles or []):
-                continue
-            if media.startswith("image/") or Path(href).suffix.lower() in IMAGE_SUFFIXES:
-                if not Path(href).is_file():
-                    raise UserError(f"{catalog_path}: item {item.id} asset {key} points to missing file {href}")
-                out.append(ImageInput(item.id, Path(href)))
-                break
-    return sorted(out, key=lambda im: im.stem)
-
-
-def check_images(images: list[ImageInput]) -> list[int]:
-    """Open every image before any work, so a bad file fails the run at once with its name.
-
-    Returns each image's pixel count (the work it will take, used to share images among ranks).
-    """
-    pixels = []
-    for im in images:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            ds = geo_io.open_raster(im.path)
-        try:
-            geo_io.check_readable(ds, im.path)
-            geo_io.band_layout(ds)
-            pixels.append(ds.width * ds.height)
-        finally:
-            ds.close()
-    return pixels
-
 
 def shard_images(images: list[ImageInput], pixels: list[int], rank: int, world: int) -> list[ImageInput]:
     """This rank's share of the images under `torchrun`: largest first, each to the least-loaded rank.
@@ -158,8 +70,8 @@ def shard_images(images: list[ImageInput], pixels: list[int], rank: int, world: 
 def open_source(path: Path, cfg) -> RasterSource:
     """Open an image with the data-preparation rules (bands, alpha/nodata, stretch, zero = nodata)."""
     low, high = cfg.stretch_percentiles
-    src = RasterSource(path, cfg.stretch, low, high, cfg.stretch_range, False)
-    src.zero_is_nodata = geo_io.resolve_zero_is_nodata(cfg.zero_is_nodata, src.ds)
+    src = RasterSource(path, cfg.stretch, low, high, cfg.stretch_range, False, cfg.bands)
+    src.zero_is_nodata = geo_io.resolve_zero_is_nodata(cfg.zero_is_nodata, src.ds, src.layout)
     return src
 
 
@@ -173,26 +85,27 @@ def model_list(value) -> list[str]:
     return [str(value)] if isinstance(value, (str, os.PathLike)) else [str(v) for v in value]
 
 
-def _plain(value):
-    """OmegaConf lists (possibly nested) -> plain Python lists."""
-    from omegaconf import OmegaConf
-
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+_plain = provenance.plain
 
 
 def build_engine(cfg, models=None, device=None) -> tuple[Engine, list[dict]]:
-    """Models + TTA/width plan from the config; returns the engine and the model records for run.json."""
+    """Models + TTA/width plan from the config; returns the engine and one record per model.
+
+    A model's record (path, sha256, config, meta, backend, an export's built-in TTA, the GSD it saw in
+    training and where that comes from) is taken from the loaded model, before `choose_backend` may
+    swap it for an ONNX Runtime copy; the engine gets the GSDs explicitly for the same reason.
+    """
     paths = model_list(cfg.model)
     overrides = {k: cfg[k] for k in model_lib.ARCH_OVERRIDES}
     device = device or resolve_device(cfg.device)
     loaded = models is None
     if loaded:
         models = model_lib.load_models(paths, **overrides)
-    records = [{"path": str(Path(p).resolve()), "sha256": file_sha256(p),
-                "config": getattr(m, "config", None), "meta": _jsonable(getattr(m, "meta", None))}
-               for p, m in zip(paths, models)]
+    records = [model_record(p, m) for p, m in zip(paths, models)]
     if loaded:
         models = choose_backend(cfg, models, paths, device)
+    for record, m in zip(records, models):
+        record["backend"] = provenance.backend_of(m)
     widths = _plain(cfg.widths) if cfg.widths is not None else [cfg.width]
     tta = _plain(cfg.tta) if cfg.tta is not None else [seed_tta_name(cfg.flip, cfg.transpose)]
     if device.type == "cuda":
@@ -202,8 +115,19 @@ def build_engine(cfg, models=None, device=None) -> tuple[Engine, list[dict]]:
     eng = Engine(models, widths=widths, tta=tta, tile_size=cfg.tile_size, overlap=cfg.overlap,
                  batch_size=cfg.batch_size, device=device, precision=cfg.precision,
                  scale_factor=cfg.scale_factor, match_gsd=cfg.match_gsd, num_workers=cfg.num_workers,
-                 progress=cfg.progress)
+                 progress=cfg.progress, model_gsds=[r["model_gsd"] for r in records])
+    if all(eng.exported) and cfg.precision in ("bf16", "fp16"):
+        print(f"warning: precision={cfg.precision} has no effect on exported graphs and ONNX Runtime; "
+              "they run in fp32 (recorded as such)", file=sys.stderr)
     return eng, records
+
+
+def model_record(path, net) -> dict:
+    config = getattr(net, "config", None)
+    meta = _jsonable(getattr(net, "meta", None))
+    gsd, source = model_gsd(meta if isinstance(meta, dict) else None)
+    return {"path": str(Path(path).resolve()), "sha256": file_sha256(path), "config": _jsonable(config),
+            "meta": meta, "export_tta": provenance.export_tta(config), "model_gsd": gsd, "model_gsd_source": source}
 
 
 def choose_backend(cfg, models: list, paths: list[str], device) -> list:
@@ -243,30 +167,21 @@ def _jsonable(obj):
         return {k: str(v) for k, v in (obj or {}).items()}
 
 
-def provenance(cfg, eng: Engine, records: list[dict]) -> dict:
+def run_settings(cfg, eng: Engine, records: list[dict]) -> dict:
+    """The run's own settings (top of run.json): what this invocation asked for. Each image's record
+    holds its own provenance (lib.provenance), which is what its outputs were made with."""
     return {
         "toolkit_version": VERSION,
-        "models": [{"path": r["path"], "sha256": r["sha256"], "config": r["config"]} for r in records],
+        "models": [{k: r[k] for k in ("path", "sha256", "config", "backend", "export_tta", "model_gsd",
+                                      "model_gsd_source")} for r in records],
         "passes": [{"model": p.model, "width": p.width, "tta": list(p.tta)} for p in eng.passes],
         "tta": sorted({t for p in eng.passes for t in p.tta}, key=TTA_NAMES.index),
         "widths": sorted({p.width for p in eng.passes}),
         "tile_size": eng.tile_size, "overlap": eng.overlap, "threshold": float(cfg.threshold),
         "scale_factor": eng.scale_factor, "match_gsd": eng.match_gsd,
         "precision": cfg.precision, "device": str(eng.device),
-        "backend": "onnxruntime" if any(eng.is_onnx) else "torch",
+        "backend": "+".join(dict.fromkeys(r["backend"] for r in records)),
         "min_area": cfg.min_area, "simplify": cfg.simplify,
-    }
-
-
-def geotiff_tags(info: dict) -> dict:
-    """Short provenance tags stored inside every output raster."""
-    return {
-        "BUILDINGS_TOOLKIT_VERSION": info["toolkit_version"],
-        "BUILDINGS_MODELS": ";".join(f"{Path(m['path']).name}:sha256={m['sha256'][:16]}" for m in info["models"]),
-        "BUILDINGS_TTA": ",".join(info["tta"]),
-        "BUILDINGS_WIDTHS": ",".join(str(w) for w in info["widths"]),
-        "BUILDINGS_TILE_SIZE": info["tile_size"], "BUILDINGS_OVERLAP": info["overlap"],
-        "BUILDINGS_THRESHOLD": info["threshold"], "BUILDINGS_PRECISION": info.get("precision_used", info["precision"]),
     }
 
 
@@ -274,32 +189,56 @@ def geotiff_tags(info: dict) -> dict:
 # The run
 # --------------------------------------------------------------------------------------------------
 
-def predict_image(eng: Engine, image: ImageInput, paths: dict[str, Path], cfg, tags: dict) -> dict:
-    """Predict one image and write its probability map, mask and footprints (all or nothing)."""
+def image_gsd(path: Path) -> float | None:
+    """The image's GSD (m/px), read before predicting: it is part of the image's settings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with geo_io.open_raster(path) as ds:
+            return geo_io.raster_gsd(ds)
+
+
+def predict_image(eng: Engine, image: ImageInput, cfg, record: dict) -> dict:
+    """Predict one image and write its probability map, mask, footprints and STAC item (all or nothing).
+
+    `record` holds the image's settings and fingerprint; it is completed (precision used, figures)
+    and returned, and its provenance is what the GeoTIFF tags and the STAC item say.
+    """
     start = time.perf_counter()
+    output_dir = Path(cfg.output_dir)
+    paths = run_folder.output_paths(output_dir, image.stem, cfg.vector_format)
     with geo_io.gdal_env(), open_source(image.path, cfg) as src:
         ds = src.ds
         georef = geo_io.is_georeferenced(ds)
         profile = raster_profile(ds, georef)
         poly = footprints.Polygonizer(ds.height, ds.width)
-        with SceneWriter(paths["probability"], paths["mask"], profile, tags, cog=cfg.cog, polygonizer=poly,
-                         threshold=cfg.threshold) as writer:
+        with SceneWriter(paths["probability"], paths["mask"], profile, None, cog=cfg.cog, polygonizer=poly,
+                         threshold=cfg.threshold, nodata_mask=True) as writer:
             stats = eng.predict_into(src, writer)
-            gdf = footprints.footprints_frame(poly.finish(), ds.transform if georef else None,
-                                              ds.crs if georef else None, min_area=cfg.min_area,
-                                              simplify=cfg.simplify)
-            footprints.write_footprints(gdf, paths["geojson"], cfg.vector_format)
-            writer.tags["BUILDINGS_PRECISION"] = eng.precision_name  # `auto` is resolved on the first batch
+            gdf = footprints.save_footprints(poly.finish(), ds.transform if georef else None,
+                                             ds.crs if georef else None, paths["geojson"], cfg)
+            record["precision"] = eng.precision_used  # `auto` is resolved on the first batch
+            writer.tags = {k: str(v) for k, v in provenance.geotiff_tags(record).items()}
             writer.commit()
         cls_prob = stats.scores[BUILDING_PRESENT]
-        return {
-            "path": str(image.path.resolve()), "height": ds.height, "width": ds.width,
-            "crs": ds.crs.to_string() if georef else None, "gsd": src.gsd,
-            "windows": stats.windows, "skipped_nodata_windows": stats.skipped,
+        record.update({
+            "height": ds.height, "width": ds.width, "crs": ds.crs.to_string() if georef else None,
+            "gsd": src.gsd, "windows": stats.windows, "skipped_nodata_windows": stats.skipped,
             "cls_prob": None if math.isnan(cls_prob) else round(cls_prob, 5),
             "max_prob": round(stats.map_max[BUILDING], 5), "buildings": len(gdf),
-            "seconds": round(time.perf_counter() - start, 3),
-        }
+        })
+        grid = {"bounds": ds.bounds, "crs": ds.crs, "transform": ds.transform,
+                "shape": [ds.height, ds.width]} if georef else None
+    item = stac_outputs.scene_item(image.stem, paths, grid, provenance.stac_properties(record), cog=cfg.cog,
+                                   source=image.path)
+    stac_outputs.write_item(output_dir, item)
+    record["seconds"] = round(time.perf_counter() - start, 3)
+    return record
+
+
+def outputs_of(output_dir: Path, stem: str, cfg) -> list[Path]:
+    """Every file a finished image has: rasters, footprints and its STAC item."""
+    paths = run_folder.output_paths(output_dir, stem, cfg.vector_format)
+    return [*paths.values(), run_folder.stac_item_path(output_dir, stem)]
 
 
 def is_empty(record: dict, threshold: float) -> bool:
@@ -318,8 +257,22 @@ def previous_records(output_dir: Path) -> dict:
     return done
 
 
+class ImagesFailed(UserError):
+    """Some images could not be predicted; the others were. `record` is the run record."""
+
+    def __init__(self, message: str, record: dict):
+        super().__init__(message)
+        self.record = record
+
+
 def run(cfg, models=None) -> dict:
     """Predict every input image; returns the run record (also written to output_dir/run.json).
+
+    Re-run rule: an image is skipped only when its outputs exist and the settings fingerprint in its
+    run.json record equals the current one (lib.run_folder, lib.provenance); otherwise it is
+    recomputed and the log says why. `overwrite=true` recomputes all. An image that cannot be read
+    (or fails while being read) is reported in one line, recorded as failed and skipped; the others
+    are predicted, and then `ImagesFailed` names the failures (exit status 1 on the command line).
 
     `models` (already built modules, one per `model` path) skips loading, for programmatic callers.
     Under `torchrun` each rank predicts its share of the images (`shard_images`) and rank 0 writes
@@ -330,61 +283,110 @@ def run(cfg, models=None) -> dict:
     output_dir = Path(cfg.output_dir)
     # outputs and mined copies written inside data_dir are not inputs of a later run
     own = [output_dir] + ([Path(cfg.output_dir_empty)] if cfg.output_dir_empty else [])
-    images = list_images(cfg.data_dir if cfg.data_dir is not None else default_data_dir(), exclude=own)
+    listed = list_images(cfg.data_dir if cfg.data_dir is not None else default_data_dir(), exclude=own)
     if cfg.mine_empty and not cfg.output_dir_empty:
         raise UserError("mine_empty=True needs output_dir_empty=<folder> for the images found empty")
     if cfg.num_threads:
         import torch
 
         torch.set_num_threads(int(cfg.num_threads))
-    pixels = check_images(images)
+    images, pixels, failures = check_images(listed, cfg.bands)
+    footprints.check_inputs(cfg)  # a bad existing= file fails before any prediction
     d, device = setup_distributed(cfg.device)
     try:
         mine = shard_images(images, pixels, d.rank, d.world)
         if not d.main:
             cfg.progress = False  # one bar (rank 0's) rather than interleaved ones
         eng, records = build_engine(cfg, models, device)
-        info = provenance(cfg, eng, records)
-        done = previous_records(output_dir) if not cfg.overwrite else {}
+        info = run_settings(cfg, eng, records)
+        done = previous_records(output_dir)
         progress_path = run_folder.rank_file(output_dir, d.rank) if d.enabled else run_folder.run_file(output_dir)
-        summary = predict_images(eng, mine, cfg, info, done, progress_path)
-        parts = gather_object((done, summary, info.get("precision_used")), d)
+        summary = {"predicted": 0, "skipped": 0, "empty": [], "failed": []}
+        if d.main:  # unreadable inputs are set aside (every rank found the same); the others are predicted
+            for failure in failures:
+                print(f"error: {failure.message}", file=sys.stderr)
+                done[failure.image.stem] = _failed(failure.image, failure.message, output_dir, cfg)
+                summary["failed"].append(failure.image.stem)
+        predict_images(eng, mine, cfg, info, done, progress_path, records, summary)
+        parts = gather_object((done, summary), d)
         if d.enabled:
-            for part_done, _, _ in parts:
+            for part_done, _ in parts:
                 done.update(part_done)
-            summary = {"predicted": sum(p[1]["predicted"] for p in parts),
-                       "skipped": sum(p[1]["skipped"] for p in parts),
-                       "empty": sorted(stem for p in parts for stem in p[1]["empty"])}
-            if d.main:
-                info["precision_used"] = parts[0][2]
-                _write_run(run_folder.run_file(output_dir), info, done)
+            summary = {key: sum(p[1][key] for p in parts) if key in ("predicted", "skipped")
+                       else sorted(s for p in parts for s in p[1][key]) for key in summary}
         if d.main:
+            _write_run(run_folder.run_file(output_dir), info, done)
             for part in run_folder.rank_files(output_dir):  # merged into run.json (now or earlier)
                 part.unlink(missing_ok=True)
+            stac_outputs.write_catalog(output_dir, [s for s, r in done.items() if _finished(r)],
+                                       f"Building footprint predictions ({len(done)} scenes)")
             print(f"{summary['predicted']} predicted, {summary['skipped']} already done"
+                  + (f", {len(summary['failed'])} failed" if summary["failed"] else "")
                   + (f", {len(summary['empty'])} empty -> {cfg.output_dir_empty}" if cfg.mine_empty else "")
                   + f"; outputs in {output_dir}" + (f" ({d.world} processes)" if d.enabled else ""))
     finally:
         leave_process_group(d)
-    return {**info, "images": done, "summary": summary}
+    result = {**info, "images": done, "summary": summary}
+    if summary["failed"]:
+        raise ImagesFailed(failure_summary(summary["failed"], done, len(listed)), result)
+    return result
 
 
-def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done: dict,
-                   progress_path: Path) -> dict:
-    """Predict (or skip, when their outputs exist) `images`, recording each in `done` and `progress_path`."""
+def failure_summary(stems: list[str], done: dict, total: int) -> str:
+    """`2 of 10 images failed: a.tif (not a readable raster), b.tif (...)`."""
+    parts = [f"{Path(done[s]['path']).name} ({done[s]['reason']})" for s in stems]
+    return f"{len(stems)} of {total} images failed: " + ", ".join(parts)
+
+
+def _finished(record: dict) -> bool:
+    return record.get("status", run_folder.STATUS_DONE) == run_folder.STATUS_DONE
+
+
+def _failed(image: ImageInput, message: str, output_dir: Path, cfg) -> dict:
+    """A failed image's record; any outputs it had (from other settings or an earlier file) are
+    removed, so the folder never holds outputs that run.json does not vouch for."""
+    for path in outputs_of(output_dir, image.stem, cfg):
+        path.unlink(missing_ok=True)
+    prefix = f"{image.path}: "
+    reason = message.removeprefix(prefix)
+    return {"path": str(image.path.resolve()), "status": run_folder.STATUS_FAILED, "error": message,
+            "reason": reason.split(" (")[0]}
+
+
+def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done: dict, progress_path: Path,
+                   models: list[dict], summary: dict) -> None:
+    """Predict, skip (finished with the same settings) or set aside (unreadable) each of `images`,
+    recording each in `done` and `progress_path` and counting it in `summary`."""
     output_dir = Path(cfg.output_dir)
-    tags = geotiff_tags(info)
-    summary = {"predicted": 0, "skipped": 0, "empty": []}
     for image in progress_bar(images, disable=not cfg.progress or len(images) < 2, unit="image"):
-        paths = run_folder.output_paths(output_dir, image.stem, cfg.vector_format)
-        if not cfg.overwrite and all(p.exists() for p in paths.values()):
-            summary["skipped"] += 1
-            record = done.get(image.stem) or {"path": str(image.path.resolve())}
-        else:
-            record = predict_image(eng, image, paths, cfg, tags)
-            summary["predicted"] += 1
-        info["precision_used"] = eng.precision_name
-        tags = geotiff_tags(info)
+        name = image.path.name
+        try:
+            gsd = image_gsd(image.path)
+            settings = provenance.image_settings(cfg, eng, models, image.path, gsd)
+            old = done.get(image.stem)
+            reason = "overwrite=true" if cfg.overwrite else run_folder.rerun_reason(
+                old, settings, outputs_of(output_dir, image.stem, cfg))
+            if reason is None:
+                summary["skipped"] += 1
+                record = old
+                print(f"{name}: finished with the same settings; skipped")
+            else:
+                if reason != run_folder.NEW and (old or cfg.overwrite):
+                    print(f"recomputing {name}: {reason}")
+                record = {"path": str(image.path.resolve()), "status": run_folder.STATUS_DONE,
+                          "fingerprint": run_folder.fingerprint(settings), "settings": settings,
+                          "models": [{k: m[k] for k in ("path", "sha256", "backend", "export_tta", "model_gsd",
+                                                        "model_gsd_source")} for m in models]}
+                record = predict_image(eng, image, cfg, record)
+                summary["predicted"] += 1
+                print(f"{name}: {provenance.describe_scale(eng, models, gsd)}; precision {record['precision']}; "
+                      f"{record['buildings']} buildings; {record['seconds']:.1f} s")
+        except (UserError, rasterio.errors.RasterioError) as err:
+            message = str(err) if isinstance(err, UserError) else \
+                f"{image.path}: not a readable raster ({one_line(err)})"
+            print(f"error: {message}", file=sys.stderr)
+            record = _failed(image, message, output_dir, cfg)
+            summary["failed"].append(image.stem)
         if cfg.mine_empty and "max_prob" in record:
             record["empty"] = is_empty(record, cfg.empty_threshold)
             if record["empty"]:
@@ -396,7 +398,6 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
         if cfg.debug:
             print(f"{image.stem}: {record}")
         _write_run(progress_path, info, done)
-    return summary
 
 
 def _write_run(path: Path, info: dict, done: dict) -> None:
@@ -406,7 +407,11 @@ def _write_run(path: Path, info: dict, done: dict) -> None:
 
 @cli("inference")
 def main(cfg):
-    run(cfg)
+    try:
+        run(cfg)
+    except ImagesFailed as err:  # the other images are done; the exit status says not all are
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

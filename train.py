@@ -107,9 +107,11 @@ def check_config(cfg) -> None:
 def resolve_config(cfg, d: Dist):
     """Plain, fully resolved copy of the config with the automatic values filled in.
 
-    `data_dir` unset -> the built-in demo chips and a short run; `max_lr` unset -> a default suited to
-    pretrained or random initialisation; `output_dir` unset -> outputs/train/<date>_<time>_<run_name>
-    (chosen on rank 0, so all processes agree); `resume` -> the saved config (see RUNTIME_KEYS).
+    `data_dir` unset -> the built-in demo chips and a short run; `pretrained` unset -> ImageNet weights,
+    except on the demo chips (so the README's bare `python train.py` runs on a fresh offline machine);
+    `max_lr` unset -> a default suited to pretrained or random initialisation; `output_dir` unset ->
+    outputs/train/<date>_<time>_<run_name> (chosen on rank 0, so all processes agree); `resume` -> the
+    saved config (see RUNTIME_KEYS).
     """
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     if cfg.resume:
@@ -118,6 +120,8 @@ def resolve_config(cfg, d: Dist):
         cfg.max_steps = min(int(cfg.max_steps or 10), 10)
         cfg.num_workers = 0
         cfg.log_every = 1
+    if cfg.pretrained is None:  # ImageNet weights for real data; the offline-friendly demo trains from scratch
+        cfg.pretrained = bool(cfg.data_dir)
     if not cfg.data_dir:
         cfg.data_dir = str(broadcast_object(str(dataset.demo_chips_dir()) if d.main else None, d))
         if cfg.max_steps is None:
@@ -145,8 +149,8 @@ def merge_resumed_config(cfg):
     ckpt = load_checkpoint(cfg.resume)
     saved = ckpt.get("train_config")
     if not isinstance(saved, dict) or "step" not in ckpt or "optimizer" not in ckpt:
-        raise UserError(f"{cfg.resume}: not a training checkpoint (no optimizer state/step); "
-                        "use model=<path> to start a new run from its weights")
+        raise UserError(f"{cfg.resume}: not a training checkpoint (no optimizer state; best.pth holds weights only); "
+                        "resume from last.pth, or use model=<path> to start a new run from its weights")
     given = OmegaConf.to_container(cfg, resolve=True)
     defaults = default_config()
     changed = {k for k, v in given.items() if k in defaults and v != defaults[k]}
@@ -293,9 +297,16 @@ class SegmentationTask:
                 "val_jaccard_dice": total[4] / max(total[5], 1.0)}
 
     def checkpoint_meta(self, s: Session) -> dict:
-        """What inference needs beside the weights: the training scale, crop width and architecture."""
-        return {"ref_scale": s.cfg.ref_scale, "train_gsd": s.data.train_gsd, "width": int(s.cfg.width),
-                "arch": arch_slug(s.cfg)}
+        """What inference needs beside the weights: the GSD the model saw, crop width and architecture.
+
+        `model_gsd` is what inference matches an image's GSD to: `ref_scale` when the chips (of known
+        GSD) were resized to it, else the training chips' median GSD (`train_gsd`), None when unknown;
+        `model_gsd_source` says which. `ref_scale`/`train_gsd` stay for older readers.
+        """
+        ref, train_gsd = s.cfg.ref_scale, s.data.train_gsd
+        gsd, source = (float(ref), "ref_scale") if ref and train_gsd else (train_gsd, "train_gsd" if train_gsd else None)
+        return {"ref_scale": ref, "train_gsd": train_gsd, "model_gsd": gsd, "model_gsd_source": source,
+                "width": int(s.cfg.width), "arch": arch_slug(s.cfg)}
 
 
 # ---------------------------------------------------------------------------------------------------

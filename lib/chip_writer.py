@@ -1,7 +1,9 @@
 """Scenes -> chips on disk: plan every chip window, then write the chips in worker processes.
 
-Every scene is validated and planned (`scene_plan`) before the first chip is written, so bad input
-stops a run with nothing written. `mode=buildings` plans one window centred on every building with
+Every scene is validated and planned (`scene_plan`) before the first chip is written. A scene whose
+image or labels cannot be read is reported in one line (`error: ...`) and left out, the other scenes
+are written, and the run's summary counts the failures (a rerun retries them; chips already on disk
+are skipped). Chips without imagery (valid share under `MIN_VALID_SHARE`: all nodata) are not written. `mode=buildings` plans one window centred on every building with
 `pad` chip pixels around it; `mode=grid` tiles the scene (`lib.windows.window_offsets`, as inference
 cuts it). Footprints are looked up with a spatial index and burned once per chip window, so the cost is
 linear in the number of buildings (the original pipeline burned every footprint once per building chip).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -28,7 +31,7 @@ import cv2
 import numpy as np
 
 from lib.cli import progress_bar
-from lib.errors import UserError, one_line
+from lib.errors import UserError
 from lib.files import atomic_path, write_json
 from lib.scene_sources import Scene, find_scenes, warn
 from lib.windows import window_offsets
@@ -36,6 +39,9 @@ from lib.windows import window_offsets
 MASK_SUFFIX = "_mask.png"
 IGNORE_SUFFIX = "_ignore.png"
 RESOLUTIONS_FILE = "resolutions.json"
+# A chip with less imagery than this (share of valid, non-nodata pixels) carries no information: a grid
+# tile wholly outside a mosaic's footprint would otherwise be written as a negative.
+MIN_VALID_SHARE = 0.001
 
 
 @dataclass
@@ -47,6 +53,7 @@ class ScenePlan:
     zero_is_nodata: bool
     gsd: float | None
     chips: list[tuple] = field(default_factory=list)  # (name, col_off, row_off, width, height, scale)
+    layout: tuple | None = None  # geo_io.band_layout: (RGB band indexes, alpha band), found once per scene
 
 
 # --- planning: validate every scene and decide every chip window before writing anything ------------
@@ -69,7 +76,9 @@ def scene_plan(scene: Scene, cfg, scales: list[float]) -> ScenePlan:
     from rasterio.enums import Resampling
 
     from lib.geo_io import (
+        band_layout,
         check_readable,
+        gdal_reason,
         load_footprints_report,
         open_raster,
         raster_gsd,
@@ -82,7 +91,7 @@ def scene_plan(scene: Scene, cfg, scales: list[float]) -> ScenePlan:
         try:  # a decimated read touches every block, so truncated files fail here, not mid-run
             ds.read(1, out_shape=(min(ds.height, 256), min(ds.width, 256)), resampling=Resampling.nearest)
         except Exception as err:  # noqa: BLE001 - any failure here means unreadable input
-            raise UserError(f"{scene.image}: corrupt or truncated raster ({one_line(err)})") from None
+            raise UserError(f"{scene.image}: corrupt or truncated raster ({gdal_reason(err, scene.image)})") from None
         if ds.crs is None or ds.transform.is_identity:
             raise UserError(f"{scene.image}: image has no CRS/georeferencing, so its labels cannot be placed; "
                             "use a GeoTIFF with a CRS")
@@ -103,9 +112,11 @@ def scene_plan(scene: Scene, cfg, scales: list[float]) -> ScenePlan:
         if len(geoms) and not shapely.intersects(geoms, bounds).any():
             raise UserError(f"{scene.labels}: no footprint overlaps the image {scene.image} "
                             "(wrong label file or CRS?)")
-        stretch = stretch_range(ds, _rgb_bands(ds), cfg.stretch, *cfg.stretch_percentiles,
-                                value_range=tuple(cfg.stretch_range) if cfg.stretch_range else None)
-        plan = ScenePlan(scene, geoms, stretch, resolve_zero_is_nodata(cfg.zero_is_nodata, ds), raster_gsd(ds))
+        layout = band_layout(ds, cfg.bands)
+        stretch = stretch_range(ds, layout[0], cfg.stretch, *cfg.stretch_percentiles,
+                                value_range=tuple(cfg.stretch_range) if cfg.stretch_range else None, layout=layout)
+        plan = ScenePlan(scene, geoms, stretch, resolve_zero_is_nodata(cfg.zero_is_nodata, ds, layout),
+                         raster_gsd(ds), layout=layout)
         if not len(geoms):
             warn(f"{scene.labels}: no building footprints; {scene.key} yields negative chips only")
         for scale in scales:
@@ -114,12 +125,6 @@ def scene_plan(scene: Scene, cfg, scales: list[float]) -> ScenePlan:
             else:
                 plan.chips += _grid_windows(geoms, ds, scale, cfg, scene.key)
     return plan
-
-
-def _rgb_bands(ds) -> list[int]:
-    from lib.geo_io import band_layout
-
-    return band_layout(ds)[0]
 
 
 def _building_windows(geoms, ds, scale: float, pad: int, crop1024: bool) -> list[tuple]:
@@ -198,10 +203,22 @@ def init_worker(plans: list[ScenePlan], opts: dict) -> None:
 def process_batch(batch: tuple[int, list[tuple]]) -> dict:
     """Write the chips of one batch (neighbouring chips of one scene); returns counts.
 
+    A read error (a file damaged past the blocks checked while planning) is returned as `error`
+    (scene key, one-line message) rather than raised, so the other scenes' batches go on.
+
     When the chips overlap (dense buildings), the batch's bounding window is read and its footprints
     rasterised once, and every chip is a slice of it; sparse chips are read one by one. Both give the
     same pixels: the grids are aligned.
     """
+    plan_idx, _ = batch
+    try:
+        return _process_batch(batch)
+    except UserError as err:
+        return {"written": 0, "skipped": 0, "positive": 0, "nodata": 0, "cpu_s": 0.0,
+                "error": (_WORKER["plans"][plan_idx].scene.key, str(err))}
+
+
+def _process_batch(batch: tuple[int, list[tuple]]) -> dict:
     from rasterio.windows import Window
 
     from lib.geo_io import open_raster, read_window
@@ -217,7 +234,7 @@ def process_batch(batch: tuple[int, list[tuple]]) -> dict:
     folder = Path(opts["out_dir"]) / plan.scene.collection / plan.scene.name
     ext = opts["image_format"]
     todo = [s for s in specs if not ((folder / f"{s[0]}.{ext}").exists() and (folder / f"{s[0]}{MASK_SUFFIX}").exists())]
-    counts = {"written": 0, "skipped": len(specs) - len(todo), "positive": 0, "cpu_s": 0.0}
+    counts = {"written": 0, "skipped": len(specs) - len(todo), "positive": 0, "nodata": 0, "cpu_s": 0.0}
     if not todo:
         return counts
     c0, r0 = min(s[1] for s in todo), min(s[2] for s in todo)
@@ -225,7 +242,7 @@ def process_batch(batch: tuple[int, list[tuple]]) -> dict:
     shared = len(todo) > 1 and (c1 - c0) * (r1 - r0) <= sum(s[3] * s[4] for s in todo)
     if shared:
         union = Window(c0, r0, c1 - c0, r1 - r0)
-        rgb_all, valid_all = read_window(ds, union, plan.stretch, plan.zero_is_nodata)
+        rgb_all, valid_all = read_window(ds, union, plan.stretch, plan.zero_is_nodata, plan.layout)
         mask_all = masks.burn(ds, union, 1.0) if all(s[5] == 1 for s in todo) else None
     for name, col, row, width, height, scale in todo:
         window = Window(col, row, width, height)
@@ -234,8 +251,11 @@ def process_batch(batch: tuple[int, list[tuple]]) -> dict:
             rgb, valid = rgb_all[rows, cols], valid_all[rows, cols]
             mask = mask_all[rows, cols].copy() if mask_all is not None else None
         else:
-            rgb, valid = read_window(ds, window, plan.stretch, plan.zero_is_nodata)
+            rgb, valid = read_window(ds, window, plan.stretch, plan.zero_is_nodata, plan.layout)
             mask = None
+        if valid.mean() < MIN_VALID_SHARE:
+            counts["nodata"] += 1
+            continue
         positive = _write_chip(ds, masks, window, scale, rgb, valid, mask, folder / name, opts)
         counts["written"] += 1
         counts["positive"] += positive
@@ -383,21 +403,40 @@ def write_chips(cfg) -> dict:
     """Find, validate and plan every scene of `cfg`, then write the chips; returns counts.
 
     Chips that already exist are skipped (resume after an interruption); `resolutions.json` gets the
-    GSD of every planned scene before the first chip is written.
+    GSD of every planned scene before the first chip is written. `failed` lists one line per scene
+    that could not be read (printed as it is found); those scenes are left out.
     """
     out_dir = Path(cfg.out_dir)
     scales = chip_scales(cfg)
-    plans = [scene_plan(scene, cfg, scales) for scene in find_scenes(cfg)]
+    failures: list[str] = []
+    scenes = find_scenes(cfg, failures)
+    for message in failures:
+        _report(message)
+    plans = []
+    for scene in scenes:
+        try:
+            plans.append(scene_plan(scene, cfg, scales))
+        except UserError as err:
+            failures.append(_report(str(err)))
     batches = chip_batches(plans, cfg)
     total = sum(len(specs) for _, specs in batches)
     update_resolutions(out_dir, {p.scene.key: p.gsd for p in plans if p.gsd})
     opts = {"out_dir": str(out_dir), "image_format": cfg.image_format, "all_touched": bool(cfg.all_touched),
             "jpeg_quality": int(cfg.jpeg_quality)}
-    counts = {"written": 0, "skipped": 0, "positive": 0, "cpu_s": 0.0}
+    counts = {"written": 0, "skipped": 0, "positive": 0, "nodata": 0, "cpu_s": 0.0}
+    broken: set[str] = set()  # scenes whose chips failed to read while writing (reported once each)
     workers = min(int(cfg.num_workers or 0), len(batches))
     with progress_bar(total=total, unit="chip", desc="chips", disable=not cfg.progress) as bar:
         for result in _map_batches(batches, plans, opts, workers):
             for k in counts:
                 counts[k] += result[k]
-            bar.update(result["written"] + result["skipped"])
-    return {"out_dir": out_dir, "scenes": len(plans), "chips": total, **counts}
+            if "error" in result and result["error"][0] not in broken:
+                broken.add(result["error"][0])
+                failures.append(_report(result["error"][1]))
+            bar.update(result["written"] + result["skipped"] + result["nodata"])
+    return {"out_dir": out_dir, "scenes": len(plans) - len(broken), "chips": total, "failed": failures, **counts}
+
+
+def _report(message: str) -> str:
+    print(f"error: {message} (scene skipped)", file=sys.stderr, flush=True)
+    return message

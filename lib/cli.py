@@ -12,6 +12,7 @@ import difflib
 import functools
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,10 +36,11 @@ def demo_dir() -> Path:
 def cli(config_name: str) -> Callable:
     """Decorate a script's `main(cfg)` as a Hydra 1.3 entry point on `config/<config_name>.yaml`.
 
-    Hydra does not change the working directory (relative paths mean what the user typed), and a
-    `UserError` raised anywhere below is printed as `error: <message>` with exit status 2. The command
-    line is checked first: a key the config lacks (`max_lrr=1`, `+newkey=1`) would otherwise fail with a
-    Hydra traceback or, when appended, be silently ignored by the script.
+    Hydra does not change the working directory (relative paths mean what the user typed), a
+    `UserError` raised anywhere below is printed as `error: <message>` with exit status 2, and warnings
+    are printed as one line, `warning: <message>`. The command line is checked first: a key the config
+    lacks (`max_lrr=1`, `+newkey=1`) would otherwise fail with a Hydra traceback or, when appended, be
+    silently ignored by the script.
     """
     import hydra
 
@@ -57,6 +59,7 @@ def cli(config_name: str) -> Callable:
 
         @functools.wraps(fn)
         def entry(cfg=None):
+            warnings.formatwarning = format_warning
             if cfg is None:
                 try:
                     check_command_line(config_name, sys.argv[1:])
@@ -67,6 +70,12 @@ def cli(config_name: str) -> Callable:
         return entry
 
     return decorate
+
+
+def format_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one readable line, `warning: <message>`, without the file, line and source that
+    Python adds (a user cannot act on them; the message says what to do)."""
+    return f"warning: {' '.join(str(message).split())}\n"
 
 
 def _exit_with(err: UserError) -> None:
@@ -199,4 +208,6 @@ def progress_bar(iterable=None, **kwargs):
 
     if not sys.stderr.isatty():
         kwargs.setdefault("mininterval", 30.0)
+        # fixed miniters: with tqdm's dynamic miniters its monitor thread redraws a slow bar between updates
+        kwargs.setdefault("miniters", 1)
     return tqdm(iterable, **kwargs)

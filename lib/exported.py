@@ -259,7 +259,7 @@ class ExportedModel(nn.Module):
     The file returns probabilities; they become 2-class logits `[log(1 - p), log(p)]` (p clamped to
     [1e-6, 1 - 1e-6]) so that softmax(...)[:, 1] gives p back and callers of an eager model (the
     engine) need no special case. `.config` says `exported: True` with the TTA baked in, `.meta` holds
-    the provenance plus the training GSD (`gsd`/`ref_scale`) when the source models agree on it.
+    the provenance plus the training GSD (`model_gsd`, `ref_scale`, ...) when the source models agree on it.
     """
 
     format = ""
@@ -275,9 +275,10 @@ class ExportedModel(nn.Module):
                        "model_name": "+".join(sorted({str((m.get("config") or {}).get("model_name")) for m in models}))}
         self.meta = {"source": f"export-{self.format}", "version": meta.get("version"),
                      "created": meta.get("created"), "sha256": [m.get("sha256") for m in models]}
-        for key in ("gsd", "ref_scale"):
-            values = {(m.get("meta") or {}).get(key) for m in models}
-            if len(values) == 1 and None not in values:
+        metas = [m.get("meta") or {} for m in models]
+        for key in ("gsd", "ref_scale", "train_gsd", "model_gsd", "model_gsd_source"):  # see tiling.model_gsd
+            values = {mm.get(key) for mm in metas}
+            if metas and all(key in mm for mm in metas) and len(values) == 1:
                 self.meta[key] = values.pop()
 
     def check_input(self, x: torch.Tensor) -> None:

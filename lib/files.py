@@ -63,3 +63,22 @@ def file_sha256(path: str | os.PathLike) -> str:
                 h.update(chunk)
         _SHA256[key] = h.hexdigest()
     return _SHA256[key]
+
+
+def walk_files(root: str | os.PathLike) -> list[Path]:
+    """Every file under `root`, following symlinked folders (each real folder once), sorted.
+
+    `Path.rglob` skips symlinked folders, yet linking imagery into a dataset folder is common;
+    remembering each folder's (device, inode) stops a link cycle from recursing forever.
+    """
+    seen: set[tuple[int, int]] = set()
+    out = []
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        st = os.stat(folder)
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirs.sort()  # a folder reached twice is listed under its first path in sorted order
+        out += [Path(folder) / f for f in files if os.path.isfile(os.path.join(folder, f))]
+    return sorted(out)

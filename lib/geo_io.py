@@ -4,12 +4,22 @@ Data preparation and inference read imagery the same way: the first three bands 
 band replicated), alpha / nodata / internal masks as an *invalid* region, uint16 and other
 non-uint8 data stretched to uint8 by per-scene percentiles (2-98 by default, the SpaceNet method)
 or a fixed range. Labels are read with geopandas, reprojected to the image CRS and repaired.
+A 4th band without colour interpretation that holds only 0 and 255 is read as alpha; `bands` picks
+other bands as RGB (WorldView-2/3 8-band: [5, 3, 2]).
+
+Failures become one-line `UserError`s that name the file once: GDAL's own message is folded into
+that line (`gdal_reason`) and rasterio's log records of GDAL errors are silenced, so a bad file
+prints one line, not GDAL's lines followed by the toolkit's.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import re
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +29,7 @@ from rasterio.enums import ColorInterp
 from rasterio.errors import RasterioError, RasterioIOError
 from rasterio.windows import Window
 
-from lib.errors import UserError, one_line
+from lib.errors import UserError
 from lib.files import atomic_path
 
 # Values for the `stretch` option.
@@ -27,16 +37,50 @@ STRETCH_PERCENTILE = "percentile"
 STRETCH_RANGE = "range"
 STRETCH_NONE = "none"
 
+# rasterio logs every GDAL error it is about to raise (and GDAL's warnings) as log records; Hydra's
+# job logging prints those on stdout before the toolkit's own one-line error. The exception carries
+# the same text, which `gdal_reason` folds into that line.
+logging.getLogger("rasterio").setLevel(logging.CRITICAL)
+
+# GDAL's advice on an unrecognised file, not useful to someone who gave an image or a label file.
+_GDAL_ADVICE = re.compile(r"[.;\s]*It might help to specify the correct driver.*$", re.DOTALL)
+_NOTED_ALPHA: set[str] = set()  # files whose 0/255 4th band was reported as alpha (once per file)
+
+
+def gdal_reason(err: BaseException, path: str | os.PathLike | None = None, limit: int = 160) -> str:
+    """GDAL's reason for a failure, short enough to go in brackets after the toolkit's message.
+
+    Drops what the toolkit's line already says -- the file's path or name, GDAL's advice to prefix the
+    path with a driver name -- and follows rasterio's "See previous exception" to the real cause.
+    """
+    cause = err.__cause__ or err.__context__
+    text = str(err).strip()
+    if "See previous exception" in text and cause is not None:
+        text = str(cause).strip()
+    text = _GDAL_ADVICE.sub("", text)
+    if path is not None:
+        for name in (str(path), os.path.abspath(path), Path(path).name):
+            text = text.replace(f"'{name}'", "").replace(f'"{name}"', "").replace(name, "")
+    text = text.replace("being in a supported file format", "a supported file format")
+    text = re.sub(r"\s+", " ", text).strip(" .;:,")
+    return text[:limit] if text else type(err).__name__
+
 
 def open_raster(path: str | os.PathLike) -> rasterio.io.DatasetReader:
-    """Open a raster, turning missing or unreadable files into a one-line `UserError`."""
+    """Open a raster, turning missing or unreadable files into a one-line `UserError`.
+
+    Plain images (PNG, JPEG) open without rasterio's NotGeoreferencedWarning: callers that need a
+    CRS check `is_georeferenced` and say so in their own words.
+    """
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: image file does not exist")
     try:
-        ds = rasterio.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+            ds = rasterio.open(path)
     except RasterioIOError as err:
-        raise UserError(f"{path}: not a readable raster ({one_line(err)})") from None
+        raise UserError(f"{path}: not a readable raster ({gdal_reason(err, path)})") from None
     return ds
 
 
@@ -47,7 +91,8 @@ def check_readable(ds, path=None) -> None:
         ds.read(1, window=Window(max(0, w - 1), max(0, h - 1), 1, 1))
         ds.read(1, window=Window(0, 0, 1, 1))
     except RasterioError as err:
-        raise UserError(f"{path or ds.name}: corrupt or truncated raster ({one_line(err)})") from None
+        name = path or ds.name
+        raise UserError(f"{name}: corrupt or truncated raster ({gdal_reason(err, name)})") from None
 
 
 def is_georeferenced(ds) -> bool:
@@ -85,10 +130,26 @@ def raster_gsd(ds) -> float | None:
     return gsd
 
 
-def band_layout(ds) -> tuple[list[int], int | None]:
-    """Return the 1-based band indexes used as RGB and the alpha band index (or None)."""
+def band_layout(ds, bands=None) -> tuple[list[int], int | None]:
+    """The 1-based band indexes read as RGB and the alpha band index (or None).
+
+    `bands` (1-based, in R, G, B order; one band is replicated) chooses the colour bands; by default
+    they are the first three bands that are not alpha. Alpha is the band GDAL labels alpha or, in a
+    4-band file, a 4th band without colour interpretation that holds only 0 and 255 (RGBA written
+    without the TIFF ExtraSamples tag). Any other 4th band (near infrared, elevation) is ignored.
+    """
     interp = list(ds.colorinterp)
     alpha = next((i + 1 for i, c in enumerate(interp) if c == ColorInterp.alpha), None)
+    chosen = _chosen_bands(ds, bands)
+    if (alpha is None and ds.count == 4 and 4 not in (chosen or ()) and interp[3] == ColorInterp.undefined
+            and _holds_only_0_255(ds, 4)):
+        alpha = 4
+        if ds.name not in _NOTED_ALPHA:
+            _NOTED_ALPHA.add(ds.name)
+            print(f"note: {ds.name}: band 4 has no colour interpretation and holds only 0/255; "
+                  "reading it as alpha (0 = nodata)", file=sys.stderr)
+    if chosen is not None:
+        return (chosen * 3 if len(chosen) == 1 else chosen), (alpha if alpha not in chosen else None)
     colour = [i + 1 for i in range(ds.count) if i + 1 != alpha]
     if not colour:
         raise UserError(f"{ds.name}: raster has no colour bands")
@@ -96,8 +157,39 @@ def band_layout(ds) -> tuple[list[int], int | None]:
     return rgb, alpha
 
 
+def check_bands(bands) -> list[int] | None:
+    """The `bands` option as a list: null, or 1 or 3 positive band indexes (checked before any file)."""
+    if bands is None:
+        return None
+    try:
+        chosen = [int(b) for b in (bands if not isinstance(bands, (int, str)) else [bands])]
+    except (TypeError, ValueError):
+        chosen = []
+    if len(chosen) not in (1, 3) or min(chosen) < 1:
+        raise UserError(f"bands={bands}: give 3 band indexes (1-based) in R,G,B order, e.g. bands=[5,3,2], or one")
+    return chosen
+
+
+def _chosen_bands(ds, bands) -> list[int] | None:
+    """`bands` checked against this file: 1 or 3 indexes in 1..count (one-line error otherwise)."""
+    chosen = check_bands(bands)
+    if chosen is None:
+        return None
+    if any(not 1 <= b <= ds.count for b in chosen):
+        raise UserError(f"{ds.name}: bands={chosen} but the file has {ds.count} band(s) (indexes are 1-based)")
+    return chosen
+
+
+def _holds_only_0_255(ds, band: int) -> bool:
+    """A decimated read (at most ~1024 px a side) of `band` has only 0 and 255, and some 255."""
+    step = max(1, math.ceil(max(ds.width, ds.height) / 1024))
+    shape = (max(1, ds.height // step), max(1, ds.width // step))
+    values = np.unique(ds.read(band, out_shape=shape, resampling=rasterio.enums.Resampling.nearest))
+    return bool(np.isin(values, (0, 255)).all() and (values == 255).any())
+
+
 def stretch_range(ds, bands: list[int], method: str = STRETCH_PERCENTILE, low: float = 2, high: float = 98,
-                  value_range: tuple[float, float] | None = None) -> np.ndarray | None:
+                  value_range: tuple[float, float] | None = None, layout=None) -> np.ndarray | None:
     """Per-band (lo, hi) mapping to 0..255, or None when the data are already uint8.
 
     Percentiles are computed once per scene on a decimated read (at most ~1024 px on a side) over
@@ -112,7 +204,7 @@ def stretch_range(ds, bands: list[int], method: str = STRETCH_PERCENTILE, low: f
     step = max(1, math.ceil(max(ds.width, ds.height) / 1024))
     shape = (max(1, ds.height // step), max(1, ds.width // step))
     data = ds.read(bands, out_shape=(len(bands),) + shape, resampling=rasterio.enums.Resampling.nearest).astype(np.float64)
-    _, alpha = band_layout(ds)
+    _, alpha = layout or band_layout(ds)
     valid = _valid_mask(ds, data, bands, alpha, window=None, out_shape=shape)
     # Black fill (0 in every band) is never a radiometric sample of non-uint8 imagery (SpaceNet mosaic
     # edges cover up to 75 % of a tile); counting it would pull the low percentile down to 0.
@@ -140,7 +232,7 @@ def _valid_mask(ds, data, bands, alpha, window, out_shape=None) -> np.ndarray:
 
 
 def read_window(ds, window: Window | None = None, stretch: np.ndarray | None = None,
-                zero_is_nodata: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                zero_is_nodata: bool = False, layout=None) -> tuple[np.ndarray, np.ndarray]:
     """Read `window` (may extend past the edges) as (RGB uint8 [H, W, 3], valid bool [H, W]).
 
     Pixels outside the raster, under alpha 0, or equal to nodata are invalid and set to 0.
@@ -148,8 +240,9 @@ def read_window(ds, window: Window | None = None, stretch: np.ndarray | None = N
     Colour and alpha bands come from one read of the part of the window inside the raster, pasted
     into the padded result: rasterio's `boundless` reads go through a warped VRT and decode every
     block again for each band set, which made chip extraction several times slower.
+    `layout` is `band_layout(ds, bands)`, computed once per file by callers that read many windows.
     """
-    bands, alpha = band_layout(ds)
+    bands, alpha = layout or band_layout(ds)
     if window is None:
         window = Window(0, 0, ds.width, ds.height)
     col, row = round(window.col_off), round(window.row_off)
@@ -172,7 +265,7 @@ def read_window(ds, window: Window | None = None, stretch: np.ndarray | None = N
             elif any(m.name == "per_dataset" for m in ds.mask_flag_enums[0]):
                 ok &= ds.read_masks(1, window=inner) > 0
         except RasterioError as err:
-            raise UserError(f"{ds.name}: corrupt or truncated raster ({one_line(err)})") from None
+            raise UserError(f"{ds.name}: corrupt or truncated raster ({gdal_reason(err, ds.name)})") from None
         rows, cols = slice(r0 - row, r1 - row), slice(c0 - col, c1 - col)
         data[:, rows, cols] = part
         valid[rows, cols] = ok
@@ -209,7 +302,7 @@ def load_footprints_report(path: str | os.PathLike, crs=None):
     try:
         gdf = gpd.read_file(path)
     except Exception as err:  # noqa: BLE001 - pyogrio raises several types for unreadable files
-        raise UserError(f"{path}: not a readable vector file ({one_line(err)})") from None
+        raise UserError(f"{path}: not a readable vector file ({gdal_reason(err, path)})") from None
     report = {"read": len(gdf), "repaired": 0, "dropped": 0}
     if len(gdf) == 0:
         gdf = gdf.set_crs(crs or "EPSG:4326", allow_override=True) if gdf.crs is None else gdf
@@ -276,7 +369,7 @@ def write_raster(path: str | os.PathLike, array: np.ndarray, profile: dict, tags
             dst.update_tags(**{k: str(v) for k, v in tags.items()})
 
 
-def resolve_zero_is_nodata(value, ds) -> bool:
+def resolve_zero_is_nodata(value, ds, layout=None) -> bool:
     """`auto`: zero-valued pixels are nodata only when the file itself says nothing about validity.
 
     A raster with an alpha band, a nodata value or an internal mask marks its own edges; trusting it
@@ -289,6 +382,6 @@ def resolve_zero_is_nodata(value, ds) -> bool:
         return True
     if str(value).lower() in ("false", "0", "no"):
         return False
-    _, alpha = band_layout(ds)
+    _, alpha = layout or band_layout(ds)
     has_mask = any(m.name == "per_dataset" for m in ds.mask_flag_enums[0])
     return alpha is None and ds.nodata is None and not has_mask

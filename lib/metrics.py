@@ -77,15 +77,18 @@ def _polygonal(geoms) -> np.ndarray:
 
 
 def score_polygons(gt, pred, confidence=None, *, min_area: float = 20.0, iou_threshold: float = 0.5,
-                   area_scale: float = 1.0) -> dict:
+                   gt_areas=None, pred_areas=None) -> dict:
     """SpaceNet matching of proposals `pred` against ground truth `gt` (shapely geometries, same CRS).
 
-    `area_scale` converts polygon areas to the units of `min_area` (e.g. 1 / pixel area for px^2).
-    Returns prf() counts plus `matches` [(pred index, gt index, iou)] of the true positives.
+    `gt_areas` / `pred_areas` are the areas compared with `min_area` (e.g. m^2 on the ground while
+    the polygons are in pixels); by default the polygons' own areas. Returns prf() counts plus
+    `matches` [(pred index, gt index, iou)] of the true positives.
     """
     gt, pred = _polygonal(gt), _polygonal(pred)
-    gt_idx = [i for i, g in enumerate(gt) if g is not None and not g.is_empty and g.area * area_scale >= min_area]
-    pr_idx = [i for i, g in enumerate(pred) if g is not None and not g.is_empty and g.area * area_scale > min_area]
+    gt_areas = shapely.area(gt) if gt_areas is None else np.asarray(gt_areas, dtype=float)
+    pred_areas = shapely.area(pred) if pred_areas is None else np.asarray(pred_areas, dtype=float)
+    gt_idx = [i for i, g in enumerate(gt) if g is not None and not g.is_empty and gt_areas[i] >= min_area]
+    pr_idx = [i for i, g in enumerate(pred) if g is not None and not g.is_empty and pred_areas[i] > min_area]
     conf = np.ones(len(pred)) if confidence is None else np.asarray(confidence, dtype=float)
     order = sorted(pr_idx, key=lambda i: -conf[i])  # stable: file order on ties
     gts = gt[gt_idx] if gt_idx else np.array([], dtype=object)
@@ -109,3 +112,32 @@ def score_polygons(gt, pred, confidence=None, *, min_area: float = 20.0, iou_thr
     out = prf(tp, len(order) - tp, int(remaining.sum()))
     out["matches"] = matches
     return out
+
+
+def outline_stats(geoms, tolerance_deg: float = 10.0) -> dict:
+    """How squared a set of outlines is: vertices per polygon and the share of right-angle corners.
+
+    `geoms` are shapely geometries or a GeoDataFrame, in a frame with equal x/y units (pixels or
+    metres -- not longitude/latitude). A corner is a vertex where the outline turns by more than
+    `tolerance_deg` (straight-through vertices are not corners); it counts as a right angle when the
+    turn is within `tolerance_deg` of 90 degrees (inner or outer corner alike).
+    """
+    geoms = getattr(geoms, "geometry", geoms)
+    parts = shapely.get_parts(np.asarray(list(geoms), dtype=object)) if len(geoms) else np.array([])
+    parts = [p for p in parts if p is not None and p.geom_type == "Polygon" and not p.is_empty]
+    vertices, corners, right = [], 0, 0
+    for p in parts:
+        count = 0
+        for ring in (p.exterior, *p.interiors):
+            xy = np.asarray(ring.coords)[:-1]
+            count += len(xy)
+            d = np.roll(xy, -1, axis=0) - xy
+            d = d[np.hypot(d[:, 0], d[:, 1]) > 0]
+            a = np.arctan2(d[:, 1], d[:, 0])
+            turn = np.degrees(np.abs((a - np.roll(a, 1) + np.pi) % (2 * np.pi) - np.pi))
+            turning = turn > tolerance_deg
+            corners += int(turning.sum())
+            right += int((turning & (np.abs(turn - 90) <= tolerance_deg)).sum())
+        vertices.append(count)
+    return {"polygons": len(parts), "vertices_per_polygon": float(np.mean(vertices)) if vertices else None,
+            "right_angle_share": right / corners if corners else None}

@@ -3,6 +3,11 @@
 `SceneWriter` is the sink the tiling engine hands finished blocks to (inference), and the writer of
 averaged maps (combine_images), so both write the same files: uint8 probability (0-255) and mask
 (0/255) aligned with the source, tagged with their provenance, Cloud-Optimized when georeferenced.
+
+Nodata: with `nodata_mask` the rasters carry an internal mask band (GDAL per-dataset mask, kept by the
+COG layout and its overviews) that is 0 where the input had no imagery (alpha, nodata value, mask). GIS
+software (QGIS, GDAL, rasterio's `dataset_mask()`) shows those pixels as transparent, while a
+probability of 0 stays a valid value -- a nodata *value* could not tell the two apart in uint8.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ class SceneWriter:
     """
 
     def __init__(self, prob_path, mask_path, profile: dict, tags: dict | None = None, *, cog: bool = True,
-                 polygonizer=None, threshold: float = 0.5):
+                 polygonizer=None, threshold: float = 0.5, nodata_mask: bool = False):
         self.targets = [Path(prob_path), Path(mask_path)]
         self.profile = dict(profile)
         self.georef = "crs" in profile and profile.get("crs") is not None
@@ -59,6 +64,7 @@ class SceneWriter:
         self.tags = {k: str(v) for k, v in (tags or {}).items()}
         self.polygonizer = polygonizer
         self.threshold = threshold
+        self.nodata_mask = nodata_mask
         self._stack = contextlib.ExitStack()
         self._tmps = [self._stack.enter_context(atomic_path(t)) for t in self.targets]
         with warnings.catch_warnings():
@@ -69,13 +75,19 @@ class SceneWriter:
     def add(self, block) -> None:
         """Sink for the tiling engine: quantise a finished block's building map at `threshold` and write it."""
         prob_u8, mask = quantize(block.maps[BUILDING], block.valid, self.threshold)
-        self.write(block.row_off, prob_u8, mask, block.col_off)
+        self.write(block.row_off, prob_u8, mask, block.col_off, valid=block.valid)
 
-    def write(self, row_off: int, prob_u8: np.ndarray, mask: np.ndarray, col_off: int = 0) -> None:
+    def write(self, row_off: int, prob_u8: np.ndarray, mask: np.ndarray, col_off: int = 0,
+              valid: np.ndarray | None = None) -> None:
+        """Write a block; with `nodata_mask`, `valid` (None: all valid) goes into both rasters' masks."""
         h, w = prob_u8.shape
         window = Window(col_off, row_off, w, h)
         self._dsts[0].write(prob_u8, 1, window=window)
         self._dsts[1].write(mask.astype(np.uint8) * np.uint8(255), 1, window=window)
+        if self.nodata_mask:
+            m = np.full((h, w), 255, np.uint8) if valid is None else valid.astype(np.uint8) * np.uint8(255)
+            for dst in self._dsts:
+                dst.write_mask(m, window=window)
         if self.polygonizer is not None:
             self.polygonizer.add(row_off, mask, prob_u8, col_off)
         self.pixels_written += h * w

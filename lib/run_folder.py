@@ -3,14 +3,22 @@
     <run>/probabilities/<stem>.tif    uint8 building probability 0-255
     <run>/masks/<stem>.tif            0/255 building mask
     <run>/footprints/<stem>.geojson   footprints in EPSG:4326 (+ .gpkg in the image CRS)
-    <run>/run.json                    provenance: models, passes, threshold, and one record per image
+    <run>/stac/<stem>.json            STAC item of each output scene (inference), stac/catalog.json links them
+    <run>/run.json                    the last run's settings, and one record per image (its own provenance)
     <run>/.run.rank<N>.json           progress of rank N of a torchrun job, merged into run.json
 
 Every script finds these files through this module, so the layout is spelt out once.
+
+The re-run rule (inference): every image record holds `settings` -- everything that changes that
+image's outputs (input file, model hashes, backend, precision asked for, TTA, widths, resize factors,
+GSDs, tiling, threshold, footprint and reading options, toolkit version) -- and their `fingerprint`.
+An image is skipped only when its outputs all exist and its recorded fingerprint equals the one of
+the current settings; otherwise `rerun_reason` says why it is computed again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,7 +29,10 @@ from lib.footprints import VECTOR_FORMATS
 PROBABILITIES = "probabilities"
 MASKS = "masks"
 FOOTPRINTS = "footprints"
+STAC = "stac"
 RUN_FILE = "run.json"
+STATUS_DONE, STATUS_FAILED = "done", "failed"
+NEW = "new"  # rerun_reason of an image this folder has never seen
 MAP_SUFFIX = ".tif"
 
 
@@ -37,6 +48,14 @@ def output_paths(run_dir: str | os.PathLike, stem: str, vector_format: str | Non
     if fmt is not None and fmt[1] != ".geojson":
         paths["vector"] = run_dir / FOOTPRINTS / f"{stem}{fmt[1]}"
     return paths
+
+
+def stac_item_path(run_dir: str | os.PathLike, stem: str) -> Path:
+    return Path(run_dir) / STAC / f"{stem}.json"
+
+
+def stac_catalog_path(run_dir: str | os.PathLike) -> Path:
+    return Path(run_dir) / STAC / "catalog.json"
 
 
 def is_run(folder: str | os.PathLike) -> bool:
@@ -76,3 +95,44 @@ def read_run(run_dir: str | os.PathLike) -> dict:
 
 def write_record(path: str | os.PathLike, record: dict) -> None:
     write_json(path, record)
+
+
+# --------------------------------------------------------------------------------------------------
+# The re-run rule
+# --------------------------------------------------------------------------------------------------
+
+def fingerprint(settings: dict) -> str:
+    """Short hash of an image's settings (key order and number formatting do not matter)."""
+    text = json.dumps(settings, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def rerun_reason(record: dict | None, settings: dict, outputs: list[Path]) -> str | None:
+    """None when an image is finished with exactly these settings; else why it must be computed.
+
+    `record` is the image's entry in run.json (None: none), `outputs` every file it should have;
+    `NEW` for an image never predicted into this folder.
+    """
+    if not record:
+        return "no record of its settings in run.json" if any(p.exists() for p in outputs) else NEW
+    if record.get("status") == STATUS_FAILED:
+        return "it failed last time"
+    missing = [p.name for p in outputs if not p.exists()]
+    if missing:
+        return f"{missing[0]} missing"
+    if record.get("fingerprint") != fingerprint(settings):
+        old = record.get("settings")
+        return changes(old, settings) if isinstance(old, dict) else "made before settings were recorded"
+    return None
+
+
+def changes(old: dict, new: dict) -> str:
+    """`threshold changed (0.5 -> 0.6), models changed`: the settings that differ, for the log."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        scalar = all(v is None or isinstance(v, (str, int, float, bool)) for v in (a, b))
+        out.append(f"{key} changed ({a} -> {b})" if scalar else f"{key} changed")
+    return ", ".join(out) or "settings changed"

@@ -3,7 +3,10 @@
 Data preparation accepts the layouts the original pipeline and the usual public sets use -- an Open
 Cities `train_tier_N` STAC catalog, a `train_metadata.csv` (img_uri,label_uri) index, or a folder of
 images and label files matched by tile id (plain same-stem pairs or SpaceNet naming). Each becomes a
-list of `Scene`s; every unreadable or missing input is a one-line `UserError` naming the file.
+list of `Scene`s; every unreadable or missing input is a one-line `UserError` naming the file. Given a
+`failures` list, a problem with one scene (missing asset or label file) goes there and the scene is
+left out, so the other scenes are still prepared; problems with the catalog or index itself still stop.
+Folders are searched through symlinked subfolders (each real folder once).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lib.errors import UserError, one_line
+from lib.files import walk_files
 
 SOURCES = ("auto", "stac", "csv", "pairs")
 RASTER_SUFFIXES = (".tif", ".tiff", ".jp2", ".img", ".vrt")
@@ -69,7 +73,7 @@ def detect_source(base_dir: Path, source: str = "auto", process_tier=1) -> tuple
     return "pairs", base_dir
 
 
-def stac_scenes(catalog_path: Path) -> list[Scene]:
+def stac_scenes(catalog_path: Path, failures: list[str] | None = None) -> list[Scene]:
     """Label items and the image items their `source` link points to (Open Cities layout)."""
     import pystac
 
@@ -80,23 +84,35 @@ def stac_scenes(catalog_path: Path) -> list[Scene]:
         raise UserError(f"{catalog_path}: unreadable STAC catalog ({one_line(err)})") from None
     scenes = []
     for item in items:
-        sources = item.get_links("source")
-        if not sources:
-            continue  # an image item; reached through its label item
-        item_file = item.get_self_href() or catalog_path
-        labels = _asset_path(item, ("labels",), LABEL_SUFFIXES, item_file)
-        try:
-            image_item = sources[0].resolve_stac_object(root=catalog).target
-        except Exception as err:  # noqa: BLE001 - any failure here means unreadable input
-            raise UserError(f"{item_file}: its source link {sources[0].href} cannot be read "
-                            f"({one_line(err)})") from None
-        image = _asset_path(image_item, ("image", "data", "visual"), RASTER_SUFFIXES,
-                            image_item.get_self_href() or item_file)
-        collection = item.collection_id or (item.get_parent().id if item.get_parent() else catalog.id)
-        scenes.append(Scene(collection, image_item.id, image, labels))
-    if not scenes:
+        if item.get_links("source"):  # image items are reached through their label item
+            _collect(failures, lambda item=item: scenes.append(_stac_scene(item, catalog, catalog_path)))
+    if not scenes and not failures:
         raise UserError(f"{catalog_path}: no label items (items with a 'source' link) in this catalog")
     return sorted(scenes, key=lambda s: s.key)
+
+
+def _collect(failures: list[str] | None, step) -> None:
+    """Run one scene's `step`; with a `failures` list its UserError is recorded there instead of raised."""
+    try:
+        step()
+    except UserError as err:
+        if failures is None:
+            raise
+        failures.append(str(err))
+
+
+def _stac_scene(item, catalog, catalog_path: Path) -> Scene:
+    source = item.get_links("source")[0]
+    item_file = item.get_self_href() or catalog_path
+    labels = _asset_path(item, ("labels",), LABEL_SUFFIXES, item_file)
+    try:
+        image_item = source.resolve_stac_object(root=catalog).target
+    except Exception as err:  # noqa: BLE001 - any failure here means unreadable input
+        raise UserError(f"{item_file}: its source link {source.href} cannot be read ({one_line(err)})") from None
+    image = _asset_path(image_item, ("image", "data", "visual"), RASTER_SUFFIXES,
+                        image_item.get_self_href() or item_file)
+    collection = item.collection_id or (item.get_parent().id if item.get_parent() else catalog.id)
+    return Scene(collection, image_item.id, image, labels)
 
 
 def _asset_path(item, keys: tuple[str, ...], suffixes: tuple[str, ...], item_file) -> Path:
@@ -150,35 +166,42 @@ def tile_id(stem: str) -> str:
     return stem
 
 
-def pair_scenes(base_dir: Path, exclude: Path | None = None) -> list[Scene]:
+def pair_scenes(base_dir: Path, exclude: Path | None = None, failures: list[str] | None = None) -> list[Scene]:
     """Images matched to label files by tile id (plain same-stem pairs or SpaceNet naming)."""
-    files = [p for p in base_dir.rglob("*") if p.is_file() and not p.name.startswith(".")]
+    files = [p for p in walk_files(base_dir) if not p.name.startswith(".")]
     if exclude is not None:
-        files = [p for p in files if exclude not in p.parents]
+        files = [p for p in files if exclude not in p.parents and exclude not in p.resolve().parents]
     labels: dict[str, list[Path]] = {}
     for p in files:
         if p.suffix.lower() in (".geojson", ".gpkg", ".shp"):
             labels.setdefault(tile_id(p.stem), []).append(p)
     scenes = []
     for image in sorted(p for p in files if p.suffix.lower() in RASTER_SUFFIXES):
-        matches = labels.get(tile_id(image.stem), [])
-        if not matches:
-            raise UserError(f"{image}: label file missing (no .geojson/.gpkg with tile id {tile_id(image.stem)!r} "
-                            f"under {base_dir})")
-        if len(matches) > 1:
-            raise UserError(f"{image}: several label files match it: {', '.join(str(m) for m in matches)}")
-        scenes.append(Scene(base_dir.resolve().name, image.stem, image, matches[0]))
-    if not scenes:
+        _collect(failures, lambda image=image: scenes.append(_pair(image, labels, base_dir)))
+    if not scenes and not failures:
         raise UserError(f"{base_dir}: no images (.tif) found to pair with labels")
     return scenes
 
 
-def find_scenes(cfg) -> list[Scene]:
-    """The scenes under `cfg.base_dir` (`source`, `process_tier`); pairs never come from inside `out_dir`."""
+def _pair(image: Path, labels: dict[str, list[Path]], base_dir: Path) -> Scene:
+    matches = labels.get(tile_id(image.stem), [])
+    if not matches:
+        raise UserError(f"{image}: label file missing (no .geojson/.gpkg with tile id {tile_id(image.stem)!r} "
+                        f"under {base_dir})")
+    if len(matches) > 1:
+        raise UserError(f"{image}: several label files match it: {', '.join(str(m) for m in matches)}")
+    return Scene(base_dir.resolve().name, image.stem, image, matches[0])
+
+
+def find_scenes(cfg, failures: list[str] | None = None) -> list[Scene]:
+    """The scenes under `cfg.base_dir` (`source`, `process_tier`); pairs never come from inside `out_dir`.
+
+    With a `failures` list, scenes whose files are missing are reported there and left out.
+    """
     base_dir = Path(cfg.base_dir)
     kind, path = detect_source(base_dir, cfg.source, cfg.process_tier)
     if kind == "stac":
-        return stac_scenes(path)
+        return stac_scenes(path, failures)
     if kind == "csv":
         return csv_scenes(path)
-    return pair_scenes(path, exclude=Path(cfg.out_dir).resolve() if cfg.out_dir else None)
+    return pair_scenes(path, exclude=Path(cfg.out_dir).resolve() if cfg.out_dir else None, failures=failures)

@@ -10,8 +10,8 @@ How a scene is predicted:
 - The scene is covered by windows of `tile_size` source pixels (the whole side when the scene is
   smaller) with `overlap`; the last window of a row/column is aligned to the scene edge, so reads never
   leave the image and nothing is stretched.
-- Each window is resized by `width / tile_size * scale_factor` (times source GSD / training GSD with
-  `match_gsd`; the training GSD is checkpoint meta `gsd`, `train_gsd` or `ref_scale`) to a model size
+- Each window is resized by `width / tile_size * scale_factor`, times source GSD / model GSD with
+  `match_gsd` when both are known (`model_gsd`: the GSD the model saw in training), to a model size
   that is a multiple of 32. When the scaled size is not a multiple of 32 the window is reflect-padded
   at its bottom/right just enough to keep the scale exact, and the padding is cropped off again.
 - Every (model, width, TTA) combination is predicted in batches; the decoded maps are un-transformed
@@ -25,7 +25,9 @@ How a scene is predicted:
 - Precision: `fp32`, `bf16`/`fp16` (autocast), or `auto`: on CUDA bf16 (fp16 where bf16 is missing),
   on CPUs with AMX/AVX512-BF16 bf16, elsewhere fp32 (emulated bf16 ran ~8x slower than fp32 on an
   AVX2 CPU); the reduced precision is kept only if the decoder's agreement with fp32 (for
-  segmentation: the same mask) is >= 99.5 % on the first batch.
+  segmentation: the same mask) is >= 99.5 % on the first batch. Exported graphs (ONNX Runtime,
+  TorchScript) always run as exported, in fp32: autocast cannot reach inside them, and
+  `precision_used` says so.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ from lib.tta import parse_tta, tta_forward, tta_inverse
 from lib.windows import BLEND_FLOOR, OUT_COLS, blend_weights_1d, model_size, weight_sums, window_offsets
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 AGREEMENT_MIN = 0.995  # reduced precision must reproduce fp32 (decoder.agreement) on this share
 
 
@@ -115,6 +118,33 @@ def build_passes(n_models: int, widths, tta) -> list[Pass]:
     return passes
 
 
+def model_gsd(meta: dict | None) -> tuple[float | None, str | None]:
+    """The ground sample distance (m/px) a model saw in training, and which record it comes from.
+
+    Checkpoints from train.py record `model_gsd` (with `model_gsd_source`: `ref_scale` when chips were
+    resized to it, else `train_gsd`, the training chips' median GSD). Older ones only have `ref_scale`
+    and `train_gsd`: ref_scale is what the model saw unless `train_gsd` is recorded as unknown (no chip
+    had a GSD, so none was resized); `gsd` is the oldest exports' name. None: the model's GSD is unknown
+    (the original pipeline's published checkpoints), so no GSD matching is possible.
+    """
+    meta = meta or {}
+    if "model_gsd" in meta:
+        value = meta["model_gsd"]
+        return (float(value), meta.get("model_gsd_source") or "model_gsd") if value else (None, None)
+    if meta.get("ref_scale") and not ("train_gsd" in meta and not meta["train_gsd"]):
+        return float(meta["ref_scale"]), "ref_scale"
+    for key in ("gsd", "train_gsd"):
+        if meta.get(key):
+            return float(meta[key]), key
+    return None, None
+
+
+def is_exported(model) -> bool:
+    """An exported graph (ONNX Runtime or TorchScript): run as exported, in fp32."""
+    return getattr(model, "format", "") in ("onnx", "torchscript") or bool(
+        (getattr(model, "config", None) or {}).get("exported"))
+
+
 class _ArrayCollector:
     """A sink that pastes every block of one map into an in-memory array."""
 
@@ -134,7 +164,8 @@ class Engine:
                  tta: Sequence = ("none",), tile_size: int = 1024, overlap: int | None = None, batch_size: int = 8,
                  device: str | torch.device = "cpu", precision: str = "fp32", scale_factor: float = 1.0,
                  match_gsd: bool = False, num_workers: int = 1, progress: bool = False,
-                 blend_floor: float = BLEND_FLOOR, channels_last: bool = True, decoder=None):
+                 blend_floor: float = BLEND_FLOOR, channels_last: bool = True, decoder=None,
+                 model_gsds: Sequence[float | None] | None = None):
         if tile_size < 32:
             raise UserError(f"tile_size={tile_size}: must be at least 32 source pixels")
         overlap = tile_size // 4 if overlap is None else overlap
@@ -154,6 +185,10 @@ class Engine:
             self.models = [m.to(memory_format=torch.channels_last) for m in self.models]
         # graphs run outside PyTorch (ONNX Runtime) take plain NCHW arrays
         self.is_onnx = [getattr(m, "format", "") == "onnx" for m in self.models]
+        self.exported = [is_exported(m) for m in self.models]
+        # the GSD each model saw in training; given by callers that swap models for exported copies
+        self.model_gsds = list(model_gsds) if model_gsds is not None else [
+            model_gsd(getattr(m, "meta", None))[0] for m in models]
         self.passes = build_passes(len(self.models), widths, tta)
         self.tile_size, self.overlap = int(tile_size), int(overlap)
         self.batch_size = max(1, int(batch_size))
@@ -163,6 +198,7 @@ class Engine:
         self.out_cols = max(OUT_COLS, self.tile_size)  # finished rows are handed out in blocks this wide
         self.precision = precision
         self._dtype = self._initial_dtype(precision)
+        self._used: set[str] = set()  # precisions the models actually ran in
         self.agreement: float | None = None  # reduced-vs-fp32 agreement measured by precision=auto
         self.stats = SceneStats()
 
@@ -202,8 +238,19 @@ class Engine:
 
     @property
     def precision_name(self) -> str:
+        """The precision eager PyTorch models run in (`auto` until the first batch resolves it)."""
         d = self._dtype
-        return "auto" if d == "auto" else {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[d]
+        return "auto" if d == "auto" else _DTYPE_NAMES[d]
+
+    @property
+    def precision_used(self) -> str:
+        """The precision the models actually ran in so far (e.g. `fp32`, `bf16`, `bf16+fp32` for an
+        ensemble of eager and exported models); before any batch: what they will run in."""
+        if self._used:
+            return "+".join(sorted(self._used))
+        if all(self.exported):
+            return "fp32"
+        return self.precision_name
 
     # ----- model calls ----------------------------------------------------------------------------
     def _run_model(self, model, x: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,10 +259,15 @@ class Engine:
             out = model(x)
         return self.decoder(out, x.shape[0], x.device)
 
-    def _forward(self, model, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._dtype == "auto":
-            self._resolve_auto(model, x[: self.batch_size])
-        outs = [self._run_model(model, chunk, self._dtype) for chunk in x.split(self.batch_size)]
+    def _forward(self, model, x: torch.Tensor, exported: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        if exported:
+            dtype = None  # autocast cannot reach inside an exported graph
+        else:
+            if self._dtype == "auto":
+                self._resolve_auto(model, x[: self.batch_size])
+            dtype = self._dtype
+        self._used.add(_DTYPE_NAMES[dtype])
+        outs = [self._run_model(model, chunk, dtype) for chunk in x.split(self.batch_size)]
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     def _to_device(self, batch: np.ndarray) -> torch.Tensor:
@@ -229,14 +281,16 @@ class Engine:
 
     # ----- geometry per scene ---------------------------------------------------------------------
     def factor(self, p: Pass, gsd: float | None) -> float:
-        """Resize factor source -> model pixels for pass `p` on a scene of ground sample distance `gsd`."""
+        """Resize factor source -> model pixels for pass `p` on a scene of ground sample distance `gsd`:
+        width / tile_size x scale_factor, times gsd / model GSD with `match_gsd` when both are known."""
         f = p.width / self.tile_size * self.scale_factor
-        if self.match_gsd and gsd:
-            meta = getattr(self.models[p.model], "meta", None) or {}
-            ref = meta.get("gsd") or meta.get("train_gsd") or meta.get("ref_scale")  # m/px the model learned at
-            if ref:
-                f *= gsd / float(ref)
+        ref = self.model_gsds[p.model]
+        if self.match_gsd and gsd and ref:
+            f *= gsd / float(ref)
         return f
+
+    def gsd_matched(self, p: Pass, gsd: float | None) -> bool:
+        return bool(self.match_gsd and gsd and self.model_gsds[p.model])
 
     def _sizes(self, p: Pass, gsd, eh: int, ew: int) -> tuple[int, int, int, int]:
         f = self.factor(p, gsd)
@@ -317,7 +371,7 @@ class Engine:
                 xt = torch.cat([tta_forward(x, n) for n in names])
                 nchw = self.is_onnx[p.model] or not self.channels_last
                 xt = xt.contiguous(memory_format=torch.contiguous_format if nchw else torch.channels_last)
-                maps, scores = self._forward(self.models[p.model], xt)
+                maps, scores = self._forward(self.models[p.model], xt, self.exported[p.model])
                 for i, n in enumerate(names):
                     part = tta_inverse(maps[i * k:(i + 1) * k], n)
                     up = F.interpolate(part, size=(ph, pw), mode="bilinear", align_corners=False)
@@ -352,7 +406,9 @@ class Engine:
             scores={s: float("nan") for s in self.decoder.scores}, map_max={m: 0.0 for m in names},
             accumulator_shape=(eh, W), passes=[
                 {"model": p.model, "width": p.width, "tta": list(p.tta), "model_size": list(s[:2]),
-                 "factor": round(self.factor(p, src.gsd), 6)} for p, s in zip(self.passes, sizes)])
+                 "factor": round(self.factor(p, src.gsd), 6), "gsd_matched": self.gsd_matched(p, src.gsd)}
+                for p, s in zip(self.passes, sizes)])
+        self._used = set()  # precision_used is per scene
         per_step = max(1, self.batch_size // max(len(p.tta) for p in self.passes))  # windows per model call
         bar = progress_bar(total=len(rows) * len(cols), disable=not self.progress, unit="tiles", leave=False,
                            dynamic_ncols=True)

@@ -6,9 +6,10 @@ metrics. Everything else lives here once: mixed precision, DDP glue (wrapping, B
 shared before scoring, one all-reduce of the loss terms per step), the checkpoint cadence
 (last/best/m<step>.pth), the run folder's logs (lib.run_log) and exact resume.
 
-Exactness: a checkpoint holds the model, optimiser, scheduler, scaler, step and every process's RNG
-states; a task whose batches are a function of (seed, step) -- see dataset.EpochBatches -- therefore
-continues after SIGKILL with the same losses, bit for bit on CPU.
+Exactness: a training checkpoint (last.pth, m<step>.pth) holds the model, optimiser, scheduler, scaler,
+step and every process's RNG states; a task whose batches are a function of (seed, step) -- see
+dataset.EpochBatches -- therefore continues after SIGKILL with the same losses, bit for bit on CPU.
+best.pth is lean (weights, config, meta and scores): what inference and `model=` need.
 """
 
 from __future__ import annotations
@@ -334,18 +335,23 @@ def validate(s: Session) -> dict:
 # ---------------------------------------------------------------------------------------------------
 
 
-def save(s: Session, path: Path, rng: dict) -> None:
-    """Self-describing, atomic checkpoint with everything `resume` needs."""
-    save_checkpoint(
-        path, s.net,
-        optimizer=s.optimizer.state_dict(), scheduler=s.scheduler.state_dict(),
-        scaler=s.scaler.state_dict() if s.scaler.is_enabled() else None,
-        rng=rng, step=s.step, epoch=s.step / max(s.per_epoch, 1),
-        metrics={best_key(s.task): s.best, "best_step": s.best_step, "history": s.history[-1000:],
-                 **(s.history[-1] if s.history else {})},
-        train_config=OmegaConf.to_container(s.cfg, resolve=True),
-        meta=s.task.checkpoint_meta(s),
-    )
+LEAN_CHECKPOINTS = ("best.pth",)  # weights, config, meta and scores only: what inference and model= read
+
+
+def save(s: Session, path: Path, rng: dict | None) -> None:
+    """Self-describing, atomic checkpoint; with `rng` it holds everything `resume` needs.
+
+    Without `rng` it is lean (best.pth): weights, model and training config, the task's meta and the
+    scores, but no optimiser, scheduler or RNG state -- a third of the size for Adam-type optimisers.
+    """
+    metrics = {best_key(s.task): s.best, "best_step": s.best_step, **(s.history[-1] if s.history else {})}
+    state = {}
+    if rng is not None:
+        state = {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
+                 "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None, "rng": rng}
+        metrics["history"] = s.history[-1000:]
+    save_checkpoint(path, s.net, **state, step=s.step, epoch=s.step / max(s.per_epoch, 1), metrics=metrics,
+                    train_config=OmegaConf.to_container(s.cfg, resolve=True), meta=s.task.checkpoint_meta(s))
 
 
 def checkpoint(s: Session, names: list[str]) -> None:
@@ -354,7 +360,7 @@ def checkpoint(s: Session, names: list[str]) -> None:
     if s.d.main:
         out = Path(s.cfg.output_dir)
         for name in names:
-            save(s, out / name, rng)
+            save(s, out / name, None if name in LEAN_CHECKPOINTS else rng)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -409,8 +415,9 @@ def fit(s: Session, on_validation: Callable[[Session, dict], None] | None = None
             running, count = running + terms["loss"], count + 1
             smooth = terms["loss"] if smooth is None else 0.9 * smooth + 0.1 * terms["loss"]
             lr = s.optimizer.param_groups[0]["lr"]
+            # refresh=False: the bar's own schedule (lib.cli.progress_bar) decides when a line is written
+            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}", epoch=s.step // max(s.per_epoch, 1), refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{smooth:.4f}", lr=f"{lr:.2e}", epoch=s.step // max(s.per_epoch, 1))
             if s.step % int(cfg.log_every) == 0:
                 log.scalars("train", {**terms, "lr": lr}, s.step)
             names = []

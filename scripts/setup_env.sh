@@ -12,7 +12,9 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 stamp=".venv/.installed-$(cat requirements.txt "$req" | sha256sum | cut -c1-16)"
-if [ ! -f "$stamp" ]; then
+# the dev requirements include requirements.txt: a venv set up with --dev serves the plain setup too
+dev_stamp=".venv/.installed-$(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ] && [ ! -f "$dev_stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first and pinned: a CPU wheel where one is provided, and nothing newer pulled in later.
   echo "+ pip install ${TORCH_SPEC:-torch==2.13.0}"

@@ -1,11 +1,14 @@
 """lib.chip_writer: grid windows cut like inference cuts a scene, batches of neighbouring chips, resolutions.json."""
 
 import json
+import shutil
 
+import cv2
 import pytest
+import rasterio
 from omegaconf import OmegaConf
 
-from lib.chip_writer import ScenePlan, chip_batches, chip_scales, update_resolutions
+from lib.chip_writer import MIN_VALID_SHARE, ScenePlan, chip_batches, chip_scales, update_resolutions, write_chips
 from lib.errors import UserError
 from lib.scene_sources import Scene
 from lib.windows import window_offsets
@@ -54,3 +57,51 @@ def test_resolutions_merge_with_an_existing_file_and_survive_a_corrupt_one(tmp_p
     (tmp_path / "resolutions.json").write_text("{not json")
     update_resolutions(tmp_path, {"c/a": 0.1})
     assert json.loads((tmp_path / "resolutions.json").read_text()) == {"c/a": 0.1}
+
+
+RIO = "data/spacenet-rio"
+
+
+def rio_pairs(shared, folder, ids=(4, 5, 6)):
+    folder.mkdir()
+    for i in ids:
+        shutil.copy(shared / RIO / f"3band/3band_013022223130_Public_img{i}.tif", folder)
+        shutil.copy(shared / RIO / f"geojson/013022223130_Public_img{i}_Geo.geojson", folder)
+    return folder
+
+
+def prep_config(base, out, **overrides):
+    from dataset import default_config
+
+    return default_config(base_dir=str(base), out_dir=str(out), source="pairs", num_workers=0, progress=False,
+                          **overrides)
+
+
+def test_an_unreadable_scene_is_reported_and_skipped_and_a_rerun_retries_it(shared, tmp_path, capsys):
+    base = rio_pairs(shared, tmp_path / "pairs")
+    labels = base / "013022223130_Public_img5_Geo.geojson"
+    good = labels.read_bytes()
+    labels.write_text("hello")
+    first = write_chips(prep_config(base, tmp_path / "chips"))
+    err = capsys.readouterr().err
+    assert first["failed"] == [f"{labels}: not a readable vector file (not recognized as a supported file format)"]
+    assert err == f"error: {first['failed'][0]} (scene skipped)\n"
+    assert first["scenes"] == 2 and first["written"] > 0
+    assert not (tmp_path / "chips" / "pairs" / "3band_013022223130_Public_img5").exists()
+    labels.write_bytes(good)
+    second = write_chips(prep_config(base, tmp_path / "chips"))
+    assert second["failed"] == [] and second["skipped"] == first["written"] and second["written"] > 0
+    assert (tmp_path / "chips" / "pairs" / "3band_013022223130_Public_img5").is_dir()
+
+
+def test_grid_tiles_without_imagery_are_not_written(shared, tmp_path):
+    base = rio_pairs(shared, tmp_path / "pairs", ids=(4,))
+    summary = write_chips(prep_config(base, tmp_path / "chips", mode="grid", tile_size=64, negative_ratio=1.0))
+    with rasterio.open(base / "3band_013022223130_Public_img4.tif") as ds:
+        h, w = ds.shape
+    assert summary["chips"] == len(window_offsets(h, 64, 0)) * len(window_offsets(w, 64, 0))  # every tile planned
+    assert summary["nodata"] > 0 and summary["written"] == summary["chips"] - summary["nodata"]
+    folder = tmp_path / "chips" / "pairs" / "3band_013022223130_Public_img4"
+    assert len(list(folder.glob("*.jpg"))) == summary["written"]
+    for ignore in folder.glob("*_ignore.png"):  # every chip written has some imagery
+        assert (cv2.imread(str(ignore), cv2.IMREAD_GRAYSCALE) == 0).mean() >= MIN_VALID_SHARE

@@ -134,3 +134,13 @@ def test_script_with_unknown_key_exits_2_with_one_line(script, arg, line):
                           check=False)
     assert done.returncode == 2
     assert done.stderr.splitlines() == [line]
+
+
+def test_scripts_print_warnings_as_one_line():
+    """`warning: <message>`, without Python's file:line and source line, once a script's cli entry runs."""
+    code = ("import sys, warnings; sys.argv = ['evaluate.py']; from lib.cli import cli\n"
+            "cli('evaluate')(lambda cfg: warnings.warn('resume: keeping the\\n  checkpoint max_lr'))()\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO_DIR, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["warning: resume: keeping the checkpoint max_lr"]

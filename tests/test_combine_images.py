@@ -75,8 +75,73 @@ def test_soft_labels_are_written_beside_image_copies(drone, checkpoints, tmp_pat
     runs = f"[{tmp_path / 'runs' / 'empty'},{tmp_path / 'runs' / 'full' / 'probabilities'}]"  # run or maps folder
     combine_images.run(compose_config("combine_images", [f"inputs={runs}", "add_mask_suffix=true",
                                                          f"out_dir={soft}", "progress=false"]))
-    assert sorted(p.name for p in soft.iterdir()) == ["drone.tif", "drone_mask.png"]
+    # 923 x 576 px, within the default soft_chip_size (1024): kept whole, as the seed kept its test tiles
+    assert sorted(p.name for p in soft.iterdir()) == ["drone.tif", "drone_mask.png", "soft_labels.json"]
     assert (soft / "drone.tif").read_bytes() == drone.read_bytes()
     label = cv2.imread(str(soft / "drone_mask.png"), cv2.IMREAD_UNCHANGED)
     assert label.dtype == np.uint8 and label.shape == (923, 576)
     assert np.all(np.abs(label.astype(int) - 128) <= 1)  # mean of 0 and 255: a soft 0.5
+    assert json.loads((soft / "soft_labels.json").read_text())["images"]["drone"]["chips"] == ["drone"]
+
+
+def test_soft_labels_of_a_big_scene_are_cut_into_georeferenced_chips(drone, checkpoints, tmp_path):
+    import cv2
+
+    import combine_images
+    import dataset
+    import inference
+
+    for name in ("empty", "full"):
+        inference.run(infer_cfg(drone, checkpoints[name], tmp_path / "runs" / name))
+    soft = tmp_path / "soft"
+    args = [f"base_dir={tmp_path / 'runs'}", "add_mask_suffix=true", f"out_dir={soft}", "progress=false",
+            "soft_chip_size=256"]
+    out = combine_images.run(compose_config("combine_images", args))
+    # 923 rows -> chips at 0, 256, 512 and 667 (the last one flush with the edge); 576 columns -> 0, 256, 320
+    expected = [f"drone_{r}_{c}" for r in (0, 256, 512, 667) for c in (0, 256, 320)]
+    assert out["images"]["drone"]["chips"] == expected
+    with rasterio.open(drone) as src:
+        for name in expected:
+            row, col = map(int, name.split("_")[1:])
+            with rasterio.open(soft / f"{name}.tif") as chip:
+                assert (chip.width, chip.height, chip.crs) == (256, 256, src.crs)
+                assert chip.transform == src.window_transform(rasterio.windows.Window(col, row, 256, 256))
+                assert np.array_equal(chip.read(), src.read(window=rasterio.windows.Window(col, row, 256, 256)))
+            label = cv2.imread(str(soft / f"{name}_mask.png"), cv2.IMREAD_UNCHANGED)
+            assert label.shape == (256, 256) and np.all(np.abs(label.astype(int) - 128) <= 1)
+    chips = [c for c in dataset.list_chips(soft) if c.mask is not None]
+    assert len(chips) == 12 and all(c.image.suffix == ".tif" for c in chips)  # what train.py soft_labels_dir= reads
+    stamp = (soft / "drone_667_320.tif").stat().st_mtime_ns
+    combine_images.run(compose_config("combine_images", args))  # a rerun keeps finished images
+    assert (soft / "drone_667_320.tif").stat().st_mtime_ns == stamp
+    with pytest.raises(UserError, match="soft_chip_size=256, not 512"):
+        combine_images.run(compose_config("combine_images", [*args[:-1], "soft_chip_size=512"]))
+
+
+def test_soft_chips_without_imagery_are_left_out_and_nodata_is_ignored(tmp_path):
+    import cv2
+
+    import combine_images
+    from lib.geo_io import write_raster
+
+    image = tmp_path / "scene.tif"
+    rgba = np.full((4, 300, 300), 120, np.uint8)
+    rgba[3, :, 150:] = 0  # no imagery right of column 150
+    write_raster(image, rgba, {"driver": "GTiff", "crs": "EPSG:32636", "photometric": "RGB", "alpha": "YES",
+                               "transform": rasterio.transform.from_origin(0, 300, 0.1, 0.1)})
+    label = np.full((300, 300), 200, np.uint8)
+    assert combine_images.chip_offsets(300, 100) == [0, 100, 200]
+    assert combine_images.chip_offsets(250, 100) == [0, 100, 150] and combine_images.chip_offsets(80, 100) == [0]
+    written = []
+    with rasterio.open(image) as src:
+        for row in (0, 100, 200):
+            for col in (0, 100, 200):
+                if combine_images._write_chip(src, rasterio.windows.Window(col, row, 100, 100), label,
+                                              tmp_path / f"c_{row}_{col}"):
+                    written.append((row, col))
+    assert written == [(r, c) for r in (0, 100, 200) for c in (0, 100)]  # column 200 on holds no imagery
+    assert not (tmp_path / "c_0_0_ignore.png").exists()
+    ignore = cv2.imread(str(tmp_path / "c_0_100_ignore.png"), cv2.IMREAD_UNCHANGED)
+    mask = cv2.imread(str(tmp_path / "c_0_100_mask.png"), cv2.IMREAD_UNCHANGED)
+    assert (ignore[:, :50] == 0).all() and (ignore[:, 50:] == 255).all()
+    assert (mask[:, :50] == 200).all() and (mask[:, 50:] == 0).all()  # nodata is never a building

@@ -2,6 +2,7 @@
 resumable sampling (epoch order, re-seeded augmentation, balanced weights) training uses."""
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,6 @@ from shapely.geometry import Polygon, box
 import dataset
 from dataset import (
     ChipDataset,
-    DataWarning,
     EpochBatches,
     balanced_weights,
     list_chips,
@@ -35,6 +35,7 @@ from lib.cli import REPO_DIR, compose_config
 from lib.distributed import Dist
 from lib.errors import UserError
 from lib.model_contract import IMAGENET_MEAN, IMAGENET_STD
+from lib.scene_sources import DataWarning
 
 
 def prep(**overrides):
@@ -241,7 +242,7 @@ def test_image_smaller_than_the_tile_is_padded_and_the_padding_ignored(shared, t
     assert not read_png(folder / "1_0_mask.png")[ignore].any()
 
 
-# --- bad input: one-line UserError naming the file, nothing written ----------------------------------
+# --- bad input: one line naming the file, the scene skipped (nothing written for it) ----------------
 
 
 def make_pair(root: Path, name: str = "x", geoms=None, crs="EPSG:32636", image_crs="EPSG:32636", size=300):
@@ -266,12 +267,13 @@ def make_pair(root: Path, name: str = "x", geoms=None, crs="EPSG:32636", image_c
     return image, labels
 
 
-def assert_fails(match: str, out: Path, **overrides):
-    with pytest.raises(UserError, match=match) as err:
-        prep(out_dir=out, **overrides)
-    assert "\n" not in str(err.value)
-    assert chip_files(out) == []
-    return err
+def assert_fails(match: str, out: Path, **overrides) -> str:
+    """The only scene fails: reported as one line matching `match`, and nothing is written."""
+    summary = prep(out_dir=out, **overrides)
+    (message,) = summary["failed"]
+    assert re.search(match, message) and "\n" not in message
+    assert summary["written"] == 0 and chip_files(out) == []
+    return message
 
 
 def test_missing_image_in_csv_index_is_named(tmp_path):
@@ -340,8 +342,8 @@ def test_invalid_geometries_are_repaired_and_zero_area_ones_dropped_with_warning
 def test_stac_asset_href_that_does_not_exist_is_named(shared, tmp_path):
     base = tmp_path / "kampala"
     shutil.copytree(shared / "data" / "kampala", base, ignore=shutil.ignore_patterns("*.tif"))
-    err = assert_fails(r"81046528\.json: asset href \./81046528\.tif does not exist", tmp_path / "out", base_dir=base)
-    assert "81046528.tif" in str(err.value)
+    message = assert_fails(r"81046528\.json: asset href \./81046528\.tif does not exist", tmp_path / "out", base_dir=base)
+    assert "81046528.tif" in message
 
 
 @pytest.mark.slow
@@ -540,3 +542,20 @@ def test_load_data_splits_by_scene_and_refuses_too_few_chips_for_a_batch(make_ch
     assert data.train_gsd == pytest.approx(0.1) and data.soft_set is None
     with pytest.raises(UserError, match="lower batch_size"):
         dataset.load_data(compose_config("train", [f"data_dir={root}", "num_folds=2", "batch_size=4"]), Dist(0, 2))
+
+
+@pytest.mark.slow
+def test_cli_unreadable_scene_is_one_short_line_others_written_and_exit_1(tmp_path):
+    make_pair(tmp_path / "d", "a")
+    _, labels = make_pair(tmp_path / "d", "b")
+    labels.write_text("hello")
+    cmd = [sys.executable, str(REPO_DIR / "dataset.py"), "base_dir=d", "out_dir=out", "progress=false"]
+    result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1
+    scene_line = ("error: d/labels/b.geojson: not a readable vector file (not recognized as a supported file "
+                  "format) (scene skipped)")
+    summary_line = ("error: 1 scene(s) could not be read and were skipped (listed above); fix them and rerun: "
+                    "chips already written are kept")
+    assert result.stderr.splitlines() == [scene_line, summary_line]
+    assert result.stdout.startswith("1 chips written (1 with buildings)")
+    assert [p.name for p in (tmp_path / "out" / "d").iterdir()] == ["a"]

@@ -113,3 +113,80 @@ def test_evaluate_bad_inputs_are_one_line_errors(tmp_path):
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(UserError, match="ImageId"):
         evaluate(f"gt={bad}", f"pred={bad}")
+
+
+def test_geojson_in_degrees_scores_as_in_utm_and_on_the_image_grid_with_min_area_in_m2(shared, tmp_path):
+    import geopandas as gpd
+
+    d = shared / "data" / "solaris"
+    for name in ("gt", "pred"):
+        gpd.read_file(d / f"{name}.geojson").to_crs(4326).to_file(tmp_path / f"{name}.geojson")
+    runs = [evaluate(f"gt={d / 'gt.geojson'}", f"pred={d / 'pred.geojson'}", "min_area=20"),
+            evaluate(f"gt={tmp_path / 'gt.geojson'}", f"pred={tmp_path / 'pred.geojson'}", "min_area=20"),
+            evaluate(f"gt={tmp_path / 'gt.geojson'}", f"pred={tmp_path / 'pred.geojson'}", "min_area=20",
+                     f"images={d / 'sample_geotiff.tif'}")]
+    counts = [(r["polygon"]["tp"], r["polygon"]["fp"], r["polygon"]["fn"]) for r in runs]
+    assert counts == [(8, 17, 18)] * 3  # 20 m^2 drops 5 polygons; degrees^2 would have dropped none
+    assert runs[1]["outlines"]["gt"] == pytest.approx(runs[0]["outlines"]["gt"])
+    assert runs[0]["outlines"]["gt"]["vertices_per_polygon"] == pytest.approx(6.7, abs=0.05)
+
+
+def test_overlapping_ground_truth_polygons_are_scored_each_with_a_warning(tmp_path, capsys):
+    import geopandas as gpd
+    from shapely.geometry import box
+
+    gt = gpd.GeoDataFrame(geometry=[box(0, 0, 10, 10), box(5, 5, 15, 15), box(60, 60, 70, 70)], crs="EPSG:32632")
+    pred = gpd.GeoDataFrame({"confidence": [0.9, 0.8]}, geometry=[box(0, 0, 10, 10), box(5, 5, 15, 15)],
+                            crs="EPSG:32632")
+    gt.to_file(tmp_path / "gt.geojson")
+    pred.to_file(tmp_path / "pred.geojson")
+    result = evaluate(f"gt={tmp_path / 'gt.geojson'}", f"pred={tmp_path / 'pred.geojson'}")
+    assert (result["polygon"]["tp"], result["polygon"]["fp"], result["polygon"]["fn"]) == (2, 0, 1)
+    assert "2 ground-truth polygons overlap another" in capsys.readouterr().out
+
+
+def test_points_task_scores_xview3_csvs_with_the_aggregate_metric(tmp_path):
+    # One scene, two HIGH labels; one detection on the first (right class, length 60 vs 50 m), one 30 px
+    # (300 m) away from the second, which is beyond the 200 m tolerance: loc TP 1, FP 1, FN 1 -> F 1/2;
+    # vessel and fishing F 1; length 1 - 0.2 = 0.8; no shoreline folder: shore F 0 (warned).
+    # aggregate = 1/2 * (1 + 0.8 + 1 + 1 + 0) / 5 = 0.38.
+    (tmp_path / "gt.csv").write_text(
+        "scene_id,detect_scene_row,detect_scene_column,is_vessel,is_fishing,vessel_length_m,"
+        "distance_from_shore_km,confidence\n"
+        "s1,100,100,True,True,50,10,HIGH\ns1,500,500,True,False,80,10,HIGH\n")
+    (tmp_path / "pred.csv").write_text(
+        "detect_scene_row,detect_scene_column,scene_id,is_vessel,is_fishing,vessel_length_m\n"
+        "101,100,s1,True,True,60\n530,500,s1,True,False,80\n")
+    out = tmp_path / "scores.json"
+    with pytest.warns(UserWarning):
+        result = evaluate("task=points", f"gt={tmp_path / 'gt.csv'}", f"pred={tmp_path / 'pred.csv'}",
+                          f"output={out}")
+    assert (result["loc"]["tp"], result["loc"]["fp"], result["loc"]["fn"]) == (1, 1, 1)
+    assert result["aggregate"] == pytest.approx(0.5 * (1 + 0.8 + 1 + 1 + 0) / 5, abs=1e-9)
+    saved = json.loads(out.read_text())
+    assert {"loc_fscore", "loc_fscore_shore", "vessel_fscore", "fishing_fscore", "length_acc",
+            "aggregate"} <= set(saved)
+
+
+def test_points_task_scores_building_points_within_metres(tmp_path):
+    import geopandas as gpd
+    from shapely.geometry import Point
+
+    crs = "EPSG:32636"
+    gt = gpd.GeoDataFrame(geometry=[Point(0, 0), Point(100, 0), Point(200, 0)], crs=crs)
+    pred = gpd.GeoDataFrame(geometry=[Point(1, 1), Point(104, 0), Point(500, 0)], crs=crs).to_crs("EPSG:4326")
+    gt.to_file(tmp_path / "gt.geojson")
+    pred.to_file(tmp_path / "pred.geojson")
+    # within 3 m only (1, 1) matches; within 5 m (104, 0) too
+    r3 = evaluate("task=points", f"gt={tmp_path / 'gt.geojson'}", f"pred={tmp_path / 'pred.geojson'}")
+    r5 = evaluate("task=points", f"gt={tmp_path / 'gt.geojson'}", f"pred={tmp_path / 'pred.geojson'}",
+                  "distance_m=5")
+    assert (r3["tp"], r3["fp"], r3["fn"]) == (1, 2, 2)
+    assert (r5["tp"], r5["fp"], r5["fn"]) == (2, 1, 1)
+
+
+def test_points_task_refuses_an_unknown_task_and_missing_inputs():
+    with pytest.raises(UserError, match="task=boxes"):
+        evaluate("task=boxes", "gt=a.csv", "pred=b.csv")
+    with pytest.raises(UserError, match="task=points"):
+        evaluate("task=points", "gt=a.csv")

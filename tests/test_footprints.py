@@ -68,3 +68,83 @@ def test_footprints_are_written_as_epsg4326_geojson_beside_a_gpkg_in_the_image_c
     gj, gp = gpd.read_file(written[0]), gpd.read_file(written[1])
     assert gj.crs.to_epsg() == 4326 and gp.crs.to_epsg() == 32632 and len(gj) == len(gp) == 2
     assert gj.to_crs(32632).area.sum() == pytest.approx(206.25, rel=1e-3)
+
+
+def _grids():
+    """The same 0.5 m grid at one place in UTM 32N and (approximately) in longitude/latitude."""
+    from pyproj import Transformer
+
+    utm = from_origin(500000, 4000000, 0.5, 0.5)
+    to_ll = Transformer.from_crs(32632, 4326, always_xy=True)
+    lon0, lat0 = to_ll.transform(500000, 4000000)
+    lon1, lat1 = to_ll.transform(500100, 3999900)
+    ll = from_origin(lon0, lat0, (lon1 - lon0) / 200, (lat0 - lat1) / 200)
+    return (utm, "EPSG:32632"), (ll, "EPSG:4326")
+
+
+def test_min_area_and_area_m2_are_ground_square_metres_in_utm_and_in_degrees_alike():
+    mask, prob = _two_buildings()  # 800 px = 200 m^2 and 25 px = 6.25 m^2 on a 0.5 m grid
+    frames = [footprints.footprints_frame(footprints.polygonize(mask, prob), t, crs, min_area=10)
+              for t, crs in _grids()]
+    for gdf in frames:
+        assert gdf["area_px"].tolist() == [800]  # the 6.25 m^2 blob is dropped in both
+    assert frames[1]["area_m2"].iloc[0] == pytest.approx(frames[0]["area_m2"].iloc[0], rel=1e-3)
+    assert frames[0]["area_m2"].iloc[0] == pytest.approx(200.0, rel=1e-3)
+
+
+def test_squared_footprints_keep_their_raw_outlines_in_a_raw_geojson(tmp_path):
+    mask = np.zeros((200, 200), np.uint8)
+    cv2.fillPoly(mask, [cv2.boxPoints(((80, 80), (90, 40), 25)).astype(np.int32)], 1)
+    cv2.circle(mask, (150, 150), 30, 1, -1)
+    gdf = footprints.footprints_frame(footprints.polygonize(mask.astype(bool)), from_origin(500000, 4000000, 0.5, 0.5),
+                                      "EPSG:32632", simplify=0.0, regularize=True)
+    gdf = gdf.sort_values("area_px", ascending=False).reset_index(drop=True)
+    assert gdf["squared"].tolist() == [True, False]  # the rectangle is squared, the round one is not
+    assert len(gdf.geometry.iloc[0].exterior.coords) == 5
+    assert gdf["area_m2"].iloc[0] == pytest.approx(gdf["area_px"].iloc[0] * 0.25, rel=0.03)
+    written = footprints.write_footprints(gdf, tmp_path / "scene.geojson", "gpkg")
+    assert [p.name for p in written] == ["scene.geojson", "scene.gpkg", "scene_raw.geojson"]
+    main, raw = gpd.read_file(written[0]), gpd.read_file(written[2])
+    assert main["squared"].tolist() == raw["squared"].tolist() and len(raw.geometry.iloc[0].exterior.coords) > 50
+
+
+def test_existing_buildings_mark_predictions_mapped_or_new_and_new_ones_are_written_for_osm(tmp_path):
+    from lib import existing_buildings
+    from lib.cli import compose_config
+
+    mask = np.zeros((200, 200), bool)
+    mask[10:50, 10:50] = True    # 20 x 20 m: mapped (IoU 0.64 with an existing building)
+    mask[100:120, 10:30] = True  # inside a large existing outline (covers all of it): mapped
+    mask[100:140, 150:190] = True  # nothing there: new
+    t, crs = from_origin(500000, 4000000, 0.5, 0.5), "EPSG:32632"
+    x0, y0 = 500000, 4000000
+    existing = gpd.GeoDataFrame(geometry=[shapely.box(x0 + 5, y0 - 25, x0 + 25, y0 - 9),
+                                          shapely.box(x0 + 2, y0 - 70, x0 + 40, y0 - 45)], crs=crs).to_crs(4326)
+    existing.to_file(tmp_path / "osm.geojson")
+    cfg = compose_config("inference", [f"existing={tmp_path / 'osm.geojson'}", "vector_format=geojson"])
+    gdf = footprints.save_footprints(footprints.polygonize(mask), t, crs, tmp_path / "scene.geojson", cfg)
+    by_x = gdf.assign(x=gdf.geometry.centroid.x).sort_values(["x", "area_px"])
+    assert by_x["status"].tolist() == ["mapped", "mapped", "new"]
+    new = gpd.read_file(tmp_path / "scene_new.geojson")
+    assert new.crs.to_epsg() == 4326 and new["building"].tolist() == ["yes"] and list(new.columns) == ["building",
+                                                                                                      "geometry"]
+    assert new.to_crs(crs).geometry.iloc[0].centroid.distance(by_x.geometry.iloc[2].centroid) < 0.01
+    assert existing_buildings.load(None) is None
+
+
+@pytest.mark.filterwarnings("ignore:'crs' was not provided")
+def test_bad_existing_files_are_one_line_errors_before_any_prediction(tmp_path):
+    from lib.cli import compose_config
+    from lib.errors import UserError
+
+    no_crs = tmp_path / "nocrs.gpkg"
+    gpd.GeoDataFrame(geometry=[shapely.box(0, 0, 1, 1)]).to_file(no_crs)
+    broken = tmp_path / "broken.geojson"
+    broken.write_text("{not json")
+    for path, match in ((no_crs, "have no CRS"), (broken, "not a readable vector file"),
+                        (tmp_path / "missing.gpkg", "does not exist")):
+        with pytest.raises(UserError, match=match) as err:
+            footprints.check_inputs(compose_config("inference", [f"existing={path}"]))
+        assert str(path.name) in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(UserError, match="regularize_angles"):
+        footprints.check_inputs(compose_config("inference", ["regularize_angles=30"]))

@@ -72,3 +72,80 @@ def test_kampala_labels_load_reprojected_to_the_image_crs(shared):
         left, bottom, right, top = ds.bounds
     x0, y0, x1, y1 = gdf.total_bounds
     assert left - 50 < x0 and x1 < right + 50 and bottom - 50 < y0 and y1 < top + 50
+
+
+def write_4band(path, band4, dtype="uint8"):
+    """An RGB + 4th band GeoTIFF whose 4th band has no colour interpretation (no ExtraSamples alpha)."""
+    h, w = band4.shape
+    rgb = np.full((3, h, w), 100, dtype=dtype)
+    with rasterio.open(path, "w", driver="GTiff", width=w, height=h, count=4, dtype=dtype, photometric="RGB",
+                       crs="EPSG:32632", transform=rasterio.transform.from_origin(0, 64, 1, 1)) as ds:
+        ds.write(rgb, [1, 2, 3])
+        ds.write(band4.astype(dtype), 4)
+    return path
+
+
+def test_a_0_255_fourth_band_without_colour_interpretation_is_alpha_with_one_note(tmp_path, capsys):
+    band4 = np.full((64, 64), 255, np.uint8)
+    band4[:, :16] = 0
+    path = write_4band(tmp_path / "rgba.tif", band4)
+    with geo_io.open_raster(path) as ds:
+        assert ds.colorinterp[3] == rasterio.enums.ColorInterp.undefined
+        assert geo_io.band_layout(ds) == ([1, 2, 3], 4)
+        assert geo_io.band_layout(ds) == ([1, 2, 3], 4)
+        _, valid = geo_io.read_window(ds)
+        assert geo_io.band_layout(ds, [1, 2, 4]) == ([1, 2, 4], None)  # chosen as colour: not alpha
+    assert np.array_equal(valid, band4 > 0)
+    assert capsys.readouterr().err.count("band 4 has no colour interpretation") == 1
+
+
+@pytest.mark.parametrize("band4", [np.arange(64 * 64).reshape(64, 64) % 251,  # continuous (NIR-like)
+                                   np.zeros((64, 64))])  # all 0: alpha would hide the whole image
+def test_any_other_fourth_band_is_an_ignored_extra_band(tmp_path, band4):
+    with geo_io.open_raster(write_4band(tmp_path / "rgbn.tif", band4)) as ds:
+        assert geo_io.band_layout(ds) == ([1, 2, 3], None)
+        _, valid = geo_io.read_window(ds)
+    assert valid.all()
+
+
+def test_bands_pick_worldview_rgb_from_8_band_imagery_and_name_the_file_when_out_of_range(shared):
+    path = shared / "data/spacenet-rio/8band/8band_013022223130_Public_img4.tif"
+    with geo_io.open_raster(path) as ds:
+        assert ds.count == 8 and ds.dtypes[0] == "uint16"
+        assert geo_io.band_layout(ds) == ([1, 2, 3], None)
+        layout = geo_io.band_layout(ds, [5, 3, 2])
+        assert layout == ([5, 3, 2], None)
+        stretch = geo_io.stretch_range(ds, layout[0], layout=layout)
+        rgb, _ = geo_io.read_window(ds, None, stretch, layout=layout)
+        default, _ = geo_io.read_window(ds, None, geo_io.stretch_range(ds, [1, 2, 3]))
+        assert np.array_equal(rgb[..., 1], default[..., 2])  # green is band 3 in both
+        assert not np.array_equal(rgb[..., 0], default[..., 0])
+        with pytest.raises(UserError) as err:
+            geo_io.band_layout(ds, [9, 3, 2])
+    assert str(err.value) == f"{path}: bands=[9, 3, 2] but the file has 8 band(s) (indexes are 1-based)"
+    with pytest.raises(UserError, match=r"bands=\[5, 3\]: give 3 band indexes"):
+        geo_io.check_bands([5, 3])
+    assert geo_io.check_bands(None) is None and geo_io.check_bands([4]) == [4]
+
+
+def test_gdal_messages_lose_the_repeated_path_and_the_driver_advice(tmp_path):
+    labels = tmp_path / "x.geojson"
+    labels.write_text("hello")
+    with pytest.raises(UserError) as err:
+        geo_io.load_footprints(labels)
+    assert str(err.value) == f"{labels}: not a readable vector file (not recognized as a supported file format)"
+    advice = OSError(f"'{labels}' not recognized as being in a supported file format.; It might help to specify "
+                     "the correct driver explicitly by prefixing the file path with '<DRIVER>:', e.g. 'CSV:path'.")
+    assert geo_io.gdal_reason(advice, labels) == "not recognized as a supported file format"
+
+
+def test_a_truncated_tiff_is_one_short_line_and_rasterio_logs_nothing(drone, tmp_path, caplog):
+    bad = tmp_path / "bad.tif"
+    bad.write_bytes(drone.read_bytes()[:5000])
+    caplog.set_level("DEBUG")
+    with pytest.raises(UserError) as err, geo_io.open_raster(bad) as ds:
+        geo_io.check_readable(ds, bad)
+    message = str(err.value)
+    assert message.startswith(f"{bad}: corrupt or truncated raster (band 1: ") and message.count("bad.tif") == 1
+    assert len(message) < 200 and "\n" not in message
+    assert not [r for r in caplog.records if r.name.startswith("rasterio")]

@@ -46,3 +46,22 @@ def test_jaccard_sum_is_sum_of_intersections_over_sum_of_unions_not_a_mean_of_im
     assert total.add("b", np.zeros((20, 20), bool), b_gt) == 0.0
     assert total.summary() == {"jaccard": pytest.approx(50 / 154), "intersection": 50, "union": 154}
     assert metrics.prf(0, 0, 0)["f1"] is None and metrics.prf(1, 1, 0)["precision"] == 0.5
+
+
+def test_outline_stats_count_vertices_and_right_angle_corners_only():
+    from shapely.geometry import Polygon
+
+    square_with_collinear_vertex = Polygon([(0, 0), (5, 0), (10, 0), (10, 10), (0, 10)])  # 5 vertices, 4 corners
+    triangle = Polygon([(0, 0), (10, 0), (0, 10)])  # one right angle of three corners
+    stats = metrics.outline_stats([square_with_collinear_vertex, triangle])
+    assert stats == {"polygons": 2, "vertices_per_polygon": 4.0, "right_angle_share": 5 / 7}
+    nearly = Polygon([(0, 0), (10, 0), (10.5, 10), (0, 10)])  # corners of 92.9 and 87.1 degrees count
+    assert metrics.outline_stats([nearly])["right_angle_share"] == 1.0
+    assert metrics.outline_stats([])["vertices_per_polygon"] is None
+
+
+def test_min_area_can_be_judged_on_ground_areas_given_beside_pixel_polygons():
+    gt, pred = [box(0, 0, 10, 10)], [box(0, 0, 10, 10)]
+    assert metrics.score_polygons(gt, pred, min_area=20, gt_areas=[25.0], pred_areas=[25.0])["tp"] == 1
+    r = metrics.score_polygons(gt, pred, min_area=20, gt_areas=[10.0], pred_areas=[10.0])
+    assert (r["tp"], r["fp"], r["fn"]) == (0, 0, 0)

@@ -69,3 +69,23 @@ def test_georeferenced_outputs_become_cloud_optimized_geotiffs(tmp_path, drone):
     with rasterio.open(tmp_path / "p.tif") as ds:
         assert ds.overviews(1) and ds.profile["tiled"] and ds.read(1).min() == 200
         assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+
+
+def test_nodata_goes_into_an_internal_mask_of_both_cogs_and_probability_0_stays_valid(tmp_path, drone):
+    with rasterio.open(drone) as ds:
+        profile = raster_profile(ds, True)
+        crs, transform = ds.crs, ds.transform
+    valid = np.ones((923, 576), bool)
+    valid[:100, :50] = False
+    valid[500:, 300:] = False
+    prob = torch.where(torch.from_numpy(valid), 0.0, 0.9)  # valid pixels have probability 0
+    with SceneWriter(tmp_path / "p.tif", tmp_path / "m.tif", profile, cog=True, nodata_mask=True) as w:
+        for row in range(0, 923, 300):
+            w.add(Block(row, {BUILDING: prob[row:row + 300]}, valid[row:row + 300]))
+        w.commit()
+    for name in ("p.tif", "m.tif"):
+        with rasterio.open(tmp_path / name) as ds:
+            assert np.array_equal(ds.dataset_mask() == 255, valid) and ds.nodata is None
+            assert (ds.crs, ds.transform) == (crs, transform) and ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+            assert ds.read(1)[valid].max() == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif", "p.tif"]  # no .msk side files

@@ -29,3 +29,18 @@ def test_run_records_round_trip_and_a_broken_or_missing_one_reads_as_empty(tmp_p
     run_folder.rank_file(tmp_path, 1).write_text('{"images": ')  # a rank killed mid-write
     assert run_folder.rank_files(tmp_path) == [tmp_path / ".run.rank1.json"]
     assert run_folder.read_record(run_folder.rank_file(tmp_path, 1)) == {}
+
+
+def test_rerun_reason_skips_only_finished_images_with_the_same_settings(tmp_path):
+    out = tmp_path / "a.tif"
+    settings = {"threshold": 0.5, "models": [{"sha256": "ab"}]}
+    done = {"status": "done", "settings": settings, "fingerprint": run_folder.fingerprint(settings)}
+    assert run_folder.rerun_reason(None, settings, [out]) == run_folder.NEW
+    assert run_folder.rerun_reason(done, settings, [out]) == "a.tif missing"
+    out.write_bytes(b"")
+    assert run_folder.rerun_reason(None, settings, [out]) == "no record of its settings in run.json"
+    assert run_folder.rerun_reason(done, dict(reversed(settings.items())), [out]) is None  # key order is not a change
+    changed = {"threshold": 0.6, "models": [{"sha256": "cd"}]}
+    assert run_folder.rerun_reason(done, changed, [out]) == "models changed, threshold changed (0.5 -> 0.6)"
+    assert run_folder.rerun_reason({**done, "status": "failed"}, settings, [out]) == "it failed last time"
+    assert run_folder.rerun_reason({"path": "x"}, settings, [out]) == "made before settings were recorded"

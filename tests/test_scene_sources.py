@@ -1,5 +1,7 @@
 """lib.scene_sources: which layout a dataset folder is, and the scenes (image + labels) found in it."""
 
+import os
+
 import pytest
 
 from lib.errors import UserError
@@ -63,3 +65,22 @@ def test_csv_index_rows_become_scenes_and_missing_columns_are_named(tmp_path):
     index.write_text("image,labels\na.tif,a.geojson\n")
     with pytest.raises(UserError, match=r"missing column\(s\) img_uri, label_uri"):
         csv_scenes(index)
+
+
+def test_pairs_follow_symlinked_folders_and_collect_per_scene_problems(tmp_path):
+    real = tmp_path / "elsewhere"
+    touch(real / "3band" / "3band_A_img1.tif")
+    touch(real / "3band" / "3band_A_img2.tif")  # no labels
+    touch(real / "geojson" / "A_img1_Geo.geojson")
+    base = tmp_path / "base"
+    base.mkdir()
+    os.symlink(real / "3band", base / "3band")
+    os.symlink(real / "geojson", base / "geojson")
+    os.symlink(base, base / "3band" / "loop")  # a cycle
+    with pytest.raises(UserError, match="3band_A_img2.tif: label file missing"):
+        pair_scenes(base)
+    failures = []
+    (scene,) = pair_scenes(base, failures=failures)
+    assert (scene.name, scene.image, scene.labels) == ("3band_A_img1", base / "3band" / "3band_A_img1.tif",
+                                                        base / "geojson" / "A_img1_Geo.geojson")
+    assert len(failures) == 1 and failures[0].startswith(f"{base / '3band' / '3band_A_img2.tif'}: label file missing")

@@ -13,7 +13,7 @@ from lib.errors import UserError
 from lib.image_sources import ArraySource, RasterSource
 from lib.raster_outputs import SceneWriter, raster_profile
 from lib.segmentation import BUILDING, BUILDING_PRESENT
-from lib.tiling import AGREEMENT_MIN, Engine, build_passes
+from lib.tiling import AGREEMENT_MIN, Engine, build_passes, model_gsd
 from lib.tta import TTA_NAMES
 from lib.windows import window_offsets
 
@@ -171,3 +171,42 @@ def test_precision_auto_keeps_fp32_unless_bf16_is_native_and_bf16_masks_agree(ch
     bf16 = Engine([net], widths=[64], tile_size=128, precision="bf16", num_workers=0).predict_array(rgb)
     assert np.mean((bf16 >= 0.5) == (ref >= 0.5)) >= AGREEMENT_MIN
     assert np.abs(bf16 - ref).max() < 0.05
+
+
+def test_model_gsd_is_what_the_model_saw_and_old_checkpoints_stay_readable():
+    assert model_gsd({"model_gsd": 0.3, "model_gsd_source": "ref_scale", "train_gsd": 0.0746}) == (0.3, "ref_scale")
+    assert model_gsd({"model_gsd": None, "ref_scale": None, "train_gsd": None}) == (None, None)
+    assert model_gsd({"ref_scale": 0.3, "train_gsd": 0.793}) == (0.3, "ref_scale")  # chips were resized to it
+    assert model_gsd({"ref_scale": 0.3, "train_gsd": None}) == (None, None)  # no chip had a GSD: none resized
+    assert model_gsd({"ref_scale": None, "train_gsd": 0.0746}) == (0.0746, "train_gsd")
+    assert model_gsd({"gsd": 0.05}) == (0.05, "gsd") and model_gsd(None) == (None, None)
+
+
+def test_explicit_model_gsds_win_and_unknown_gsds_keep_width_over_tile():
+    eng = Engine([ConstantModel(), ConstantModel()], widths=[64], tile_size=128, match_gsd=True, num_workers=0,
+                 model_gsds=[0.2, None])
+    assert [eng.factor(p, 0.1) for p in eng.passes] == [0.25, 0.5]
+    assert [eng.factor(p, None) for p in eng.passes] == [0.5, 0.5]
+    assert [eng.gsd_matched(p, 0.1) for p in eng.passes] == [True, False]
+
+
+class ExportedStandIn(ConstantModel):
+    """Answers like an exported graph (lib.exported): autocast cannot reach inside it."""
+
+    format = "onnx"
+
+    def forward(self, x):
+        self.dtypes = getattr(self, "dtypes", []) + [torch.is_autocast_enabled("cpu")]
+        return super().forward(x)
+
+
+def test_exported_graphs_run_and_are_reported_in_fp32_whatever_the_precision_asked():
+    exported = ExportedStandIn()
+    eng = Engine([exported], widths=[64], tile_size=128, precision="bf16", num_workers=0, channels_last=False)
+    assert eng.precision_used == "fp32"
+    eng.predict_array(gradient_image(128, 128))
+    assert eng.precision_used == "fp32" and exported.dtypes == [False]
+    mixed = Engine([ConstantModel(), ExportedStandIn()], widths=[64], tile_size=128, precision="bf16",
+                   num_workers=0, channels_last=False)
+    mixed.predict_array(gradient_image(128, 128))
+    assert mixed.precision_used == "bf16+fp32"

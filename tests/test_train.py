@@ -73,6 +73,18 @@ def test_run_folders_are_named_by_the_arch_preset_unless_arch_keys_were_overridd
     assert cfg.max_lr == train.DEFAULT_LR_SCRATCH
 
 
+def test_pretrained_unset_means_imagenet_for_real_data_and_scratch_on_the_demo(monkeypatch, tmp_path):
+    """The README's bare `python train.py` must run offline: the demo chips train from scratch."""
+    assert compose_config("train").pretrained is None
+    real = train.resolve_config(compose_config("train", ["data_dir=x"]), Dist())
+    assert real.pretrained is True and real.max_lr == train.DEFAULT_LR_PRETRAINED
+    monkeypatch.setattr(train.dataset, "demo_chips_dir", lambda: tmp_path)
+    demo = train.resolve_config(compose_config("train"), Dist())
+    assert demo.pretrained is False and demo.data_dir == str(tmp_path) and demo.max_lr == train.DEFAULT_LR_SCRATCH
+    explicit = train.resolve_config(compose_config("train", ["pretrained=true"]), Dist())
+    assert explicit.pretrained is True  # an explicit choice is kept (and fails offline with its one-line error)
+
+
 def test_default_config_is_the_composed_train_config():
     defaults = train.default_config()
     assert defaults["model_name"] == "efficientnet-b1" and defaults["arch_name"] == "b1"

@@ -238,3 +238,29 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(chips, tmp_path):
     assert all(torch.isfinite(p).all() for p in good.parameters())
 
 
+
+
+def test_best_checkpoint_is_lean_and_cannot_be_resumed(tmp_path):
+    """best.pth: weights, config, meta and scores for inference; last.pth: everything resume needs."""
+    s = trainer.prepare(line_config(tmp_path / "run", max_steps=4), RegressionTask(), Dist(), torch.device("cpu"))
+    trainer.fit(s)
+    best, last = (load_checkpoint(tmp_path / "run" / n) for n in ("best.pth", "last.pth"))
+    assert {"optimizer", "scheduler", "rng"} <= set(last) and "history" in last["metrics"]
+    assert not {"optimizer", "scheduler", "scaler", "rng"} & set(best)
+    assert best["meta"]["task"] == "line" and best["train_config"]["max_steps"] == 4 and best["step"] == 4
+    assert best["metrics"]["best_score"] == s.best and "history" not in best["metrics"]
+    cfg = compose_config("train", ["arch=b0", "pretrained=false", f"resume={tmp_path / 'run' / 'best.pth'}"])
+    with pytest.raises(UserError, match="not a training checkpoint") as err:
+        train.resolve_config(cfg, Dist())
+    assert "resume from last.pth" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_progress_bar_is_not_redrawn_every_step_when_stderr_is_a_log(tmp_path, capsys):
+    """stderr not a terminal (captured here): the bar is drawn at the start, the end and around the
+    validation lines only -- not once per step, as a postfix update with refresh would."""
+    s = trainer.prepare(line_config(tmp_path / "run", max_steps=24, val_every=12, progress=True), RegressionTask(),
+                        Dist(), torch.device("cpu"))
+    trainer.fit(s)
+    captured = capsys.readouterr()
+    assert "step 12:" in captured.out and "step 24:" in captured.out
+    assert 2 <= captured.err.count("train:") <= 6  # 24 steps, 2 validations: a handful of draws

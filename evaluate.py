@@ -36,6 +36,7 @@ from lib.files import write_json
 VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp")
 RASTER_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 TASKS = ("segmentation", "points")
+MIN_AREA_M2, MIN_AREA_PX = 4.0, 20.0  # min_area=null: ground area with a CRS, SpaceNet's pixel rule without
 XVIEW3_HEADLINE = ("aggregate", "loc_fscore", "loc_fscore_shore", "vessel_fscore", "fishing_fscore", "length_acc")
 POINT_TOLERANCE_M = 3.0  # building centroids: a few metres, about half a small house
 CONFIDENCE_COLUMNS = ("confidence", "Confidence", "conf", "score", "mean_prob")
@@ -246,6 +247,14 @@ def score_pixels(gt: Sources, pred: Sources, images: dict[str, Path], cfg) -> me
     return total if total.per_image else None
 
 
+def min_area_for(value, crs) -> float:
+    """`min_area=null`: 4 m^2 on the ground (as inference drops) when a CRS is known, SpaceNet's 20 px^2
+    for plain pixel footprints; a number is used as given (m^2 with a CRS, px^2 without)."""
+    if value is not None:
+        return float(value)
+    return MIN_AREA_PX if crs is None else MIN_AREA_M2
+
+
 def score_vectors(gt: Sources, pred: Sources, images: dict[str, Path], cfg) -> tuple[dict, dict, dict] | None:
     """SpaceNet polygon counts, total and per image, and outline_stats of both sides (on the ground)."""
     import geopandas as gpd
@@ -273,7 +282,7 @@ def score_vectors(gt: Sources, pred: Sources, images: dict[str, Path], cfg) -> t
         n = overlapping(g_ground)
         if n:
             print(f"warning: {image_id}: {n} ground-truth polygons overlap another; each is scored as a building")
-        r = metrics.score_polygons(g_geoms, p_geoms, confidence_of(p), min_area=cfg.min_area,
+        r = metrics.score_polygons(g_geoms, p_geoms, confidence_of(p), min_area=min_area_for(cfg.min_area, crs),
                                    iou_threshold=cfg.iou_threshold, gt_areas=shapely.area(g_ground),
                                    pred_areas=shapely.area(p_ground))
         r.pop("matches")

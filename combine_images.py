@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import torch
+from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
 from lib import footprints, geo_io, run_folder
@@ -96,7 +97,10 @@ def check_aligned(paths: list[Path]) -> None:
 
 
 def average_bands(paths: list[Path]):
-    """Yield (row_off, col_off, mean probability 0..1 as a float tensor) over blocks of the maps."""
+    """Yield (row_off, col_off, mean probability 0..1 as a float tensor, valid pixels) over blocks of the maps.
+
+    A pixel is valid where every input map's mask says so (inference writes nodata as an internal mask),
+    so the ensemble keeps the inputs' nodata instead of turning it into probability 0."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         dss = [rasterio.open(p) for p in paths]
@@ -106,12 +110,22 @@ def average_bands(paths: list[Path]):
             for col in range(0, w, OUT_COLS):
                 win = Window(col, row, min(OUT_COLS, w - col), min(BAND_ROWS, h - row))
                 total = np.zeros((win.height, win.width), np.float32)
+                valid = np.ones((win.height, win.width), bool)
                 for ds in dss:
                     total += ds.read(1, window=win).astype(np.float32)
-                yield row, col, torch.from_numpy(total / (255.0 * len(dss)))
+                    valid &= ds.read_masks(1, window=win) > 0
+                yield row, col, torch.from_numpy(total / (255.0 * len(dss))), valid
     finally:
         for ds in dss:
             ds.close()
+
+
+def has_nodata_mask(path: Path) -> bool:
+    """Whether a map carries a per-dataset (internal) nodata mask, as inference writes them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path) as ds:
+            return MaskFlags.per_dataset in ds.mask_flag_enums[0]
 
 
 def source_images(runs: list[Path]) -> dict[str, Path]:
@@ -132,13 +146,14 @@ def write_ensemble(stem: str, paths: list[Path], out_dir: Path, cfg, tags: dict)
             georef = geo_io.is_georeferenced(ref)
             profile = raster_profile(ref, georef)
             transform, crs, height = ref.transform, ref.crs, ref.height
+            masked = any(has_nodata_mask(p) for p in paths)
     out = run_folder.output_paths(out_dir, stem, cfg.vector_format)
     poly = footprints.Polygonizer(height, profile["width"])
     with geo_io.gdal_env(), SceneWriter(out["probability"], out["mask"], profile, tags, cog=cfg.cog,
-                                        polygonizer=poly) as writer:
-        for row, col, prob in average_bands(paths):
-            prob_u8, mask = quantize(prob, np.ones(prob.shape, bool), cfg.threshold)
-            writer.write(row, prob_u8, mask, col)
+                                        polygonizer=poly, nodata_mask=masked) as writer:
+        for row, col, prob, valid in average_bands(paths):
+            prob_u8, mask = quantize(prob, valid, cfg.threshold)
+            writer.write(row, prob_u8, mask, col, valid=valid)
         gdf = footprints.save_footprints(poly.finish(), transform if georef else None, crs if georef else None,
                                          out["geojson"], cfg)
         writer.commit()

@@ -145,3 +145,28 @@ def test_soft_chips_without_imagery_are_left_out_and_nodata_is_ignored(tmp_path)
     mask = cv2.imread(str(tmp_path / "c_0_100_mask.png"), cv2.IMREAD_UNCHANGED)
     assert (ignore[:, :50] == 0).all() and (ignore[:, 50:] == 255).all()
     assert (mask[:, :50] == 200).all() and (mask[:, 50:] == 0).all()  # nodata is never a building
+
+
+def test_ensemble_keeps_the_nodata_mask_of_its_input_maps(tmp_path):
+    import combine_images
+
+    transform = rasterio.transform.from_origin(500000, 100, 0.5, 0.5)
+    valid = np.ones((64, 80), bool)
+    valid[:, :20] = False  # no imagery in the first 20 columns of both runs
+    for name, value in (("a", 100), ("b", 200)):
+        path = tmp_path / name / "probabilities" / "scene.tif"
+        path.parent.mkdir(parents=True)
+        with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(
+                path, "w", driver="GTiff", width=80, height=64, count=1, dtype="uint8", crs="EPSG:32636",
+                transform=transform) as ds:
+            ds.write(np.where(valid, value, 0).astype(np.uint8), 1)
+            ds.write_mask(valid.astype(np.uint8) * 255)
+    out = tmp_path / "ens"
+    combine_images.run(compose_config("combine_images", [f"inputs=[{tmp_path / 'a'},{tmp_path / 'b'}]",
+                                                         f"out_dir={out}", "threshold=0.5", "progress=false"]))
+    for folder in ("probabilities", "masks"):
+        with rasterio.open(out / folder / "scene.tif") as ds:
+            assert ds.crs.to_epsg() == 32636 and ds.transform == transform
+            assert ((ds.dataset_mask() > 0) == valid).all()
+    with rasterio.open(out / "probabilities" / "scene.tif") as ds:
+        assert (ds.read(1)[valid] == 150).all()

@@ -163,7 +163,7 @@ def write_ensemble(stem: str, paths: list[Path], out_dir: Path, cfg, tags: dict)
 def soft_label(paths: list[Path]) -> np.ndarray:
     """The runs' averaged probability of one image as a 0-255 uint8 array."""
     label = np.zeros(_shape(paths[0]), np.uint8)
-    for row, col, prob in average_bands(paths):
+    for row, col, prob, _ in average_bands(paths):
         h, w = prob.shape
         label[row:row + h, col:col + w] = (prob * 255.0).round().clamp(0, 255).to(torch.uint8).numpy()
     return label

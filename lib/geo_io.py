@@ -288,6 +288,19 @@ def load_footprints(path: str | os.PathLike, crs=None):
     return load_footprints_report(path, crs)[0]
 
 
+def read_vector(path: str | os.PathLike, what: str = "vector file"):
+    """Any vector file as a GeoDataFrame; a missing or unreadable one is a one-line `UserError`."""
+    import geopandas as gpd
+
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: {what} does not exist")
+    try:
+        return gpd.read_file(path)
+    except Exception as err:  # noqa: BLE001 - pyogrio raises several types for unreadable files
+        raise UserError(f"{path}: not a readable vector file ({gdal_reason(err, path)})") from None
+
+
 def load_footprints_report(path: str | os.PathLike, crs=None):
     """`load_footprints` plus what was done to the input: (gdf, {"read", "repaired", "dropped"}).
 
@@ -297,12 +310,7 @@ def load_footprints_report(path: str | os.PathLike, crs=None):
     import shapely
 
     path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path}: label file does not exist")
-    try:
-        gdf = gpd.read_file(path)
-    except Exception as err:  # noqa: BLE001 - pyogrio raises several types for unreadable files
-        raise UserError(f"{path}: not a readable vector file ({gdal_reason(err, path)})") from None
+    gdf = read_vector(path, "label file")
     report = {"read": len(gdf), "repaired": 0, "dropped": 0}
     if len(gdf) == 0:
         gdf = gdf.set_crs(crs or "EPSG:4326", allow_override=True) if gdf.crs is None else gdf

@@ -50,6 +50,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.spatial import cKDTree
 
 from lib.errors import UserError, one_line
+from lib.geo_io import read_vector
 from lib.metrics import prf
 
 PIX_TO_M = 10.0
@@ -115,15 +116,8 @@ def point_scores(gt_xy, pred_xy, tolerance: float) -> dict:
 
 def read_points(path: str | os.PathLike):
     """A vector file of Point geometries as a GeoDataFrame; anything else is a `UserError`."""
-    import geopandas as gpd
 
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: points file does not exist")
-    try:
-        gdf = gpd.read_file(path)
-    except Exception as err:  # noqa: BLE001 - pyogrio raises several types for unreadable files
-        raise UserError(f"{path}: not a readable vector file ({one_line(err)})") from None
+    gdf = read_vector(path, "points file")
     gdf = gdf[~(gdf.geometry.isna() | gdf.geometry.is_empty)]
     kinds = set(gdf.geom_type)
     if kinds - {"Point"}:

@@ -19,6 +19,7 @@ import math
 import os
 import re
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -45,6 +46,12 @@ logging.getLogger("rasterio").setLevel(logging.CRITICAL)
 # GDAL's advice on an unrecognised file, not useful to someone who gave an image or a label file.
 _GDAL_ADVICE = re.compile(r"[.;\s]*It might help to specify the correct driver.*$", re.DOTALL)
 _NOTED_ALPHA: set[str] = set()  # files whose 0/255 4th band was reported as alpha (once per file)
+
+# Reading (in the tiling engine's read-ahead threads) and writing (outputs, vectorising) both go through
+# GDAL; creating a mask band while another thread reads crashed GDAL (a segfault seen once in several
+# runs), so every GDAL call made from more than one thread holds this lock. Model compute never does,
+# so reading still overlaps the network.
+GDAL_LOCK = threading.RLock()
 
 
 def gdal_reason(err: BaseException, path: str | os.PathLike | None = None, limit: int = 160) -> str:
@@ -255,7 +262,8 @@ def read_window(ds, window: Window | None = None, stretch: np.ndarray | None = N
         inner = Window(c0, r0, c1 - c0, r1 - r0)
         wanted = sorted(set(bands) | ({alpha} if alpha is not None else set()))
         try:
-            arr = ds.read(wanted, window=inner)
+            with GDAL_LOCK:
+                arr = ds.read(wanted, window=inner)
             part = arr[[wanted.index(b) for b in bands]]
             ok = np.ones(part.shape[1:], dtype=bool)
             if alpha is not None:

@@ -82,14 +82,15 @@ class SceneWriter:
         """Write a block; with `nodata_mask`, `valid` (None: all valid) goes into both rasters' masks."""
         h, w = prob_u8.shape
         window = Window(col_off, row_off, w, h)
-        self._dsts[0].write(prob_u8, 1, window=window)
-        self._dsts[1].write(mask.astype(np.uint8) * np.uint8(255), 1, window=window)
-        if self.nodata_mask:
-            m = np.full((h, w), 255, np.uint8) if valid is None else valid.astype(np.uint8) * np.uint8(255)
-            for dst in self._dsts:
-                dst.write_mask(m, window=window)
-        if self.polygonizer is not None:
-            self.polygonizer.add(row_off, mask, prob_u8, col_off)
+        with geo_io.GDAL_LOCK:  # the engine's reader threads use GDAL at the same time
+            self._dsts[0].write(prob_u8, 1, window=window)
+            self._dsts[1].write(mask.astype(np.uint8) * np.uint8(255), 1, window=window)
+            if self.nodata_mask:
+                m = np.full((h, w), 255, np.uint8) if valid is None else valid.astype(np.uint8) * np.uint8(255)
+                for dst in self._dsts:
+                    dst.write_mask(m, window=window)
+            if self.polygonizer is not None:
+                self.polygonizer.add(row_off, mask, prob_u8, col_off)
         self.pixels_written += h * w
 
     def commit(self) -> None:

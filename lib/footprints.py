@@ -91,13 +91,6 @@ class Polygonizer:
         return pieces
 
 
-def polygonize(mask: np.ndarray, prob_u8: np.ndarray | None = None) -> list[Piece]:
-    """Footprints of a whole in-memory mask (convenience for small images and tests)."""
-    p = Polygonizer(*mask.shape)
-    p.add(0, mask, prob_u8)
-    return p.finish()
-
-
 def footprints_frame(pieces: list[Piece], transform, crs, *, min_area: float = 0.0, simplify: float = 0.0,
                      regularize: bool = False, angles: int = 90):
     """GeoDataFrame of footprints in the image CRS (pixel coordinates when there is no CRS).

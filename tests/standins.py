@@ -78,3 +78,12 @@ def infer_cfg(data_dir, model, out, *extra):
     overrides = [f"data_dir={data_dir}", f"model={model}", f"output_dir={out}", "tile_size=256", "width=64",
                  "overlap=64", "progress=false", "num_threads=1", "cog=false", "backend=torch", *extra]
     return compose_config("inference", overrides)
+
+
+def polygonize(mask, prob_u8=None):
+    """Footprints of a whole in-memory mask through the streaming Polygonizer (one band)."""
+    from lib.footprints import Polygonizer
+
+    p = Polygonizer(*mask.shape)
+    p.add(0, mask, prob_u8)
+    return p.finish()

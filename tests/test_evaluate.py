@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import rasterio
+from standins import polygonize
 
 from lib.cli import compose_config
 from lib.errors import UserError
@@ -94,7 +95,7 @@ def test_inference_output_folder_scores_both_metrics(tmp_path, shared):
     (out / "masks").mkdir(parents=True)
     with rasterio.open(out / "masks" / "scene.tif", "w", **profile) as ds:
         ds.write(np.where(mask, 255, 0).astype(np.uint8), 1)
-    gdf = footprints.footprints_frame(footprints.polygonize(mask), transform, crs)
+    gdf = footprints.footprints_frame(polygonize(mask), transform, crs)
     footprints.write_footprints(gdf, out / "footprints" / "scene.geojson")
     labels = tmp_path / "labels"
     labels.mkdir()

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import shapely
 from rasterio.transform import from_origin
+from standins import polygonize
 
 from lib import footprints
 
@@ -16,7 +17,7 @@ def test_footprints_from_blocks_equal_footprints_of_the_whole_mask():
     mask[40:200, 90:110] = True  # a long building across many blocks
     mask[100:120, 20:480] = True
     prob = rng.integers(0, 256, mask.shape).astype(np.uint8)
-    whole = footprints.polygonize(mask, prob)
+    whole = polygonize(mask, prob)
     poly = footprints.Polygonizer(*mask.shape)
     for r in range(0, 300, 64):
         for c in range(0, 500, 100):
@@ -43,7 +44,7 @@ def _two_buildings():
 def test_known_mask_gives_polygons_with_pixel_and_ground_areas_in_the_image_crs():
     mask, prob = _two_buildings()
     transform = from_origin(500000, 4000000, 0.5, 0.5)  # 0.5 m pixels in UTM 32N
-    gdf = footprints.footprints_frame(footprints.polygonize(mask, prob), transform, "EPSG:32632")
+    gdf = footprints.footprints_frame(polygonize(mask, prob), transform, "EPSG:32632")
     assert gdf.crs.to_epsg() == 32632
     gdf = gdf.sort_values("area_px", ascending=False)
     assert gdf["area_px"].tolist() == [800, 25]
@@ -54,14 +55,14 @@ def test_known_mask_gives_polygons_with_pixel_and_ground_areas_in_the_image_crs(
 
 def test_min_area_drops_small_blobs_and_plain_images_stay_in_pixel_coordinates():
     mask, prob = _two_buildings()
-    gdf = footprints.footprints_frame(footprints.polygonize(mask, prob), None, None, min_area=30)
+    gdf = footprints.footprints_frame(polygonize(mask, prob), None, None, min_area=30)
     assert len(gdf) == 1 and gdf.crs is None and gdf["area_m2"].isna().all()
     assert tuple(gdf.geometry.iloc[0].bounds) == (10.0, 10.0, 50.0, 30.0)
 
 
 def test_footprints_are_written_as_epsg4326_geojson_beside_a_gpkg_in_the_image_crs(tmp_path):
     mask, prob = _two_buildings()
-    gdf = footprints.footprints_frame(footprints.polygonize(mask, prob), from_origin(500000, 4000000, 0.5, 0.5),
+    gdf = footprints.footprints_frame(polygonize(mask, prob), from_origin(500000, 4000000, 0.5, 0.5),
                                       "EPSG:32632")
     written = footprints.write_footprints(gdf, tmp_path / "scene.geojson", "gpkg")
     assert written == [tmp_path / "scene.geojson", tmp_path / "scene.gpkg"]
@@ -84,7 +85,7 @@ def _grids():
 
 def test_min_area_and_area_m2_are_ground_square_metres_in_utm_and_in_degrees_alike():
     mask, prob = _two_buildings()  # 800 px = 200 m^2 and 25 px = 6.25 m^2 on a 0.5 m grid
-    frames = [footprints.footprints_frame(footprints.polygonize(mask, prob), t, crs, min_area=10)
+    frames = [footprints.footprints_frame(polygonize(mask, prob), t, crs, min_area=10)
               for t, crs in _grids()]
     for gdf in frames:
         assert gdf["area_px"].tolist() == [800]  # the 6.25 m^2 blob is dropped in both
@@ -96,7 +97,7 @@ def test_squared_footprints_keep_their_raw_outlines_in_a_raw_geojson(tmp_path):
     mask = np.zeros((200, 200), np.uint8)
     cv2.fillPoly(mask, [cv2.boxPoints(((80, 80), (90, 40), 25)).astype(np.int32)], 1)
     cv2.circle(mask, (150, 150), 30, 1, -1)
-    gdf = footprints.footprints_frame(footprints.polygonize(mask.astype(bool)), from_origin(500000, 4000000, 0.5, 0.5),
+    gdf = footprints.footprints_frame(polygonize(mask.astype(bool)), from_origin(500000, 4000000, 0.5, 0.5),
                                       "EPSG:32632", simplify=0.0, regularize=True)
     gdf = gdf.sort_values("area_px", ascending=False).reset_index(drop=True)
     assert gdf["squared"].tolist() == [True, False]  # the rectangle is squared, the round one is not
@@ -122,7 +123,7 @@ def test_existing_buildings_mark_predictions_mapped_or_new_and_new_ones_are_writ
                                           shapely.box(x0 + 2, y0 - 70, x0 + 40, y0 - 45)], crs=crs).to_crs(4326)
     existing.to_file(tmp_path / "osm.geojson")
     cfg = compose_config("inference", [f"existing={tmp_path / 'osm.geojson'}", "vector_format=geojson"])
-    gdf = footprints.save_footprints(footprints.polygonize(mask), t, crs, tmp_path / "scene.geojson", cfg)
+    gdf = footprints.save_footprints(polygonize(mask), t, crs, tmp_path / "scene.geojson", cfg)
     by_x = gdf.assign(x=gdf.geometry.centroid.x).sort_values(["x", "area_px"])
     assert by_x["status"].tolist() == ["mapped", "mapped", "new"]
     new = gpd.read_file(tmp_path / "scene_new.geojson")

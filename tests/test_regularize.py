@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import shapely
 from shapely.geometry import Polygon, box
+from standins import polygonize
 
-from lib import footprints, metrics, regularize
+from lib import metrics, regularize
 
 
 def _outline(draw, size=200, noise=0.6, seed=0) -> Polygon:
@@ -16,7 +17,7 @@ def _outline(draw, size=200, noise=0.6, seed=0) -> Polygon:
     rng = np.random.default_rng(seed)
     jitter = cv2.GaussianBlur(rng.random(m.shape).astype(np.float32), (0, 0), 2) - 0.5
     m = (cv2.GaussianBlur(m.astype(np.float32), (0, 0), 2) + noise * jitter) > 0.5
-    return max((p.geom for p in footprints.polygonize(m)), key=lambda g: g.area)
+    return max((p.geom for p in polygonize(m)), key=lambda g: g.area)
 
 
 def _iou(a, b) -> float:

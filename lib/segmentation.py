@@ -8,7 +8,10 @@ A decoder has `maps` (names of per-pixel maps, blended across windows) and `scor
 per-window values, averaged over passes and reduced to their maximum over the scene), a `__call__`
 that turns a model's output into `[N, len(maps), h, w]` and `[N, len(scores)]` float tensors (NaN
 scores for models without that output), and `agreement(ref, low)`, the share of the reference result
-that a reduced-precision run reproduces (used by `precision=auto`).
+that a reduced-precision run reproduces (used by `precision=auto`). Optional: `prepare_input(t)` turns
+the windows [N, C, H, W] as the source read them into model input (default: ImageNet normalisation of
+uint8 RGB), and `vectors`, pairs of map names (dy, dx) holding displacements, whose signs and order
+the engine restores after flip/transpose TTA.
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ from lib.devices import cpu_has_native_bf16
 from lib.errors import UserError
 from lib.image_sources import ArraySource
 from lib.segmentation import SegmentationDecoder
-from lib.tta import parse_tta, tta_forward, tta_inverse
+from lib.tta import parse_tta, tta_forward, tta_inverse, tta_inverse_vectors
 from lib.windows import BLEND_FLOOR, OUT_COLS, blend_weights_1d, model_size, weight_sums, window_offsets
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -176,6 +176,9 @@ class Engine:
         if scale_factor <= 0:
             raise UserError(f"scale_factor={scale_factor}: must be positive")
         self.decoder = decoder if decoder is not None else SegmentationDecoder()
+        # displacement maps (dy, dx) a decoder names in `vectors`: TTA must undo their signs too
+        self._vector_pairs = [(self.decoder.maps.index(a), self.decoder.maps.index(b))
+                              for a, b in getattr(self.decoder, "vectors", ())]
         self.device = torch.device(device)
         # channels_last: cuDNN and oneDNN run EfficientNet's depthwise convolutions much faster in NHWC
         # (measured 1.7x for b1 at 672 px on a 2-core AVX2 CPU, fp32); the outputs are unchanged.
@@ -271,12 +274,13 @@ class Engine:
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
     def _to_device(self, batch: np.ndarray) -> torch.Tensor:
-        """uint8 [N, H, W, 3] -> normalised float [N, 3, H, W] on the device (pinned, non-blocking on CUDA)."""
+        """[N, H, W, C] windows (uint8 RGB, or the task's floats) -> model input [N, C, H, W] on the device."""
         t = torch.from_numpy(batch)
         if self.device.type == "cuda":
             t = t.pin_memory().to(self.device, non_blocking=True)
         t = t.permute(0, 3, 1, 2)
-        x = model_contract.normalize(t)
+        # a decoder may bring its task's input rule (SAR arrives as floats already in 0..1)
+        x = getattr(self.decoder, "prepare_input", model_contract.normalize)(t)
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     # ----- geometry per scene ---------------------------------------------------------------------
@@ -374,6 +378,7 @@ class Engine:
                 maps, scores = self._forward(self.models[p.model], xt, self.exported[p.model])
                 for i, n in enumerate(names):
                     part = tta_inverse(maps[i * k:(i + 1) * k], n)
+                    part = tta_inverse_vectors(part, n, self._vector_pairs)
                     up = F.interpolate(part, size=(ph, pw), mode="bilinear", align_corners=False)
                     total += up[:, :, :eh, :ew]
                     s = scores[i * k:(i + 1) * k]

@@ -63,3 +63,24 @@ def tta_inverse(y: torch.Tensor, name: str) -> torch.Tensor:
     flip = name[len("transpose"):].lstrip("_") if name.startswith("transpose") else name
     y = tta_forward(y, flip or "none")
     return y.transpose(-2, -1) if name.startswith("transpose") else y
+
+
+def tta_inverse_vectors(y: torch.Tensor, name: str, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """Undo the transform on displacement maps too: channels (dy, dx) of each pair in `y` [N, C, H, W],
+    already moved back to the original grid by `tta_inverse`, get their signs and order back.
+
+    A displacement seen in the transformed frame had its x negated by hflip, its y by vflip and its
+    components swapped by a transpose (applied first, so undone last).
+    """
+    if not pairs or name == "none":
+        return y
+    flip = name[len("transpose"):].lstrip("_") if name.startswith("transpose") else name
+    y = y.clone()
+    for iy, ix in pairs:
+        if flip in ("hflip", "hvflip"):
+            y[:, ix] = -y[:, ix]
+        if flip in ("vflip", "hvflip"):
+            y[:, iy] = -y[:, iy]
+        if name.startswith("transpose"):
+            y[:, [iy, ix]] = y[:, [ix, iy]]
+    return y

@@ -43,3 +43,23 @@ def test_parse_tta_drops_repeats_and_refuses_unknown_or_empty_lists():
         parse_tta(["rot45"])
     with pytest.raises(UserError, match="at least one"):
         parse_tta([])
+
+
+def _displacement_to_peak(x: torch.Tensor) -> torch.Tensor:
+    """A 'model' whose maps are (dy, dx) from every pixel to the brightest pixel of its input."""
+    n, _, h, w = x.shape
+    flat = x[:, 0].reshape(n, -1).argmax(1)
+    py, px = (flat // w).float(), (flat % w).float()
+    yy, xx = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    return torch.stack([py[:, None, None] - yy, px[:, None, None] - xx], 1)
+
+
+@pytest.mark.parametrize("name", TTA_NAMES)
+def test_displacement_maps_come_back_with_their_signs(name):
+    from lib.tta import tta_inverse_vectors
+    x = torch.zeros(1, 1, 6, 9)
+    x[0, 0, 1, 7] = 1.0
+    ref = _displacement_to_peak(x)
+    seen = _displacement_to_peak(tta_forward(x, name))
+    back = tta_inverse_vectors(tta_inverse(seen, name), name, [(0, 1)])
+    assert torch.equal(back, ref)

@@ -521,6 +521,12 @@ def _plain(cfg) -> dict:
 
 @cli("dataset")
 def main(cfg) -> None:
+    if cfg.task == "points":  # the point task's preparation lives in point_dataset.py
+        from point_dataset import main as prepare_points
+
+        return prepare_points(cfg)
+    if cfg.task != "segmentation":
+        raise UserError(f"task={cfg.task}: use segmentation or points")
     if cfg.base_dir in (None, ""):
         print("no base_dir given: using the built-in demo scene (generated on first use)")
     summary = run(cfg)

@@ -489,6 +489,9 @@ def infer_config(state_dict: dict, path, overrides: dict) -> dict:
 
 
 _NON_STRUCTURAL = ("drop_connect_rate",)
+# Other tasks' networks (circlenet.py) import this module, so it cannot import them; each registers
+# ARCHITECTURES[arch] = load(ckpt, path, overrides) for the checkpoints whose stored config names that arch.
+ARCHITECTURES: dict = {}
 
 
 def load_model(path, **overrides) -> EfficientFPN:
@@ -504,6 +507,11 @@ def load_model(path, **overrides) -> EfficientFPN:
         raise TypeError(f"load_model() got unexpected arguments: {', '.join(sorted(unknown))}")
     overrides = {k: v for k, v in overrides.items() if v is not None and k != "pretrained"}
     ckpt = read_checkpoint(path)
+    arch = (ckpt.model_config or {}).get("arch")
+    if arch is not None:
+        if arch not in ARCHITECTURES:
+            raise UserError(f"{path}: a checkpoint of the '{arch}' network, which this program does not load")
+        return ARCHITECTURES[arch](ckpt, path, overrides)
     state_dict = from_seed_names(ckpt.state_dict)
     if ckpt.model_config is not None:
         config = dict(ckpt.model_config)
@@ -527,11 +535,7 @@ def load_model(path, **overrides) -> EfficientFPN:
     kwargs = {k: v for k, v in config.items() if k != "model_name"}
     model = build_model(config["model_name"], pretrained=False, **kwargs)
     _load_weights(model, state_dict, path)
-    model.meta = dict(ckpt.meta)
-    for key in ("step", "epoch", "metrics"):
-        if key in ckpt.extra and key not in model.meta:
-            model.meta[key] = ckpt.extra[key]
-    model.meta.setdefault("source", "efficient-fpn" if source == "checkpoint" else "open-cities-3rd-place")
+    model.meta = ckpt.model_meta("efficient-fpn" if source == "checkpoint" else "open-cities-3rd-place")
     return model.eval()
 
 

@@ -5,6 +5,7 @@
     python train.py ... drop_connect_rate=0.5 soft_labels_dir=<soft labels>       # self-training (Noisy Student)
     python train.py resume=outputs/train/<run>/last.pth                           # exact continuation
     torchrun --nproc_per_node=4 train.py ...                                      # data parallel
+    python train.py task=points data_dir=<prepared SAR> model_name=efficientnet-b4 width=1024  # CircleNet points
 
 This file is the CLI and the segmentation task: config resolution (demo data, default max_lr, run
 folder, resume) and `SegmentationTask` -- chips from dataset.py, the network from model.py, the losses
@@ -31,6 +32,7 @@ import torch
 from omegaconf import OmegaConf
 
 import dataset
+import point_task
 from lib import trainer
 from lib.checkpoints import load_checkpoint
 from lib.cli import CONFIG_DIR, cli, compose_config
@@ -47,6 +49,7 @@ RUNTIME_KEYS = ("resume", "output_dir", "device", "num_workers", "progress", "lo
                 "keep_every", "threads", "data_dir", "soft_labels_dir", "compile")
 # max_lr when the config leaves it unset: the original recipe's value for fine-tuning an ImageNet encoder,
 # a larger one for random initialisation, which tolerates (and needs) bigger steps.
+TASKS = ("segmentation", "points")
 DEFAULT_LR_PRETRAINED = 2e-4
 DEFAULT_LR_SCRATCH = 3e-3
 
@@ -84,6 +87,10 @@ def run_name(cfg) -> str:
 
 def check_config(cfg) -> None:
     """Reject settings that would fail late or silently do something else."""
+    if cfg.task not in TASKS:
+        raise UserError(f"task={cfg.task}: use {' or '.join(TASKS)}")
+    if cfg.task == "segmentation" and cfg.select_by not in (None, "jaccard"):
+        raise UserError(f"select_by={cfg.select_by}: segmentation chooses best.pth by jaccard")
     check_input_multiple("width", cfg.width)
     if int(cfg.batch_size) < 1:
         raise UserError(f"batch_size={cfg.batch_size}: must be at least 1")
@@ -122,6 +129,12 @@ def resolve_config(cfg, d: Dist):
         cfg.log_every = 1
     if cfg.pretrained is None:  # ImageNet weights for real data; the offline-friendly demo trains from scratch
         cfg.pretrained = bool(cfg.data_dir)
+    if not cfg.data_dir and cfg.task == "points":
+        if d.main:
+            point_task.resolve_demo(cfg)
+        cfg.data_dir, cfg.shore_root = broadcast_object((cfg.data_dir, cfg.shore_root), d)
+        if cfg.max_steps is None:
+            cfg.max_steps = int(cfg.demo_steps)
     if not cfg.data_dir:
         cfg.data_dir = str(broadcast_object(str(dataset.demo_chips_dir()) if d.main else None, d))
         if cfg.max_steps is None:
@@ -319,7 +332,8 @@ def prepare(cfg, d: Dist | None = None, device: torch.device | None = None) -> S
     if d is None or device is None:
         d, device = setup_distributed(cfg.device)
     cfg = resolve_config(cfg, d)
-    return trainer.prepare(cfg, SegmentationTask(cfg), d, device)
+    task = point_task.PointsTask(cfg) if cfg.task == "points" else SegmentationTask(cfg)
+    return trainer.prepare(cfg, task, d, device)
 
 
 def run(cfg, on_validation=None, write: bool = True) -> dict:
@@ -329,7 +343,8 @@ def run(cfg, on_validation=None, write: bool = True) -> dict:
         s = prepare(cfg, d, device)
         result = trainer.fit(s, on_validation=on_validation, write=write)
         if d.main and write:
-            print(f"done: {result['step']} steps; best val Jaccard {result['best']:.4f} at step "
+            name = trainer.best_key(s.task).removeprefix("best_")
+            print(f"done: {result['step']} steps; best val {name} {result['best']:.4f} at step "
                   f"{result['best_step']}; outputs in {result['output_dir']}")
         return result
     finally:

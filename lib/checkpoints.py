@@ -52,6 +52,16 @@ class Checkpoint:
     def sha256(self) -> str:
         return file_sha256(self.path)
 
+    def model_meta(self, source: str) -> dict:
+        """The `.meta` of the network built from it: stored metadata, training progress (step, epoch,
+        metrics) and `source`, where the weights come from, unless stored."""
+        meta = dict(self.meta)
+        for key in ("step", "epoch", "metrics"):
+            if key in self.extra and key not in meta:
+                meta[key] = self.extra[key]
+        meta.setdefault("source", source)
+        return meta
+
 
 # ----------------------------------------------------------------------------------------------
 # What a file is

@@ -1,10 +1,14 @@
 """Draw predicted (and true) footprints over an image as a PNG a person can open.
 
     python overlay.py image=scene.tif pred=out/footprints/scene.geojson gt=labels/scene.geojson output=overlay.png
+    python overlay.py task=points image=<SAR scene folder> pred=<detections.csv> gt=<labels.csv> output=o.png
 
 Predicted outlines are drawn in magenta, ground-truth outlines in green. The image is read at reduced
 resolution (at most `max_size` pixels on its longer side) so a whole-city mosaic still gives a small
-PNG quickly.
+PNG quickly. `task=points`: the scene's first SAR channel in grey (normalised as the model sees it),
+predicted points as magenta circles (filled when called vessels), labelled points as green squares;
+CSVs (detections or xView3 labels) are filtered to the scene (`scene_id`, default: the scene's name),
+GeoJSON points are placed by their coordinates.
 """
 
 from __future__ import annotations
@@ -65,6 +69,10 @@ def draw_overlay(image: str | Path, output: str | Path, pred: str | Path | None 
                 rings = _pixel_rings(geo_io.load_footprints(path), ds, factor)
                 cv2.polylines(canvas, rings, isClosed=True, color=colour, thickness=thickness, lineType=cv2.LINE_AA)
     _legend(canvas, pred is not None, gt is not None)
+    return _write_png(canvas, output)
+
+
+def _write_png(canvas: np.ndarray, output: str | Path) -> Path:
     output = Path(output)
     with atomic_path(output) as tmp:
         if not cv2.imwrite(str(tmp), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR)):
@@ -80,10 +88,71 @@ def _legend(canvas: np.ndarray, has_pred: bool, has_gt: bool) -> None:
         cv2.putText(canvas, text, (14, y), cv2.FONT_HERSHEY_SIMPLEX, 0.55, colour, 1, cv2.LINE_AA)
 
 
+def _sar_preview(path: Path, max_size: int) -> tuple[np.ndarray, float, object]:
+    """Grey RGB preview of a SAR scene's first channel (as normalised for the model), its factor, the dataset."""
+    from lib.sar import SarSource, normalize_db
+
+    src = SarSource(path)
+    ds = src.datasets[0]
+    factor = min(1.0, max_size / max(ds.width, ds.height))
+    shape = (max(1, round(ds.height * factor)), max(1, round(ds.width * factor)))
+    data = ds.read(1, out_shape=shape, resampling=Resampling.average).astype(np.float32)
+    if not src.prepared:
+        if ds.nodata is not None:
+            data[data == ds.nodata] = np.nan
+        data = normalize_db(data[..., None], src.scale[:1], src.offset[:1])[..., 0]
+    grey = np.clip(data, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=-1)), factor, src
+
+
+def _points_px(path: Path, src, scene_id: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, cols) in scene pixels and a vessel flag of a detections/labels CSV or a vector file of points."""
+    import pandas as pd
+
+    if path.suffix.lower() == ".csv":
+        df = pd.read_csv(path, dtype={"scene_id": str})
+        if "scene_id" in df.columns:
+            df = df[df["scene_id"] == scene_id]
+        rc = df[["detect_scene_row", "detect_scene_column"]].to_numpy(float)
+        vessel = df["is_vessel"].astype(str).str.lower().isin(["true", "1", "1.0"]).to_numpy() \
+            if "is_vessel" in df.columns else np.zeros(len(df), bool)
+        return rc, vessel
+    gdf = geo_io.read_vector(path)
+    if src.crs is not None and gdf.crs is not None:
+        gdf = gdf.to_crs(src.crs)
+    cols, rows = ~src.transform * (gdf.geometry.x.to_numpy(), gdf.geometry.y.to_numpy())
+    return np.stack([rows - 0.5, cols - 0.5], 1), np.zeros(len(gdf), bool)
+
+
+def draw_point_overlay(image: str | Path, output: str | Path, pred=None, gt=None, max_size: int = 1600,
+                       scene_id: str | None = None) -> Path:
+    """Write `output` (PNG): the SAR scene with labelled (green squares) and predicted (magenta) points."""
+    image = Path(image)
+    canvas, factor, src = _sar_preview(image, max_size)
+    scene_id = scene_id or (image.name if image.is_dir() else image.stem)
+    r = max(3, round(6 * max(canvas.shape[:2]) / 1600))
+    try:
+        if gt:
+            for (row, col), _ in zip(*_points_px(Path(gt), src, scene_id)):
+                c = (round((col + 0.5) * factor), round((row + 0.5) * factor))
+                cv2.rectangle(canvas, (c[0] - r - 2, c[1] - r - 2), (c[0] + r + 2, c[1] + r + 2), GT_COLOUR, 1)
+        if pred:
+            for (row, col), vessel in zip(*_points_px(Path(pred), src, scene_id)):
+                c = (round((col + 0.5) * factor), round((row + 0.5) * factor))
+                cv2.circle(canvas, c, r, PRED_COLOUR, -1 if vessel else 1, cv2.LINE_AA)
+    finally:
+        src.close()
+    _legend(canvas, pred is not None, gt is not None)
+    return _write_png(canvas, output)
+
+
 def run(cfg) -> Path:
     if not cfg.image or not cfg.output:
         raise UserError("overlay.py needs image=<raster> and output=<file.png>")
-    path = draw_overlay(cfg.image, cfg.output, cfg.pred, cfg.gt, cfg.max_size)
+    if cfg.task == "points":
+        path = draw_point_overlay(cfg.image, cfg.output, cfg.pred, cfg.gt, cfg.max_size, cfg.scene_id)
+    else:
+        path = draw_overlay(cfg.image, cfg.output, cfg.pred, cfg.gt, cfg.max_size)
     print(f"overlay written to {path}")
     return path
 

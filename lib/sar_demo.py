@@ -18,6 +18,7 @@ Layout written by `make_sar_demo`:
     <root>/labels.csv                           the xView3 label columns
     <root>/shoreline/<scene_id>_shoreline.npy   object array of (row, col) coast contours (xView3 format)
     <root>/objects.csv                          every drawn object, labelled or not (the demo's truth)
+    <root>/objects.geojson                      the same objects as points (EPSG:4326), for point F1
 """
 
 from __future__ import annotations
@@ -65,6 +66,8 @@ def make_sar_demo(root, n_scenes: int = 2, size: int = 1024, seed: int = 0) -> S
         vv, vh, objs, contours = generate_scene(size, rng)
         objs.insert(0, "scene_id", scene_id)
         origin = (DEMO_ORIGIN[0] + i * (size + 100) * DEMO_GSD, DEMO_ORIGIN[1])
+        objs["x"] = origin[0] + (objs["col"] + 0.5) * DEMO_GSD  # pixel centre, scene CRS (for objects.geojson)
+        objs["y"] = origin[1] - (objs["row"] + 0.5) * DEMO_GSD
         profile = {"driver": "GTiff", "crs": DEMO_CRS, "transform": from_origin(*origin, DEMO_GSD, DEMO_GSD),
                    "nodata": DB_NODATA, "compress": "deflate", "tiled": True, "blockxsize": 256, "blockysize": 256}
         folder = root / scene_id
@@ -78,7 +81,18 @@ def make_sar_demo(root, n_scenes: int = 2, size: int = 1024, seed: int = 0) -> S
         table.to_csv(tmp, index=False)
     with atomic_path(root / "labels.csv") as tmp:
         label_table(table).to_csv(tmp, index=False)
+    _save_object_points(root / "objects.geojson", table)
     return SarDemo(root, scenes, root / "labels.csv", root / "shoreline", root / "objects.csv")
+
+
+def _save_object_points(path: Path, objects: pd.DataFrame) -> None:
+    """Every object as a point at its pixel centre, in EPSG:4326 (what `evaluate.py task=points` reads)."""
+    import geopandas as gpd
+
+    gdf = gpd.GeoDataFrame(objects[["scene_id", "kind", "length_m"]].copy(),
+                           geometry=gpd.points_from_xy(objects["x"], objects["y"]), crs=DEMO_CRS).to_crs("EPSG:4326")
+    with atomic_path(path) as tmp:
+        gdf.to_file(tmp, driver="GeoJSON")
 
 
 def label_table(objects: pd.DataFrame) -> pd.DataFrame:
@@ -293,9 +307,21 @@ def ensure_sar_demo(root=None, n_scenes: int = 3, size: int = 1024, seed: int = 
     root = Path(root) if root else demo_dir() / "sar"
     marker = root / ".complete"
     stamp = f"{GENERATOR_VERSION} {n_scenes} {size} {seed}\n"
-    if marker.is_file() and marker.read_text() == stamp:
+    if marker.is_file() and marker.read_text() == stamp and (root / "objects.geojson").is_file():
         scenes = [root / f"sar{seed}_{i:02d}" for i in range(n_scenes)]
         return SarDemo(root, scenes, root / "labels.csv", root / "shoreline", root / "objects.csv")
     demo = make_sar_demo(root, n_scenes, size, seed)
     marker.write_text(stamp)
     return demo
+
+
+def ensure_sar_test_scene(root=None, size: int = 1024) -> SarDemo:
+    """One more scene drawn with another seed, never used in training or model selection: the demo
+    scores on it (`<demo dir>/sar_test`)."""
+    from lib.cli import demo_dir
+
+    return ensure_sar_demo(root or demo_dir() / "sar_test", n_scenes=1, size=size, seed=1)
+
+
+if __name__ == "__main__":  # scripts/demo.sh: `python -m lib.sar_demo` writes the held-out test scene
+    print(ensure_sar_test_scene().root)

@@ -8,6 +8,7 @@
 # Settings as in scripts/pipeline.sh; the demo's defaults are below.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${DEMO_TASK:-segmentation}" = points ]; then exec scripts/demo_points.sh; fi  # the xView3 point task
 scripts/setup_env.sh
 export OUT=${OUT:-outputs/demo}
 export PREP_SCALES=${PREP_SCALES:-1}

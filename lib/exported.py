@@ -12,6 +12,12 @@ Exporting and checking against eager PyTorch is `export_checked`, used by export
 `backend=onnxruntime` (`onnxruntime_models`, cached by checkpoint hash). `onnx_session` is the one place
 that builds an onnxruntime.InferenceSession. `load_exported` wraps a file so it answers like an eager
 model ({SEG, CLS} logits whose softmax gives the exported probabilities).
+
+Other tasks subclass `EnsembleTTA` (lib.point_export: CircleNet point heads): the class says what the
+graph takes (`model_input`, `input_description`), what it returns (`output_names`, `outputs`,
+`output_axes`, `spatial`, `head_probabilities`, `undo`) and what its files record beyond the
+segmentation provenance (`task_meta`: "task", "heads", "meta"). Export, check, writing and reading are
+the same code for every task; a file with "heads" is read back as those heads (see ExportedModel).
 """
 
 from __future__ import annotations
@@ -57,6 +63,9 @@ OUTPUTS = {
 }
 INPUT = ("float32 [N, C, H, W], H and W multiples of 32, RGB 0..255 normalised with the ImageNet mean/std "
          "(model.normalize)")
+OUTPUT_AXES = {OUTPUT_NAMES[0]: {0: "batch", 2: "height_4", 3: "width_4"}, OUTPUT_NAMES[1]: {0: "batch"}}
+TITLES = {"segmentation": "building footprint segmentation", "points": "point detection (CircleNet)"}
+HEAD_TRANSFORMS = ("sigmoid", "identity")  # how a file's "heads" entry turns an output back into a head
 
 
 class ExportCheckError(RuntimeError):
@@ -74,7 +83,16 @@ class EnsembleTTA(nn.Module):
     transposed ones, so an ensemble of m models with t transforms runs at most 2m calls; splitting
     the results back uses `unflatten(0, (k, -1))`, which keeps the batch axis dynamic in the traced
     graph. `batch_tta=False` calls the model once per transform (less memory on large tiles).
+    The class attributes and the methods after `__init__` are what a task's subclass redefines.
     """
+
+    task = "segmentation"  # TITLES[task] opens the ONNX doc string
+    input_description = INPUT
+    output_names = OUTPUT_NAMES
+    outputs = OUTPUTS
+    output_stride = OUTPUT_STRIDE
+    output_axes = OUTPUT_AXES  # dynamic axes of each output in the ONNX graph
+    spatial = (True, False)  # per output: a map that TTA moves (undone per transform), or per image
 
     def __init__(self, models: Sequence[nn.Module], tta: Sequence[str] | str = ("none",), batch_tta: bool = True):
         super().__init__()
@@ -93,20 +111,36 @@ class EnsembleTTA(nn.Module):
         self.in_channels = channels.pop()
         self.eval()
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        seg_sum = cls_sum = None
+    def model_input(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 images [N, C, H, W] -> what the graph takes (ImageNet-normalised RGB here)."""
+        return normalize(image)
+
+    def head_probabilities(self, out: dict) -> list[torch.Tensor]:
+        """One model call's outputs, in `output_names` order, as the quantities that are averaged."""
+        return [torch.softmax(out[SEG], 1)[:, 1:2], torch.softmax(out[CLS], 1)[:, 1:2]]
+
+    def undo(self, index: int, y: torch.Tensor, name: str) -> torch.Tensor:
+        """Spatial output `index` seen through transform `name`, moved back to the input's grid."""
+        return tta_inverse(y, name)
+
+    def task_meta(self) -> dict:
+        """Provenance entries of this task beyond the segmentation ones (none for segmentation)."""
+        return {}
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        sums: list = [None] * len(self.output_names)
         for net in self.models:
             for group in self.groups:
                 views = [tta_forward(x, name) for name in group]
                 out = net(torch.cat(views) if len(views) > 1 else views[0])
-                seg = torch.softmax(out[SEG], 1)[:, 1:2].unflatten(0, (len(group), -1))
-                cls = torch.softmax(out[CLS], 1)[:, 1:2].unflatten(0, (len(group), -1)).sum(0)
-                for i, name in enumerate(group):
-                    prob = tta_inverse(seg[i], name)
-                    seg_sum = prob if seg_sum is None else seg_sum + prob
-                cls_sum = cls if cls_sum is None else cls_sum + cls
+                for k, y in enumerate(self.head_probabilities(out)):
+                    y = y.unflatten(0, (len(group), -1))
+                    parts = [self.undo(k, y[i], name) for i, name in enumerate(group)] if self.spatial[k] \
+                        else [y.sum(0)]
+                    for part in parts:
+                        sums[k] = part if sums[k] is None else sums[k] + part
         n = float(len(self.models) * len(self.tta))
-        return seg_sum / n, cls_sum / n
+        return tuple(s / n for s in sums)
 
 
 @contextlib.contextmanager
@@ -135,12 +169,11 @@ def onnx_bytes(ensemble: EnsembleTTA, example: torch.Tensor, opset: int = MIN_OP
     if int(opset) < MIN_OPSET:
         raise UserError(f"opset={opset}: must be at least {MIN_OPSET}")
     buf = io.BytesIO()
-    dynamic = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"},
-               OUTPUT_NAMES[0]: {0: "batch", 2: "height_4", 3: "width_4"},
-               OUTPUT_NAMES[1]: {0: "batch"}}
+    dynamic = {INPUT_NAME: {0: "batch", 2: "height", 3: "width"}, **ensemble.output_axes}
     with _quiet_tracing(), torch.no_grad():
-        torch.onnx.export(ensemble.eval(), (example,), buf, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                          dynamic_axes=dynamic, opset_version=int(opset), dynamo=False, do_constant_folding=True)
+        torch.onnx.export(ensemble.eval(), (example,), buf, input_names=[INPUT_NAME],
+                          output_names=list(ensemble.output_names), dynamic_axes=dynamic, opset_version=int(opset),
+                          dynamo=False, do_constant_folding=True)
     return buf.getvalue()
 
 
@@ -151,7 +184,8 @@ def with_onnx_metadata(data: bytes, meta: dict) -> bytes:
     proto = onnx.load_from_string(data)
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta, default=str)
-    proto.doc_string = "building footprint segmentation: " + "; ".join(f"{k} = {v}" for k, v in OUTPUTS.items())
+    title = TITLES[meta.get("task", EnsembleTTA.task)]
+    proto.doc_string = f"{title}: " + "; ".join(f"{k} = {v}" for k, v in (meta.get("outputs") or OUTPUTS).items())
     onnx.checker.check_model(proto)
     return proto.SerializeToString()
 
@@ -171,9 +205,10 @@ def export_metadata(ensemble: EnsembleTTA, checkpoints: Sequence[Path], width: i
         "version": VERSION, "torch": torch.__version__,
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "models": models, "tta": list(ensemble.tta), "trace_size": [int(width), int(width)],
-        "input_name": INPUT_NAME, "input": INPUT, "input_channels": ensemble.in_channels,
-        "stride": STRIDE, "output_stride": OUTPUT_STRIDE,
-        "output_names": list(OUTPUT_NAMES), "outputs": OUTPUTS,
+        "input_name": INPUT_NAME, "input": ensemble.input_description, "input_channels": ensemble.in_channels,
+        "stride": STRIDE, "output_stride": ensemble.output_stride,
+        "output_names": list(ensemble.output_names), "outputs": dict(ensemble.outputs),
+        **ensemble.task_meta(),
     }
     if kind == "onnx":
         meta["opset"] = int(opset)
@@ -186,18 +221,18 @@ def check_batch(ensemble: EnsembleTTA, width: int, seed: int = 0) -> torch.Tenso
     g = torch.Generator().manual_seed(seed)
     side = max(STRIDE, width // 2 // STRIDE * STRIDE)
     img = torch.randint(0, 256, (2, ensemble.in_channels, side, side + STRIDE), generator=g, dtype=torch.uint8)
-    return normalize(img)
+    return ensemble.model_input(img)
 
 
 def _max_diff(a: Sequence, b: Sequence) -> float:
     return max(float((torch.as_tensor(x) - torch.as_tensor(y)).abs().max()) for x, y in zip(a, b))
 
 
-def _run_graph(kind: str, artefact, x: torch.Tensor):
+def _run_graph(kind: str, artefact, x: torch.Tensor, output_names: Sequence[str]):
     if kind == "torchscript":
         with torch.no_grad(), torch.jit.optimized_execution(False):
             return artefact(x)
-    return onnx_session(artefact).run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
+    return onnx_session(artefact).run(list(output_names), {INPUT_NAME: x.numpy()})
 
 
 def export_checked(ensemble: EnsembleTTA, kinds: Sequence[str], checkpoints: Sequence[Path], width: int, *,
@@ -208,7 +243,8 @@ def export_checked(ensemble: EnsembleTTA, kinds: Sequence[str], checkpoints: Seq
     shape, so baked-in sizes fail). A difference above CHECK_TOLERANCE raises ExportCheckError before the
     caller writes anything; the measured difference is recorded in the metadata.
     """
-    example = normalize(torch.full((int(batch_size), ensemble.in_channels, width, width), 128, dtype=torch.uint8))
+    grey = torch.full((int(batch_size), ensemble.in_channels, width, width), 128, dtype=torch.uint8)
+    example = ensemble.model_input(grey)
     check_x = check_batch(ensemble, width) if check else None
     reference = None
     if check_x is not None:
@@ -220,7 +256,7 @@ def export_checked(ensemble: EnsembleTTA, kinds: Sequence[str], checkpoints: Seq
         artefact = trace_torchscript(ensemble, example) if kind == "torchscript" else \
             onnx_bytes(ensemble, example, opset)
         if check_x is not None:
-            diff = _max_diff(reference, _run_graph(kind, artefact, check_x))
+            diff = _max_diff(reference, _run_graph(kind, artefact, check_x, ensemble.output_names))
             if diff > CHECK_TOLERANCE:
                 raise ExportCheckError(f"exported {kind} graph differs from eager PyTorch by {diff:.2e} "
                                        f"(> {CHECK_TOLERANCE}); nothing was written")
@@ -260,6 +296,10 @@ class ExportedModel(nn.Module):
     [1e-6, 1 - 1e-6]) so that softmax(...)[:, 1] gives p back and callers of an eager model (the
     engine) need no special case. `.config` says `exported: True` with the TTA baked in, `.meta` holds
     the provenance plus the training GSD (`model_gsd`, `ref_scale`, ...) when the source models agree on it.
+
+    A file of another task (lib.point_export) names its heads: `forward` then returns {head: output},
+    a probability turned back into a logit (`prob_to_logit`) where the entry says "sigmoid";
+    `.config["task"]` is the file's task and `.meta` also holds the meta it stored for inference.
     """
 
     format = ""
@@ -280,6 +320,13 @@ class ExportedModel(nn.Module):
             values = {mm.get(key) for mm in metas}
             if metas and all(key in mm for mm in metas) and len(values) == 1:
                 self.meta[key] = values.pop()
+        self.output_names = list(meta.get("output_names") or OUTPUT_NAMES)
+        self.heads = [tuple(h) for h in meta.get("heads") or []]  # (output name, head, transform)
+        if any(len(h) != 3 or h[0] not in self.output_names or h[2] not in HEAD_TRANSFORMS for h in self.heads):
+            raise UserError(f"{path}: its '{META_KEY}' names heads this version cannot read; re-export it with export.py")
+        if "task" in meta:
+            self.config["task"] = meta["task"]
+            self.meta.update(meta.get("meta") or {})
 
     def check_input(self, x: torch.Tensor) -> None:
         """One-line errors for inputs the graph cannot take (it would fail deep inside otherwise)."""
@@ -289,15 +336,21 @@ class ExportedModel(nn.Module):
             raise UserError(f"{self.path}: input has {x.shape[1]} channels; this model takes {self.in_channels}")
         check_input_size(x)
 
-    def probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The file's own outputs (seg_prob [N, 1, H/4, W/4], cls_prob [N, 1]) on x's device."""
+    def probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The file's own outputs, in `output_names` order (segmentation: seg_prob [N, 1, H/4, W/4],
+        cls_prob [N, 1]) on x's device."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_input(x)
         with torch.no_grad():
-            seg_prob, cls_prob = self.probabilities(x)
-        return {SEG: probs_to_logits(seg_prob), CLS: probs_to_logits(cls_prob)}
+            outputs = self.probabilities(x)
+        if not self.heads:
+            seg_prob, cls_prob = outputs
+            return {SEG: probs_to_logits(seg_prob), CLS: probs_to_logits(cls_prob)}
+        by_name = dict(zip(self.output_names, outputs))
+        return {head: prob_to_logit(by_name[name]) if how == "sigmoid" else by_name[name].float()
+                for name, head, how in self.heads}
 
     def extra_repr(self) -> str:
         return f"{self.path}, tta={self.config['tta']}"
@@ -307,6 +360,12 @@ def probs_to_logits(p: torch.Tensor) -> torch.Tensor:
     """[N, 1, ...] probability -> [N, 2, ...] logits whose softmax is (1 - p, p)."""
     p = p.float().clamp(PROB_EPS, 1.0 - PROB_EPS)
     return torch.cat([torch.log1p(-p), torch.log(p)], 1)
+
+
+def prob_to_logit(p: torch.Tensor) -> torch.Tensor:
+    """The one-channel form of `probs_to_logits`: a probability -> the logit whose sigmoid is p."""
+    p = p.float().clamp(PROB_EPS, 1.0 - PROB_EPS)
+    return torch.log(p) - torch.log1p(-p)
 
 
 class TorchScriptModel(ExportedModel):
@@ -331,8 +390,7 @@ class TorchScriptModel(ExportedModel):
         # The profiling executor re-optimises the graph on its first calls (seconds each, no gain for
         # convolutions); plain execution is as fast from the first tile on.
         with torch.jit.optimized_execution(False):
-            seg, cls = self.module(x.float())
-        return seg, cls
+            return tuple(self.module(x.float()))
 
 
 class OnnxModel(ExportedModel):
@@ -371,8 +429,8 @@ class OnnxModel(ExportedModel):
 
     def probabilities(self, x):
         image = np.ascontiguousarray(x.detach().float().cpu().numpy())
-        seg, cls = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: image})
-        return torch.from_numpy(seg).to(x.device), torch.from_numpy(cls).to(x.device)
+        outputs = self.session.run(self.output_names, {INPUT_NAME: image})
+        return tuple(torch.from_numpy(y).to(x.device) for y in outputs)
 
 
 def onnx_session(model: Path | bytes, device: torch.device | str = "cpu"):

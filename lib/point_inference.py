@@ -38,7 +38,7 @@ from lib.files import file_sha256
 from lib.point_decoding import PeakSink, PointDecoder
 from lib.point_outputs import merge_detections, write_detections
 from lib.sar import SarSource, is_scene_dir
-from lib.tiling import Engine
+from lib.tiling import Engine, is_exported
 
 # objectness 0.3: the blended map is upsampled from stride 2, so even a perfect peak reads ~0.85 at input pixels
 # and a young model's peaks lower still (0.3 gave the best detection F1 on the synthetic demo's test scene)
@@ -89,7 +89,11 @@ def detect_scene(eng: Engine, src, threshold: float, kernel: int = 3) -> pd.Data
     """Peaks of the scene's blended objectness map (lib.point_decoding columns), block by block."""
     sink = PeakSink(src.height, src.width, threshold, kernel)
     eng.predict_into(src, sink)
-    return sink.finish()
+    dets = sink.finish()
+    # an offset may point past the edge; a detection is of this scene, so it stays on its pixels
+    dets["row"] = dets["row"].clip(0, src.height - 1)
+    dets["col"] = dets["col"].clip(0, src.width - 1)
+    return dets
 
 
 def thresholds(cfg, meta: dict) -> dict:
@@ -123,7 +127,9 @@ def predict_scene(eng: Engine, scene_id: str, path: Path, cfg, meta: dict, limit
 
 def build_engine(cfg, models: list, device) -> Engine:
     """The engine at the models' own resolution (lengths are in pixels: no resizing for points)."""
-    tta = list(cfg.tta) if cfg.tta is not None else ["none", "hflip"]  # the seed: left-right flip TTA
+    # the seed: left-right flip TTA; an exported ensemble carries its TTA inside the graph
+    exported = all(is_exported(m) for m in models)
+    tta = list(cfg.tta) if cfg.tta is not None else (["none"] if exported else ["none", "hflip"])
     return Engine(models, widths=[int(cfg.tile_size)], tta=tta, tile_size=int(cfg.tile_size), overlap=cfg.overlap,
                   batch_size=int(cfg.batch_size), device=device, precision=str(cfg.precision),
                   num_workers=int(cfg.num_workers), progress=bool(cfg.progress), decoder=PointDecoder())

@@ -77,3 +77,12 @@ def test_output_stem_defaults_beside_checkpoint_and_accepts_dirs(tmp_path):
     assert X.output_stem(str(tmp_path), ckpts[:1], tta5) == tmp_path / "m40000-tta5"
     assert X.output_stem(str(tmp_path / "new") + "/", ckpts[:1], ["none"]) == tmp_path / "new" / "m40000"
     assert X.output_stem(str(tmp_path / "b1.v2.onnx"), ckpts, tta5) == tmp_path / "b1.v2"
+
+
+def test_onnx_without_its_packages_is_a_one_line_error(checkpoints, tmp_path, monkeypatch):
+    real = X.importlib.util.find_spec
+    monkeypatch.setattr(X.importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    cfg = compose_config("export", [f"model={checkpoints['b0']}", "width=64", f"output={tmp_path / 'x'}"])
+    with pytest.raises(UserError, match=r"needs the onnxruntime package\(s\); install them or give formats=\[torchscript\]"):
+        X.run(cfg)
+    assert not list(tmp_path.iterdir())

@@ -261,3 +261,12 @@ def test_ensemble_batched_tta_equals_one_call_per_transform(b0, tiles):
     for a, b in zip(batched, single):
         assert (a - b).abs().max().item() < 1e-5
     assert (flipped - direct).abs().max().item() < 1e-5
+
+
+def test_a_file_naming_heads_this_version_cannot_read_is_refused(tiny, tmp_path):
+    artefact, meta = tiny["graphs"]["torchscript"]
+    path = tmp_path / "odd.torchscript"
+    E.write_exported(path, "torchscript", artefact, {**meta, "heads": [["seg_prob", "seg", "cube_root"]]})
+    with pytest.raises(UserError, match="names heads this version cannot read; re-export it") as err:
+        E.load_exported(path)
+    assert str(path) in str(err.value)

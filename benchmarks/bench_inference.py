@@ -15,7 +15,10 @@ Figures printed (each against a baseline measured in the same process, same mode
 3. Precision: fp32 (NCHW), fp32 channels_last, bf16 autocast + channels_last: forward time and how many
    mask pixels agree with fp32. On CPUs without native bf16 (no AMX / AVX512-BF16) bf16 is emulated
    and measured at a small size only.
-4. Peak resident memory of `inference.py` on a 2048^2 and an 8192^2 scene (separate processes).
+4. Peak resident memory of `inference.py` on a 2048^2 and an 8192^2 scene (separate processes). A
+   2048-px scene at tile 1024 has only 3 windows a row to batch, so with a larger batch part of the
+   difference is the model's memory at a larger batch; benchmarks/bench_memory.py compares a square
+   scene with a 1024 x 65536 one at a batch both fill.
 """
 
 from __future__ import annotations

@@ -18,10 +18,15 @@ How a scene is predicted:
   exactly, upsampled bilinearly to the window, and averaged.
 - Overlapping windows are blended with a separable Hann weight (with a floor so scene borders keep a
   weight) and normalised by the accumulated weight, so a constant model gives a seamless constant map.
-- The scene is swept in rows of windows with one accumulator of window height x scene width per map
-  (shifted in place); each finished band of rows is handed out in column blocks (OUT_COLS), so memory
-  does not grow with the scene height and the per-block work does not grow with its width. Windows
-  that are entirely nodata are skipped; nodata/alpha pixels are always 0.
+- The scene is swept in rows of windows, each row left to right, and blended by lib.windows.BlendSweep
+  in column blocks (OUT_COLS) one window tall: a block is handed out as soon as the last window of
+  the row touching it is predicted, and only its overlap with the next row is carried (kept on the
+  device when small, else in a temporary file). Memory is bounded by the tile size, batch and block
+  width, not by the scene's width or height. Windows that are entirely nodata are skipped;
+  nodata/alpha pixels are always 0.
+- `predict(src, rows=(r0, r1))` produces output rows [r0, r1) only, computing exactly the windows
+  that touch them: equal, bit for bit, to the same rows of a whole-scene run. `band_rows` cuts a
+  scene into such bands with balanced window counts (for sharing one scene among processes).
 - Precision: `fp32`, `bf16`/`fp16` (autocast), or `auto`: on CUDA bf16 (fp16 where bf16 is missing),
   on CPUs with AMX/AVX512-BF16 bf16, elsewhere fp32 (emulated bf16 ran ~8x slower than fp32 on an
   AVX2 CPU); the reduced precision is kept only if the decoder's agreement with fp32 (for
@@ -53,7 +58,7 @@ from lib.errors import UserError
 from lib.image_sources import ArraySource
 from lib.segmentation import SegmentationDecoder
 from lib.tta import parse_tta, tta_forward, tta_inverse, tta_inverse_vectors
-from lib.windows import BLEND_FLOOR, OUT_COLS, blend_weights_1d, model_size, weight_sums, window_offsets
+from lib.windows import BLEND_FLOOR, CARRY_RAM_BYTES, OUT_COLS, BlendSweep, balanced_bands, model_size
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -87,15 +92,16 @@ class SceneStats:
     skipped: int = 0
     scores: dict[str, float] = field(default_factory=dict)  # per score: max over windows (NaN: model has none)
     map_max: dict[str, float] = field(default_factory=dict)  # per map: max over valid pixels
-    accumulator_shape: tuple[int, int] = (0, 0)  # rows x columns of each map's accumulator
+    accumulator_shape: tuple[int, int] = (0, 0)  # rows x columns of each map's accumulator (at its largest)
+    accumulator_bytes: int = 0  # the blend buffers' peak bytes in memory (live blocks + carried strip if held)
+    carry_on_disk: bool = False  # the carried overlap strip went to a temporary file (wide scenes)
     passes: list = field(default_factory=list)
 
 
 @dataclass
 class _Item:
     row_index: int
-    row: int
-    col: int
+    col_index: int
     valid: np.ndarray
     inputs: dict
 
@@ -199,6 +205,7 @@ class Engine:
         self.num_workers = max(0, int(num_workers))  # 0: read in the calling thread
         self.progress, self.blend_floor = progress, blend_floor
         self.out_cols = max(OUT_COLS, self.tile_size)  # finished rows are handed out in blocks this wide
+        self.carry_ram_bytes = CARRY_RAM_BYTES  # a larger carried overlap strip goes to a temporary file
         self.precision = precision
         self._dtype = self._initial_dtype(precision)
         self._used: set[str] = set()  # precisions the models actually ran in
@@ -303,10 +310,10 @@ class Engine:
         return mh, mw, ph, pw
 
     # ----- reading (background threads) -----------------------------------------------------------
-    def _prepare(self, src, row_index, row, col, eh, ew, sizes) -> _Item | None:
+    def _prepare(self, src, k, j, row, col, eh, ew, sizes) -> tuple[int, int, _Item | None]:
         rgb, valid = src.read(row, col, eh, ew)
         if not valid.any():
-            return None
+            return k, j, None
         inputs = {}
         for key in set(sizes):
             mh, mw, ph, pw = key
@@ -317,18 +324,19 @@ class Engine:
                 shrink = mh < img.shape[0] or mw < img.shape[1]
                 img = cv2.resize(img, (mw, mh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
             inputs[key] = img
-        return _Item(row_index, row, col, valid, inputs)
+        return k, j, _Item(k, j, valid, inputs)
 
-    def _items(self, src, rows, cols, eh, ew, sizes) -> Iterator[_Item | None]:
-        """Windows in row-major order, read and resized ahead of the model by `num_workers` threads.
+    def _items(self, src, sweep: BlendSweep, eh, ew, sizes) -> Iterator[tuple[int, int, _Item | None]]:
+        """(row index, column index, window or None when all nodata) of the sweep's window rows in
+        row-major order, read and resized ahead of the model by `num_workers` threads.
 
         Each thread reads through its own source handle (rasterio handles are not thread-safe); at
         most a few batches are in flight, so read-ahead memory is bounded.
         """
-        jobs = iter([(k, r, c) for k, r in enumerate(rows) for c in cols])
+        jobs = ((k, j, sweep.row_offsets[k], c) for k in sweep.rows for j, c in enumerate(sweep.col_offsets))
         if self.num_workers == 0:
-            for k, r, c in jobs:
-                yield self._prepare(src, k, r, c, eh, ew, sizes)
+            for job in jobs:
+                yield self._prepare(src, *job, eh, ew, sizes)
             return
         local = threading.local()
         handles = []
@@ -389,95 +397,93 @@ class Engine:
         mean_scores = torch.where(n_scores > 0, score_total / n_scores.clamp(min=1), float("nan"))
         return total / n, mean_scores
 
-    def predict(self, src) -> Iterator[Block]:
-        """Yield the scene's maps in finished bands of rows, top to bottom, covering every row.
+    def predict(self, src, rows: tuple[int, int] | None = None) -> Iterator[Block]:
+        """Yield the scene's maps in finished blocks, top to bottom, covering every row (or `rows`).
 
-        Memory: one accumulator of (window height x scene width) floats per map plus a batch of windows.
+        `rows=(r0, r1)`: only output rows [r0, r1) are produced, by every window that touches them
+        (and no other), so they equal the same rows of a whole-scene run. Memory: a few column blocks
+        one window tall per map (lib.windows.BlendSweep) plus a batch of windows.
         """
         H, W = src.height, src.width
+        band = self._check_rows(rows, H)
         eh, ew = min(self.tile_size, H), min(self.tile_size, W)
-        rows = window_offsets(H, eh, self.overlap)
-        cols = window_offsets(W, ew, self.overlap)
         sizes = [self._sizes(p, src.gsd, eh, ew) for p in self.passes]
-        wr = torch.from_numpy(blend_weights_1d(eh, self.blend_floor)).to(self.device)
-        wc = torch.from_numpy(blend_weights_1d(ew, self.blend_floor)).to(self.device)
-        w2d = wr[:, None] * wc[None, :]
-        sum_r = torch.from_numpy(weight_sums(H, eh, rows, self.blend_floor)).to(self.device)
-        sum_c = torch.from_numpy(weight_sums(W, ew, cols, self.blend_floor)).to(self.device)
         names = self.decoder.maps
-        acc = torch.zeros((len(names), eh, W), device=self.device)
-        valid_acc = np.zeros((eh, W), dtype=bool)
+        sweep = BlendSweep(len(names), H, W, eh, ew, overlap=self.overlap, band=band, out_cols=self.out_cols,
+                           floor=self.blend_floor, device=self.device, carry_ram_bytes=self.carry_ram_bytes)
         self.stats = SceneStats(
             scores={s: float("nan") for s in self.decoder.scores}, map_max={m: 0.0 for m in names},
-            accumulator_shape=(eh, W), passes=[
+            carry_on_disk=sweep.carry.file is not None, passes=[
                 {"model": p.model, "width": p.width, "tta": list(p.tta), "model_size": list(s[:2]),
                  "factor": round(self.factor(p, src.gsd), 6), "gsd_matched": self.gsd_matched(p, src.gsd)}
                 for p, s in zip(self.passes, sizes)])
         self._used = set()  # precision_used is per scene
         per_step = max(1, self.batch_size // max(len(p.tta) for p in self.passes))  # windows per model call
-        bar = progress_bar(total=len(rows) * len(cols), disable=not self.progress, unit="tiles", leave=False,
-                           dynamic_ncols=True)
-        top = rows[0]
-        current = 0
+        bar = progress_bar(total=len(sweep.rows) * len(sweep.col_offsets), disable=not self.progress,
+                           unit="tiles", leave=False, dynamic_ncols=True)
+        current = sweep.rows.start
         pending: list[_Item] = []
 
-        def flush(batch: list[_Item]):
-            if not batch:
-                return
-            maps, scores = self._predict_items(batch, sizes, eh, ew)
-            for it, pr in zip(batch, maps):
-                r0 = it.row - top
-                acc[:, r0:r0 + eh, it.col:it.col + ew] += pr * w2d
-                valid_acc[r0:r0 + eh, it.col:it.col + ew] |= it.valid
-            self._note_scores(scores)
-            self.stats.windows += len(batch)
-            bar.update(len(batch))
-
-        def finish_row(k: int) -> Iterator[Block]:
-            """Hand out the rows no later window touches, in column blocks, then shift the accumulator."""
-            nonlocal top
-            end = rows[k + 1] if k + 1 < len(rows) else H
-            n = end - top
-            for c0 in range(0, W, self.out_cols):
-                c1 = min(W, c0 + self.out_cols)
-                valid = valid_acc[:n, c0:c1].copy()
-                block = acc[:, :n, c0:c1] / (sum_r[top:end, None] * sum_c[None, c0:c1])
-                block.masked_fill_(~torch.from_numpy(valid).to(self.device), 0.0)
-                maps = dict(zip(names, block))
-                if valid.any():
-                    for name, m in maps.items():
-                        self.stats.map_max[name] = max(self.stats.map_max[name], float(m.max()))
-                yield Block(top, maps, valid, c0)
-            # shift up by the finished rows in place, in non-overlapping steps (no second accumulator)
-            for r in range(0, eh - n, n):
-                m = min(n, eh - n - r)
-                acc[:, r:r + m] = acc[:, r + n:r + n + m]
-            acc[:, eh - n:] = 0
-            valid_acc[: eh - n] = valid_acc[n:]
-            valid_acc[eh - n:] = False
-            top = end
+        def flush():
+            if pending:
+                maps, scores = self._predict_items(pending, sizes, eh, ew)
+                for it, pr in zip(pending, maps):
+                    sweep.add(it.col_index, pr, it.valid)
+                self._note_scores(scores)
+                self.stats.windows += len(pending)
+                bar.update(len(pending))
+                pending.clear()
 
         try:
-            for item in self._items(src, rows, cols, eh, ew, sizes):
+            for k, j, item in self._items(src, sweep, eh, ew, sizes):
+                if k > current:  # a model call never mixes rows of windows: the rows above are complete
+                    flush()
+                    for row in range(current, k):
+                        yield from self._blocks(sweep.finish_row(row), sweep)
+                    current = k
                 if item is None:
                     self.stats.skipped += 1
                     bar.update(1)
-                    continue
-                while current < item.row_index:  # rows before this window's row are complete
-                    flush(pending)
-                    pending = []
-                    yield from finish_row(current)
-                    current += 1
-                pending.append(item)
-                if len(pending) >= per_step:
-                    flush(pending)
-                    pending = []
-            flush(pending)
-            while current < len(rows):
-                yield from finish_row(current)
-                current += 1
+                else:
+                    pending.append(item)
+                    if len(pending) >= per_step:
+                        flush()
+                if not pending:  # windows 0..j of this row are in: hand out the blocks they finish
+                    yield from self._blocks(sweep.advance(k, j), sweep)
+            flush()
+            for row in range(current, sweep.rows.stop):
+                yield from self._blocks(sweep.finish_row(row), sweep)
         finally:
             bar.close()
+            sweep.close()
+
+    def _blocks(self, parts, sweep: BlendSweep) -> Iterator[Block]:
+        """The sweep's finished parts as Blocks; keeps each map's maximum and the accumulator's peak size."""
+        for row_off, col_off, maps, valid in parts:
+            named = dict(zip(self.decoder.maps, maps))
+            if valid.any():
+                for name, m in named.items():
+                    self.stats.map_max[name] = max(self.stats.map_max[name], float(m.max()))
+            self.stats.accumulator_shape = (sweep.eh, sweep.peak_cols)
+            self.stats.accumulator_bytes = sweep.peak_bytes
+            yield Block(row_off, named, valid, col_off)
+            del named, maps, valid  # not held while the sweep goes on
+
+    @staticmethod
+    def _check_rows(rows, height: int) -> tuple[int, int]:
+        if rows is None:
+            return 0, height
+        r0, r1 = (int(r) for r in rows)
+        if not 0 <= r0 <= r1 <= height:
+            raise UserError(f"rows={tuple(rows)}: need 0 <= first <= end <= the scene's {height} rows")
+        return r0, r1
+
+    def band_rows(self, height: int, n: int) -> list[tuple[int, int]]:
+        """At most `n` bands (r0, r1) of a scene `height` rows tall, covering every row once, cut where
+        a row of windows starts, balanced by the number of windows each band computes (its window rows
+        and the ones reaching into it from above); fewer only when the scene has fewer window rows.
+        `predict(src, rows=band)` of every band together equal one whole-scene run."""
+        return balanced_bands(height, min(self.tile_size, height), self.overlap, n)
 
     def _note_scores(self, scores: torch.Tensor) -> None:
         """Keep each score's maximum over the scene's windows (one device sync per score and batch)."""
@@ -488,10 +494,12 @@ class Engine:
                 old = self.stats.scores[name]
                 self.stats.scores[name] = c if math.isnan(old) else max(c, old)
 
-    def predict_into(self, src, sink) -> SceneStats:
-        """Hand every finished block of the scene to `sink.add(block)` (the task's writer); return the stats."""
-        for block in self.predict(src):
+    def predict_into(self, src, sink, rows: tuple[int, int] | None = None) -> SceneStats:
+        """Hand every finished block of the scene (or of `rows`) to `sink.add(block)` (the task's writer);
+        return the stats."""
+        for block in self.predict(src, rows):
             sink.add(block)
+            del block  # not held while the next block is computed
         return self.stats
 
     def predict_array(self, rgb: np.ndarray, valid: np.ndarray | None = None, gsd: float | None = None,

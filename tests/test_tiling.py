@@ -1,11 +1,12 @@
 """lib/tiling.py: tiling, TTA batching, blending, scale, nodata, memory, precision and the decoder seam."""
 
+import itertools
 import tracemalloc
 
 import numpy as np
 import pytest
 import torch
-from standins import ConstantModel, PooledBrightnessModel, gradient_image, read, write_rgba
+from standins import ConstantModel, PooledBrightnessModel, PositionalModel, gradient_image, read, write_rgba
 
 from lib import footprints, geo_io
 from lib.devices import cpu_has_native_bf16
@@ -15,7 +16,7 @@ from lib.raster_outputs import SceneWriter, raster_profile
 from lib.segmentation import BUILDING, BUILDING_PRESENT
 from lib.tiling import AGREEMENT_MIN, Engine, build_passes, model_gsd
 from lib.tta import TTA_NAMES
-from lib.windows import window_offsets
+from lib.windows import blend_weights_1d, weight_sums, window_offsets, windows_touching
 
 torch.set_num_threads(1)
 
@@ -210,3 +211,143 @@ def test_exported_graphs_run_and_are_reported_in_fp32_whatever_the_precision_ask
                    num_workers=0, channels_last=False)
     mixed.predict_array(gradient_image(128, 128))
     assert mixed.precision_used == "bf16+fp32"
+
+
+def whole_scene_reference(eng, src):
+    """The sweep as it was before column blocks and bands: one whole-scene accumulator per map, windows
+    added in row-major order, model calls per row of windows in groups of `per_step` (as the engine
+    batches). The engine must equal it bit for bit (fp32, CPU)."""
+    H, W = src.height, src.width
+    eh, ew = min(eng.tile_size, H), min(eng.tile_size, W)
+    rows, cols = window_offsets(H, eh, eng.overlap), window_offsets(W, ew, eng.overlap)
+    sizes = [eng._sizes(p, src.gsd, eh, ew) for p in eng.passes]
+    w2d = torch.from_numpy(blend_weights_1d(eh, eng.blend_floor))[:, None] * torch.from_numpy(
+        blend_weights_1d(ew, eng.blend_floor))[None, :]
+    acc, valid = torch.zeros((len(eng.decoder.maps), H, W)), np.zeros((H, W), bool)
+    per_step = max(1, eng.batch_size // max(len(p.tta) for p in eng.passes))
+    for k, r in enumerate(rows):
+        items = [eng._prepare(src, k, j, r, c, eh, ew, sizes)[2] for j, c in enumerate(cols)]
+        items = [it for it in items if it is not None]
+        for start in range(0, len(items), per_step):
+            batch = items[start:start + per_step]
+            for it, pr in zip(batch, eng._predict_items(batch, sizes, eh, ew)[0]):
+                c = cols[it.col_index]
+                acc[:, r:r + eh, c:c + ew] += pr * w2d
+                valid[r:r + eh, c:c + ew] |= it.valid
+    out = acc / (torch.from_numpy(weight_sums(H, eh, rows, eng.blend_floor))[:, None]
+                 * torch.from_numpy(weight_sums(W, ew, cols, eng.blend_floor))[None, :])
+    return out.masked_fill_(~torch.from_numpy(valid), 0.0).numpy(), valid
+
+
+def _paste(eng, src, rows=None):
+    """Maps [n_maps, H, W] (NaN where no block came) and validity from predict, and the blocks' boxes."""
+    out = np.full((len(eng.decoder.maps), src.height, src.width), np.nan, np.float32)
+    valid, boxes = np.zeros((src.height, src.width), bool), []
+    for b in eng.predict(src, rows):
+        h, w = b.valid.shape
+        assert np.all(np.isnan(out[:, b.row_off:b.row_off + h, b.col_off:b.col_off + w]))  # each pixel once
+        out[:, b.row_off:b.row_off + h, b.col_off:b.col_off + w] = torch.stack(list(b.maps.values())).numpy()
+        valid[b.row_off:b.row_off + h, b.col_off:b.col_off + w] = b.valid
+        boxes.append((b.row_off, b.col_off, h, w))
+    return out, valid, boxes
+
+
+def _nodata_scene(h, w, seed=0):
+    valid = np.ones((h, w), bool)
+    valid[:, w * 2 // 3:] = False  # whole windows skipped
+    valid[h // 3:h // 3 + 20, 30:90] = False  # a hole
+    return ArraySource(gradient_image(h, w, seed), valid)
+
+
+@pytest.mark.parametrize("carry_ram", [None, 0])  # carried strip on the device / in a temporary file
+def test_sweep_equals_a_whole_scene_accumulator_bit_for_bit(carry_ram):
+    src = _nodata_scene(330, 610)
+    eng = Engine([PositionalModel()], widths=[64, 96], tta=["none", "hflip"], tile_size=128, overlap=40,
+                 batch_size=5, num_workers=2, decoder=TwoHeatmaps())
+    eng.out_cols = 150
+    if carry_ram is not None:
+        eng.carry_ram_bytes = carry_ram
+    ref, ref_valid = whole_scene_reference(eng, src)
+    out, valid, boxes = _paste(eng, src)
+    assert np.array_equal(out, ref) and np.array_equal(valid, ref_valid) and ref.std() > 0.05
+    assert eng.stats.carry_on_disk is (carry_ram == 0)
+    assert {(r, c) for r, c, _, _ in boxes} == {(r, c) for r in [0, 88, 176, 202] for c in range(0, 610, 150)}
+
+
+def test_rows_equal_the_same_rows_of_a_whole_scene_run_and_compute_only_their_windows(checkpoints):
+    import model as M
+
+    src = _nodata_scene(300, 450, seed=6)
+    eng = Engine([M.load_model(checkpoints["b0"])], widths=[64], tta=["none", "vflip"], tile_size=128,
+                 overlap=32, batch_size=4, num_workers=0)
+    whole, whole_valid, _ = _paste(eng, src)
+    rows, cols = window_offsets(300, 128, 32), window_offsets(450, 128, 32)
+    for r0, r1 in [*eng.band_rows(300, 3), (101, 108), (0, 1), (299, 300)]:
+        out, valid, boxes = _paste(eng, src, (r0, r1))
+        assert np.array_equal(out[:, r0:r1], whole[:, r0:r1]) and np.array_equal(valid, whole_valid & (
+            np.arange(300)[:, None] >= r0) & (np.arange(300)[:, None] < r1))
+        assert np.isnan(out[:, :r0]).all() and np.isnan(out[:, r1:]).all() and not np.isnan(out[:, r0:r1]).any()
+        assert min(b[0] for b in boxes) == r0 and max(b[0] + b[2] for b in boxes) == r1
+        computed = windows_touching(rows, 128, r0, r1)
+        assert eng.stats.windows + eng.stats.skipped == len(computed) * len(cols)
+        assert eng.stats.skipped == len(computed) * 1  # the right third (one window column) has no imagery
+    assert list(eng.predict(src, (5, 5))) == [] and eng.stats.windows == 0
+    with pytest.raises(UserError, match="rows=.*300 rows"):
+        list(eng.predict(src, (200, 301)))
+
+
+def test_band_rows_cover_every_row_once_cut_at_window_rows_and_balance_the_windows():
+    eng = Engine([ConstantModel()], tile_size=1024, overlap=256)
+    rows = window_offsets(10_000, 1024, 256)  # 13 rows of windows
+    bands = eng.band_rows(10_000, 4)
+    assert bands == [(0, 3072), (3072, 5376), (5376, 7680), (7680, 10_000)]
+    assert [len(windows_touching(rows, 1024, *b)) for b in bands] == [4, 4, 4, 4]  # the 3 seams: 16 of 13
+    for height, n in [(10_000, 1), (10_000, 5), (10_000, 40), (700, 3), (2048, 2), (5000, 7), (9000, 3)]:
+        bands = eng.band_rows(height, n)
+        offsets = window_offsets(height, min(1024, height), 256)
+        assert len(bands) == min(n, len(offsets)) and bands[0][0] == 0 and bands[-1][1] == height
+        assert all(a < b for a, b in bands) and all(p[1] == q[0] for p, q in itertools.pairwise(bands))
+        assert {a for a, _ in bands} <= set(offsets)
+        extent = min(1024, height)
+        best = min(_largest_band(offsets, extent, height, [offsets[c] for c in cuts])  # any choice of cuts
+                   for cuts in itertools.combinations(range(1, len(offsets)), len(bands) - 1))
+        assert _largest_band(offsets, extent, height, [a for a, _ in bands[1:]]) == best, (height, n, bands)
+
+
+def _largest_band(offsets, extent, height, cuts):
+    """Window rows computed by the largest band when a scene is cut at `cuts`."""
+    edges = [0, *cuts, height]
+    return max(len(windows_touching(offsets, extent, a, b)) for a, b in itertools.pairwise(edges))
+
+
+class DiscardingSink:
+    """Checks that the blocks tile the scene with the constant map, keeping nothing."""
+
+    def __init__(self):
+        self.pixels = 0
+
+    def add(self, block):
+        assert torch.allclose(block.maps[BUILDING], torch.tensor(0.3), atol=1e-5)
+        self.pixels += block.valid.size
+
+
+@pytest.mark.parametrize("height", [256, 600])  # one row of windows; three, with the carried strip on disk
+def test_memory_does_not_grow_with_scene_width(height):
+    """The engine's blend buffers (and the Python-side allocations while predicting) for 8x the width:
+    the same within a small margin (the buffers of the old sweep grew with the width)."""
+    figures = []
+    for width in (4096, 32768):
+        src = ArraySource(np.full((height, width, 3), 90, np.uint8))
+        eng = Engine([ConstantModel(0.3)], widths=[64], tile_size=256, overlap=64, batch_size=8, num_workers=0)
+        eng.carry_ram_bytes = 2**20
+        sink = DiscardingSink()
+        tracemalloc.start()
+        eng.predict_into(src, sink)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert sink.pixels == height * width and eng.stats.carry_on_disk is (height > 256)
+        figures.append((eng.stats.accumulator_shape, eng.stats.accumulator_bytes, peak))
+    (shape_a, bytes_a, peak_a), (shape_b, bytes_b, peak_b) = figures
+    assert shape_a == shape_b and shape_a[0] == 256 and shape_a[1] <= 3 * 2048, figures
+    assert bytes_b <= 1.05 * bytes_a and peak_b <= 1.15 * peak_a, figures
+    assert bytes_b < 256 * 32768 * 4 / 2, figures  # far below one window-high strip of the scene

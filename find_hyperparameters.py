@@ -1,8 +1,11 @@
-"""Find max_lr and weight_decay for train.py: an optuna search, or a learning-rate range test.
+"""Find max_lr and weight_decay for train.py (an optuna search, or a learning-rate range test), and the
+point task's detection thresholds.
 
     python find_hyperparameters.py batch_size=5 data_dir=<chips>                       # optuna search
     python find_hyperparameters.py ... storage=sqlite:///outputs/hyper.db n_trials=40   # resumable study
     python find_hyperparameters.py ... mode=lr_range                                   # loss-vs-lr plot
+    python find_hyperparameters.py task=points model=<ckpt or list> data_dir=<prepared folder or scenes>
+        [labels=<xView3 CSV>] [scenes=[a,b] | fold=0 num_folds=7] [shore_root=<dir>] [metric=loc_fscore]
 
 Search (the original pipeline's method): every trial trains `steps_per_trial` steps with max_lr and
 weight_decay drawn log-uniformly (TPE sampler), reports the validation loss `reports_per_trial` times and
@@ -17,6 +20,19 @@ suggests max_lr a tenth of the learning rate at the lowest smoothed loss (the us
 fast descent, safely before the blow-up).
 
 Trials and the range test train through train.py (`run`, `prepare`) and lib.trainer's step: one loop.
+
+Thresholds (`task=points`, mode `thresholds`): the models run once over the labelled holdout scenes
+exactly as `inference.py task=points` runs them (lib.point_inference's engine and scene reading, TTA
+and tiling as configured), keeping every peak at the grid's lowest objectness threshold; then every
+objectness x vessel x fishing threshold of `threshold_grid` is scored on those peaks with the xView3
+metric, no model run per trial (lib.point_tuning says why that is exact, and why a plain grid rather
+than optuna). Holdout: `scenes=[ids]`, else the validation scenes of `fold`/`num_folds` (train.py's
+split; num_folds=1 = every scene); labels from `labels=<xView3 CSV>`, else the prepared folder's
+points.csv. A threshold given on the command line is held fixed. Printed: the best thresholds and
+scores beside those of the defaults (0.5/0.5/0.5); written: a JSON report (`output`, default
+<checkpoint>_thresholds.json beside the first checkpoint) and, unless `store=false`, the choice in the
+first checkpoint's meta.postprocess, which inference.py task=points then uses by default
+(thresholds on its command line still win).
 """
 
 from __future__ import annotations
@@ -24,16 +40,19 @@ from __future__ import annotations
 import csv
 import datetime
 import math
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from omegaconf import OmegaConf
 
 import train
-from lib import trainer
-from lib.cli import cli
+from lib import point_tuning, trainer
+from lib.cli import VERSION, cli
 from lib.errors import UserError
-from lib.files import atomic_path, write_json
+from lib.files import atomic_path, file_sha256, write_json
 
 
 def output_dir(cfg) -> Path:
@@ -180,12 +199,178 @@ def write_curve(out: Path, rows: list[dict], suggestion: float) -> None:
     plt.close(fig)
 
 
-def run(cfg) -> dict:
-    if cfg.mode == "search":
+def run(cfg, models=None) -> dict:
+    """The configured mode; `models` (thresholds only) replaces loading `model=` (tests, callers)."""
+    mode = cfg.mode or ("thresholds" if cfg.task == "points" else "search")
+    if mode == "thresholds":
+        if cfg.task != "points":
+            raise UserError("mode=thresholds tunes the point task's detection thresholds; add task=points")
+        return tune_thresholds(cfg, models)
+    if mode == "search":
         return search(cfg)
-    if cfg.mode == "lr_range":
+    if mode == "lr_range":
         return lr_range(cfg)
-    raise UserError(f"mode={cfg.mode}: use search or lr_range")
+    raise UserError(f"mode={cfg.mode}: use search, lr_range or thresholds (task=points)")
+
+
+# ----- task=points: detection thresholds on a labelled holdout ------------------------------------
+
+def tune_thresholds(cfg, models=None) -> dict:
+    """Tune objectness / vessel / fishing thresholds (module docstring); returns the JSON report."""
+    from inference import model_list
+    from lib.checkpoints import update_meta
+    from lib.point_inference import DEFAULT_THRESHOLDS
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # the demo fills data_dir in
+    paths = model_list(cfg.model)
+    grids = point_tuning.search_grids(threshold_grids(cfg), cfg.metric)
+    if cfg.store:
+        _check_storable(paths[0])
+    if cfg.data_dir is None:
+        import point_task
+
+        point_task.resolve_demo(cfg)  # the synthetic SAR demo train.py task=points trains on
+    scenes, labels, how = holdout(cfg)
+    if models is None:
+        models = load_point_models(paths)
+    records = [{"path": str(Path(p).resolve()), "sha256": file_sha256(p)} for p in paths]  # as tuned
+    low = min(float(grids["objectness_threshold"].min()), DEFAULT_THRESHOLDS["objectness_threshold"])
+    cand = candidates(cfg, models, scenes, low)
+    print(f"holdout: {len(scenes)} scene(s) ({how}), {len(labels)} labels; {len(cand)} candidate peaks at "
+          f"objectness >= {low:g}; grid {' x '.join(str(len(g)) for g in grids.values())}, metric {cfg.metric}")
+    found = point_tuning.search(labels, cand, grids, cfg.metric, cfg.shore_root)
+    best = found["thresholds"]
+    scores = {"best": point_tuning.evaluate(labels, cand, best, cfg.shore_root)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # missing shore data was just reported, once is enough
+        scores["default"] = point_tuning.evaluate(labels, cand, DEFAULT_THRESHOLDS, cfg.shore_root)
+    ids = [s for s, _ in scenes]
+    stored = None
+    if cfg.store:
+        entry = {**best, "metric": str(cfg.metric), "score": scores["best"][cfg.metric], "scenes": ids}
+        update_meta(paths[0], {"postprocess": entry})  # atomically; weights and the rest kept as they are
+        stored = str(paths[0])
+    report = {"task": "points", "version": VERSION, "metric": str(cfg.metric), "scenes": ids, "holdout": how,
+              "labels": len(labels), "models": records, "shore_root": cfg.shore_root, "candidate_threshold": low,
+              "candidates": len(cand), "grid": found["grid"], "best": {**best, "scores": scores["best"]},
+              "default": {**DEFAULT_THRESHOLDS, "scores": scores["default"]}, "curve": found["curve"],
+              "stored_in": stored}
+    out = Path(cfg.output) if cfg.output else Path(paths[0]).with_name(f"{Path(paths[0]).stem}_thresholds.json")
+    write_json(out, report)
+    _print_thresholds(str(cfg.metric), report, out)
+    return report
+
+
+def threshold_grids(cfg) -> dict:
+    """Values searched per threshold: `threshold_grid`, or the one value given on the command line."""
+    grid = cfg.threshold_grid
+    if grid is None or len(grid) != 3:
+        raise UserError(f"threshold_grid={grid}: give [first, last, step], e.g. [0.05,0.95,0.05]")
+    base = point_tuning.threshold_grid(*grid)
+    out = {}
+    for key in point_tuning.AXES:
+        if cfg[key] is not None and not 0 < float(cfg[key]) <= 1:
+            raise UserError(f"{key}={cfg[key]}: a threshold is a probability in (0, 1]")
+        out[key] = base if cfg[key] is None else np.array([float(cfg[key])])
+    return out
+
+
+def _check_storable(path) -> None:
+    from lib.checkpoints import check_file, exported_kind
+
+    if exported_kind(check_file(path)):
+        raise UserError(f"{path}: an exported model cannot store thresholds; give the .pth it came from or "
+                        "store=false (then pass the printed thresholds to inference.py)")
+
+
+def holdout(cfg) -> tuple[list, pd.DataFrame, str]:
+    """The labelled scenes to tune on, as (scene_id, path), their labels (xView3 columns), and how chosen."""
+    import point_dataset
+    import point_task
+    from lib.point_inference import list_scenes
+    from lib.point_labels import read_xview3_csv
+
+    found = list_scenes(cfg.data_dir, list(cfg.channels))
+    ids = [s for s, _ in found]
+    if cfg.labels:
+        points = read_xview3_csv(cfg.labels, scenes=ids)
+    elif (Path(cfg.data_dir) / point_dataset.POINTS_FILE).is_file():
+        points = point_dataset.load_prepared(cfg.data_dir)[1]
+    else:
+        raise UserError(f"{cfg.data_dir}: not a prepared folder with {point_dataset.POINTS_FILE}; give the scenes' "
+                        "labels with labels=<xView3 CSV>")
+    if cfg.scenes is not None:
+        wanted = [str(s) for s in (cfg.scenes if OmegaConf.is_list(cfg.scenes) else [cfg.scenes])]
+        unknown = [s for s in wanted if s not in ids]
+        if unknown:
+            raise UserError(f"{cfg.data_dir}: no scene(s) {', '.join(unknown[:5])} (scenes=); found "
+                            f"{', '.join(ids[:5])}{' ...' if len(ids) > 5 else ''}")
+        how = "scenes="
+    else:
+        wanted = point_dataset.split_scenes(ids, int(cfg.fold), int(cfg.num_folds), int(cfg.split_seed), points)[1]
+        if not wanted:
+            raise UserError(f"{cfg.data_dir}: fold={cfg.fold} of num_folds={cfg.num_folds} holds none of its "
+                            f"{len(ids)} scene(s); lower num_folds (1 = every scene) or give scenes=[...]")
+        how = f"fold {cfg.fold} of {cfg.num_folds}"
+    chosen = [(s, p) for s, p in found if s in set(wanted)]
+    labels = point_task.xview3_labels(points[points["scene_id"].isin(set(wanted))])
+    bare = sorted(set(wanted) - set(labels["scene_id"]))
+    if len(bare) == len(chosen):
+        raise UserError(f"{cfg.labels or cfg.data_dir}: no labels in the holdout scene(s) {', '.join(bare[:5])}; "
+                        "nothing to tune on")
+    if bare:
+        print(f"warning: no labels in scene(s) {', '.join(bare[:5])}: their detections count nowhere")
+    return chosen, labels, how
+
+
+def load_point_models(paths: list[str]) -> list:
+    """The CircleNet checkpoints (or exports) of `model=`, as inference.py task=points loads them."""
+    import circlenet  # noqa: F401  (registers CircleNet checkpoints with model.load_models)
+    import model as model_lib
+
+    models = model_lib.load_models(paths)
+    for path, net in zip(paths, models):
+        if (getattr(net, "config", None) or {}).get("task") != "points":
+            raise UserError(f"{path}: not a point-detection (CircleNet) checkpoint; task=points needs one")
+    return models
+
+
+def candidates(cfg, models: list, scenes: list, threshold: float) -> pd.DataFrame:
+    """Every holdout scene's peaks at `threshold` (lib.point_tuning.candidate_table rows), one model run."""
+    import torch
+
+    from lib.devices import resolve_device
+    from lib.point_inference import build_engine, detect_scene, open_scene
+
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    meta = getattr(models[0], "meta", None) or {}
+    eng = build_engine(cfg, models, resolve_device(cfg.device))
+    tables = []
+    for scene_id, path in scenes:
+        started = time.time()
+        with open_scene(path, cfg, meta) as src:
+            dets = detect_scene(eng, src, threshold, int(cfg.nms_kernel))
+            tables.append(point_tuning.candidate_table(dets, scene_id, src.transform, src.crs, src.gsd))
+        print(f"{scene_id}: {len(dets)} candidate peaks; {eng.stats.windows} windows; precision "
+              f"{eng.precision_used}; {time.time() - started:.1f} s")
+    filled = [t for t in tables if len(t)]
+    return pd.concat(filled, ignore_index=True) if filled else tables[0]
+
+
+def _print_thresholds(metric: str, report: dict, out: Path) -> None:
+    def line(scores: dict) -> str:
+        parts = ", ".join(f"{k} {scores[k]:.4f}" for k in point_tuning.HEADLINE if k != metric)
+        return f"{metric} {scores[metric]:.4f} ({parts}; {scores['detections']} detections)"
+
+    default = "/".join(f"{report['default'][k]:g}" for k in point_tuning.AXES)
+    print(f"default thresholds {default}: {line(report['default']['scores'])}")
+    print(f"best: {line(report['best']['scores'])}")
+    print("inference.py overrides: " + " ".join(f"{k}={report['best'][k]:g}" for k in point_tuning.AXES))
+    if report["stored_in"]:
+        print(f"stored in {report['stored_in']} (meta.postprocess): inference.py task=points uses them unless "
+              "thresholds are given on its command line")
+    print(f"report: {out}")
 
 
 @cli("find_hyperparameters")

@@ -236,6 +236,41 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, **extra) -> None:
         torch.save(payload, tmp)
 
 
+def update_meta(path: str | os.PathLike, changes: dict) -> dict:
+    """Merge `changes` into a checkpoint's stored `meta` and rewrite the file atomically; returns the new meta.
+
+    Everything else (weights, config, training state; a safetensors file's tensors and other header
+    entries) is written back exactly as read, so the network and a resumed run are unchanged. A bare
+    state dict has no place for metadata and is refused, as are exported graphs.
+    """
+    path = check_file(path)
+    if exported_kind(path):
+        raise UserError(f"{path}: an exported model cannot store metadata; pass the .pth it came from")
+    if path.suffix == ".safetensors":
+        return _update_safetensors_meta(path, changes)
+    data = load_checkpoint(path)
+    if _weights_of(data, path)[0] is None:
+        raise UserError(f"{path}: a bare state dict has no place for metadata; re-save it with save_checkpoint")
+    data["meta"] = {**(data.get("meta") or {}), **plain(dict(changes), "meta")}
+    with atomic_path(path) as tmp:
+        torch.save(data, tmp)
+    return data["meta"]
+
+
+def _update_safetensors_meta(path: Path, changes: dict) -> dict:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    data = _load_safetensors(path)  # refuses an unreadable file in one line
+    with safe_open(str(path), framework="pt") as f:
+        header = dict(f.metadata() or {})
+    meta = {**(data.get("meta") or {}), **changes}
+    header["meta"] = json.dumps(meta)
+    with atomic_path(path) as tmp:
+        save_file(data["state_dict"], str(tmp), metadata=header)
+    return meta
+
+
 def plain(obj, where: str = "checkpoint"):
     """Convert to what `torch.load(weights_only=True)` accepts: tensors, numbers, strings, containers.
 

@@ -24,13 +24,14 @@ import os
 import sys
 import time
 import warnings
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import rasterio
 
+import circlenet  # noqa: F401  (registers CircleNet checkpoints with model.load_models)
 import model as model_lib
-from lib import footprints, geo_io, provenance, run_folder, stac_outputs
+from lib import footprints, geo_io, provenance, run_folder, scene_bands, stac_outputs
 from lib.cli import VERSION, cli, progress_bar
 from lib.devices import cpu_has_native_bf16, resolve_device
 from lib.errors import UserError, one_line
@@ -43,6 +44,9 @@ from lib.tiling import Engine, model_gsd
 from lib.tta import TTA_NAMES, seed_tta_name
 
 BACKENDS = ("auto", "torch", "onnxruntime")
+# torchrun: ranks wait at a barrier while the others finish their bands and merge a city's outputs
+# (COGs, footprints) -- minutes to hours for the largest mosaics, not a hang
+RANKS_TIMEOUT = timedelta(hours=12)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -50,21 +54,12 @@ BACKENDS = ("auto", "torch", "onnxruntime")
 # --------------------------------------------------------------------------------------------------
 
 def shard_images(images: list[ImageInput], pixels: list[int], rank: int, world: int) -> list[ImageInput]:
-    """This rank's share of the images under `torchrun`: largest first, each to the least-loaded rank.
+    """This rank's share of whole images under `torchrun`: largest first, each to the least-loaded rank.
 
-    Every rank computes the same assignment from the same sorted list, so no communication is needed,
-    and ranks finish close together even when one city scene dwarfs the other images.
+    Every rank computes the same assignment from the same sorted list, so no communication is needed.
+    `run` shares its work the same way, with large scenes cut into bands first (lib.scene_bands).
     """
-    if world <= 1:
-        return images
-    load = [0] * world
-    mine = []
-    for size, im in sorted(zip(pixels, images), key=lambda t: (-t[0], t[1].stem)):
-        owner = min(range(world), key=lambda r: (load[r], r))
-        load[owner] += size
-        if owner == rank:
-            mine.append(im)
-    return sorted(mine, key=lambda im: im.stem)
+    return scene_bands.share(images, pixels, [im.stem for im in images], rank, world)
 
 
 def open_source(path: Path, cfg) -> RasterSource:
@@ -197,26 +192,44 @@ def image_gsd(path: Path) -> float | None:
             return geo_io.raster_gsd(ds)
 
 
-def predict_image(eng: Engine, image: ImageInput, cfg, record: dict) -> dict:
+def image_shape(path: Path) -> tuple[int, int]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with geo_io.open_raster(path) as ds:
+            return ds.height, ds.width
+
+
+def predict_image(eng: Engine, image: ImageInput, cfg, record: dict, bands: list | str | None = None,
+                  rank: int = 0) -> dict:
     """Predict one image and write its probability map, mask, footprints and STAC item (all or nothing).
 
-    `record` holds the image's settings and fingerprint; it is completed (precision used, figures)
-    and returned, and its provenance is what the GeoTIFF tags and the STAC item say.
+    `record` holds the image's settings and fingerprint; it is completed (precision used, figures,
+    windows per rank) and returned, and its provenance is what the GeoTIFF tags and the STAC item
+    say. `bands` (rows of a scene split among ranks): merge their finished partial files instead.
     """
     start = time.perf_counter()
     output_dir = Path(cfg.output_dir)
     paths = run_folder.output_paths(output_dir, image.stem, cfg.vector_format)
+    metas = None if bands is None else _band_records(output_dir, image, bands, record["fingerprint"])
     with geo_io.gdal_env(), open_source(image.path, cfg) as src:
         ds = src.ds
         georef = geo_io.is_georeferenced(ds)
         profile = raster_profile(ds, georef)
-        poly = footprints.Polygonizer(ds.height, ds.width)
-        with SceneWriter(paths["probability"], paths["mask"], profile, None, cog=cfg.cog, polygonizer=poly,
-                         threshold=cfg.threshold, nodata_mask=True) as writer:
-            stats = eng.predict_into(src, writer)
-            gdf = footprints.save_footprints(poly.finish(), ds.transform if georef else None,
-                                             ds.crs if georef else None, paths["geojson"], cfg)
-            record["precision"] = eng.precision_used  # `auto` is resolved on the first batch
+        vectors = footprints.FootprintWriter(paths["geojson"], ds.transform if georef else None,
+                                             ds.crs if georef else None, cfg)
+        poly = footprints.Polygonizer(ds.height, ds.width, sink=vectors)  # footprints written as found
+        with vectors, SceneWriter(paths["probability"], paths["mask"], profile, None, cog=cfg.cog,
+                                  polygonizer=poly, threshold=cfg.threshold, nodata_mask=True) as writer:
+            if metas is None:
+                stats = eng.predict_into(src, writer)
+                record["precision"] = eng.precision_used  # `auto` is resolved on the first batch
+                record["ranks"] = {str(rank): stats.windows}
+            else:  # the same blocks, in the same order, as a single-process run
+                stats = scene_bands.replay(output_dir, image.stem, metas, writer)
+                record["precision"] = scene_bands.precision_of(metas)
+                record["ranks"] = scene_bands.windows_per_rank(metas)
+            poly.finish()
+            buildings = vectors.close()
             writer.tags = {k: str(v) for k, v in provenance.geotiff_tags(record).items()}
             writer.commit()
         cls_prob = stats.scores[BUILDING_PRESENT]
@@ -224,15 +237,57 @@ def predict_image(eng: Engine, image: ImageInput, cfg, record: dict) -> dict:
             "height": ds.height, "width": ds.width, "crs": ds.crs.to_string() if georef else None,
             "gsd": src.gsd, "windows": stats.windows, "skipped_nodata_windows": stats.skipped,
             "cls_prob": None if math.isnan(cls_prob) else round(cls_prob, 5),
-            "max_prob": round(stats.map_max[BUILDING], 5), "buildings": len(gdf),
+            "max_prob": round(stats.map_max[BUILDING], 5), "buildings": buildings,
         })
         grid = {"bounds": ds.bounds, "crs": ds.crs, "transform": ds.transform,
                 "shape": [ds.height, ds.width]} if georef else None
     item = stac_outputs.scene_item(image.stem, paths, grid, provenance.stac_properties(record), cog=cfg.cog,
                                    source=image.path)
     stac_outputs.write_item(output_dir, item)
+    scene_bands.remove_bands(output_dir, image.stem)  # merged, or left by an interrupted split run
     record["seconds"] = round(time.perf_counter() - start, 3)
     return record
+
+
+def _band_records(output_dir: Path, image: ImageInput, bands: list, fingerprint: str) -> list[dict]:
+    """The finished partial files of a split scene's bands; a band that is missing fails the image."""
+    if isinstance(bands, str):  # a rank could not compute its band: its error
+        raise UserError(bands)
+    metas = [scene_bands.finished_band(output_dir, image.stem, b, fingerprint) for b in bands]
+    missing = [f"{b[0]}-{b[1]}" for b, m in zip(bands, metas) if m is None]
+    if missing:
+        raise UserError(f"{image.path}: rows {', '.join(missing)} were not predicted by their process")
+    return metas
+
+
+def predict_bands(eng: Engine, units: list, cfg, models: list[dict], done: dict, rank: int) -> dict[str, str]:
+    """Compute this rank's bands of split scenes into partial files (lib.scene_bands); a band finished
+    earlier with the same settings, or of an image already finished, is skipped. Returns
+    {stem: error} for the scenes whose band could not be read (their merge records the failure)."""
+    output_dir = Path(cfg.output_dir)
+    failed: dict[str, str] = {}
+    for unit in units:
+        image, (r0, r1) = unit.image, unit.band
+        if image.stem in failed:
+            continue
+        try:
+            settings = provenance.image_settings(cfg, eng, models, image.path, image_gsd(image.path))
+            fingerprint = run_folder.fingerprint(settings)
+            finished = not cfg.overwrite and run_folder.rerun_reason(
+                done.get(image.stem), settings, outputs_of(output_dir, image.stem, cfg)) is None
+            if finished or (not cfg.overwrite and scene_bands.finished_band(output_dir, image.stem, unit.band,
+                                                                            fingerprint)):
+                print(f"{image.path.name}: rows {r0}-{r1} finished earlier; skipped")
+                continue
+            with geo_io.gdal_env(), open_source(image.path, cfg) as src, scene_bands.BandWriter(
+                    output_dir, image.stem, unit.band, src.width, cfg.threshold) as band:
+                stats = eng.predict_into(src, band, rows=unit.band)
+                meta = band.commit(stats, fingerprint, rank, eng.precision_used)
+            print(f"{image.path.name}: rows {r0}-{r1}, {stats.windows} windows on rank {rank}; {meta['seconds']:.1f} s")
+        except (UserError, rasterio.errors.RasterioError) as err:
+            failed[image.stem] = str(err) if isinstance(err, UserError) else \
+                f"{image.path}: not a readable raster ({one_line(err)})"
+    return failed
 
 
 def outputs_of(output_dir: Path, stem: str, cfg) -> list[Path]:
@@ -275,11 +330,16 @@ def run(cfg, models=None) -> dict:
     are predicted, and then `ImagesFailed` names the failures (exit status 1 on the command line).
 
     `models` (already built modules, one per `model` path) skips loading, for programmatic callers.
-    Under `torchrun` each rank predicts its share of the images (`shard_images`) and rank 0 writes
-    the merged run.json, so the outputs are those of one process.
+    Under `torchrun` each rank predicts its share of the work -- whole images, and bands of rows of
+    scenes with at least `split_windows` windows per rank, merged by one rank once all are written
+    (lib.scene_bands) -- and rank 0 writes the merged run.json, so the outputs are those of one process.
     """
     from lib.distributed import gather_object, leave_process_group, setup_distributed
 
+    if cfg.task == "points":
+        return run_points(cfg, models)
+    if cfg.task != "segmentation":
+        raise UserError(f"task={cfg.task}: use segmentation or points")
     output_dir = Path(cfg.output_dir)
     # outputs and mined copies written inside data_dir are not inputs of a later run
     own = [output_dir] + ([Path(cfg.output_dir_empty)] if cfg.output_dir_empty else [])
@@ -290,16 +350,20 @@ def run(cfg, models=None) -> dict:
         import torch
 
         torch.set_num_threads(int(cfg.num_threads))
-    images, pixels, failures = check_images(listed, cfg.bands)
+    images, _, failures = check_images(listed, cfg.bands)
     footprints.check_inputs(cfg)  # a bad existing= file fails before any prediction
-    d, device = setup_distributed(cfg.device)
+    d, device = setup_distributed(cfg.device, RANKS_TIMEOUT)
     try:
-        mine = shard_images(images, pixels, d.rank, d.world)
         if not d.main:
             cfg.progress = False  # one bar (rank 0's) rather than interleaved ones
         eng, records = build_engine(cfg, models, device)
         info = run_settings(cfg, eng, records)
         done = previous_records(output_dir)
+        # whole images and bands of large scenes, shared among ranks (lib.scene_bands)
+        units = scene_bands.plan(images, [image_shape(im.path) for im in images] if d.enabled else None, eng,
+                                 d.world, cfg.split_windows)
+        mine = scene_bands.share(units, [u.cost for u in units], [u.key for u in units], d.rank, d.world)
+        split = scene_bands.split_images(units)
         progress_path = run_folder.rank_file(output_dir, d.rank) if d.enabled else run_folder.run_file(output_dir)
         summary = {"predicted": 0, "skipped": 0, "empty": [], "failed": []}
         if d.main:  # unreadable inputs are set aside (every rank found the same); the others are predicted
@@ -307,7 +371,15 @@ def run(cfg, models=None) -> dict:
                 print(f"error: {failure.message}", file=sys.stderr)
                 done[failure.image.stem] = _failed(failure.image, failure.message, output_dir, cfg)
                 summary["failed"].append(failure.image.stem)
-        predict_images(eng, mine, cfg, info, done, progress_path, records, summary)
+        predict_images(eng, [u.image for u in mine if u.band is None], cfg, info, done, progress_path, records,
+                       summary, d.rank)
+        if split:  # every rank writes its bands; after all are done, each split scene is merged by one rank
+            failed = predict_bands(eng, [u for u in mine if u.band is not None], cfg, records, done, d.rank)
+            failed = {k: v for part in gather_object(failed, d) for k, v in part.items()}
+            stems = sorted(split)[d.rank::d.world]
+            by_stem = {im.stem: im for im in images}
+            predict_images(eng, [by_stem[s] for s in stems], cfg, info, done, progress_path, records, summary,
+                           d.rank, bands={s: failed.get(s) or split[s] for s in stems})
         parts = gather_object((done, summary), d)
         if d.enabled:
             for part_done, _ in parts:
@@ -354,9 +426,11 @@ def _failed(image: ImageInput, message: str, output_dir: Path, cfg) -> dict:
 
 
 def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done: dict, progress_path: Path,
-                   models: list[dict], summary: dict) -> None:
+                   models: list[dict], summary: dict, rank: int = 0, bands: dict | None = None) -> None:
     """Predict, skip (finished with the same settings) or set aside (unreadable) each of `images`,
-    recording each in `done` and `progress_path` and counting it in `summary`."""
+    recording each in `done` and `progress_path` and counting it in `summary`. `bands`: stem -> the
+    rows of a scene split among ranks, merged from their partial files (or why a band failed)."""
+    bands = bands or {}
     output_dir = Path(cfg.output_dir)
     for image in progress_bar(images, disable=not cfg.progress or len(images) < 2, unit="image"):
         name = image.path.name
@@ -377,7 +451,7 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
                           "fingerprint": run_folder.fingerprint(settings), "settings": settings,
                           "models": [{k: m[k] for k in ("path", "sha256", "backend", "export_tta", "model_gsd",
                                                         "model_gsd_source")} for m in models]}
-                record = predict_image(eng, image, cfg, record)
+                record = predict_image(eng, image, cfg, record, bands.get(image.stem), rank)
                 summary["predicted"] += 1
                 print(f"{name}: {provenance.describe_scale(eng, models, gsd)}; precision {record['precision']}; "
                       f"{record['buildings']} buildings; {record['seconds']:.1f} s")
@@ -403,6 +477,23 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
 def _write_run(path: Path, info: dict, done: dict) -> None:
     run_folder.write_record(path, {**info, "created": datetime.now(UTC).isoformat(timespec="seconds"),
                                    "images": done})
+
+
+def run_points(cfg, models=None) -> dict:
+    """`task=points`: CircleNet detections for SAR scenes (lib.point_inference), one process."""
+    from lib import point_inference
+
+    paths = model_list(cfg.model)
+    if models is None:
+        models = model_lib.load_models(paths)
+    for path, net in zip(paths, models):
+        if (getattr(net, "config", None) or {}).get("task") != "points":
+            raise UserError(f"{path}: not a point-detection (CircleNet) checkpoint; task=points needs one")
+    if cfg.num_threads:
+        import torch
+
+        torch.set_num_threads(int(cfg.num_threads))
+    return point_inference.run(cfg, models, paths, resolve_device(cfg.device))
 
 
 @cli("inference")

@@ -1,8 +1,8 @@
 """Where a process sits in a `torchrun` job, and the few collective operations the scripts need.
 
-Training (gradient averaging, sharded validation) and inference (images shared among ranks) both
-run under `torchrun --nproc_per_node=N`; without torchrun every helper here is the identity, so
-single-process code paths stay unchanged.
+Training (gradient averaging, sharded validation) and inference (images and bands of large scenes
+shared among ranks, lib.scene_bands) both run under `torchrun --nproc_per_node=N`; without torchrun
+every helper here is the identity, so single-process code paths stay unchanged.
 """
 
 from __future__ import annotations
@@ -34,8 +34,14 @@ class Dist:
         return self.world > 1
 
 
-def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
-    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK and join the process group (nccl on CUDA, gloo on CPU)."""
+TIMEOUT = datetime.timedelta(minutes=30)  # how long a collective waits for the slowest rank
+
+
+def setup_distributed(device_name: str, timeout: datetime.timedelta = TIMEOUT) -> tuple[Dist, torch.device]:
+    """Read torchrun's RANK/WORLD_SIZE/LOCAL_RANK and join the process group (nccl on CUDA, gloo on CPU).
+
+    `timeout` bounds every collective: a rank that waits longer for the others fails (and torchrun
+    stops the job) instead of hanging; inference raises it, as ranks wait there for others' merges."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     device = resolve_device(device_name)
@@ -46,7 +52,7 @@ def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
     if d.enabled and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30), **kwargs)
+        dist.init_process_group(backend, timeout=timeout, **kwargs)
     return d, device
 
 

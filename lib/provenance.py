@@ -23,7 +23,7 @@ from lib.cli import VERSION
 RUN_ONLY_KEYS = frozenset({
     "data_dir", "model", "output_dir", "width", "widths", "tta", "flip", "transpose", "scale_factor",
     "match_gsd", "backend", "onnx_cache", "batch_size", "num_workers", "num_threads", "progress", "debug",
-    "overwrite", "device", "mine_empty", "output_dir_empty", "empty_threshold",
+    "overwrite", "device", "mine_empty", "output_dir_empty", "empty_threshold", "split_windows",
 })
 
 

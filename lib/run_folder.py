@@ -6,6 +6,7 @@
     <run>/stac/<stem>.json            STAC item of each output scene (inference), stac/catalog.json links them
     <run>/run.json                    the last run's settings, and one record per image (its own provenance)
     <run>/.run.rank<N>.json           progress of rank N of a torchrun job, merged into run.json
+    <run>/.bands/<stem>/              bands of a scene split among torchrun ranks (lib.scene_bands), until merged
 
 Every script finds these files through this module, so the layout is spelt out once.
 

@@ -1,8 +1,10 @@
-"""lib.distributed: identity without torchrun, and real collectives in a two-process gloo group."""
+"""lib.distributed: identity without torchrun, and real collectives in a two-process gloo group; lib.scene_bands:
+how work is cut and shared among ranks, and the partial files of a split scene."""
 
 import json
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,3 +54,91 @@ def test_two_gloo_processes_sum_broadcast_and_gather_in_rank_order(tmp_path):
         assert r["sum"] == [3.0, 20.0] and r["max"] == [1.0]
         assert r["broadcast"] == "from 0"  # rank 0's value everywhere (e.g. the run folder name)
         assert r["gathered"] == [{"rank": 0}, {"rank": 1}] and r["left"]
+
+
+# --------------------------------------------------------------------------------------------------
+# lib.scene_bands: which scenes are split, who gets what, the partial files
+# --------------------------------------------------------------------------------------------------
+
+def _engine():
+    from standins import ConstantModel
+
+    from lib.tiling import Engine
+
+    return Engine([ConstantModel()], widths=[64], tile_size=256, overlap=64)
+
+
+def test_large_scenes_get_one_band_per_rank_small_ones_stay_whole_and_every_unit_has_one_owner():
+    from lib import scene_bands
+    from lib.image_sources import ImageInput
+
+    eng = _engine()
+    images = [ImageInput("big", Path("big.tif")), ImageInput("small", Path("small.tif"))]
+    shapes = [(600, 500), (200, 300)]  # 3 x 3 and 1 x 2 windows of 256 px with overlap 64
+    units = scene_bands.plan(images, shapes, eng, world=2, split_windows=2)
+    assert [(u.image.stem, u.band, u.cost) for u in units] == [
+        ("big", (0, 344), 6), ("big", (344, 600), 6), ("small", None, 2)]  # window row 1 reaches across 344
+    assert scene_bands.split_images(units) == {"big": [(0, 344), (344, 600)]}
+    for world, split_windows in ((1, 2), (2, 0), (2, 5)):  # one process, never, or 9 < 5 x 2 windows
+        assert all(u.band is None for u in scene_bands.plan(images, shapes, eng, world, split_windows))
+    shares = [scene_bands.share(units, [u.cost for u in units], [u.key for u in units], r, 2) for r in (0, 1)]
+    assert [[(u.image.stem, u.band) for u in s] for s in shares] == [
+        [("big", (0, 344)), ("small", None)], [("big", (344, 600))]]
+    assert scene_bands.share(units, [1, 1, 1], [u.key for u in units], 0, 1) == units
+
+
+def _meta(rank, windows, rows, precision="fp32", cls=0.5):
+    return {"rank": rank, "windows": windows, "skipped": 1, "rows": rows, "precision": precision,
+            "scores": {"building_present": cls}, "map_max": {"building": windows / 10}}
+
+
+def test_band_records_add_up_to_the_scene_figures_and_windows_per_rank():
+    from lib import scene_bands
+
+    metas = [_meta(1, 6, [344, 600], "bf16", None), _meta(0, 5, [0, 344], "fp32", 0.25), _meta(1, 2, [600, 700])]
+    stats = scene_bands.merged_stats(metas)
+    assert (stats.windows, stats.skipped) == (13, 3)
+    assert stats.scores == {"building_present": 0.5} and stats.map_max == {"building": 0.6}
+    assert scene_bands.windows_per_rank(metas) == {"0": 5, "1": 8}
+    assert list(scene_bands.windows_per_rank(metas)) == ["0", "1"]
+    assert scene_bands.precision_of(metas) == "bf16+fp32"
+
+
+def test_a_band_counts_as_finished_only_with_its_raster_and_the_same_settings(tmp_path):
+    import numpy as np
+
+    from lib import scene_bands
+    from lib.segmentation import BUILDING
+    from lib.tiling import Block, SceneStats
+
+    with scene_bands.BandWriter(tmp_path, "city", (100, 140), 30, threshold=0.5) as band:
+        for row in (100, 120):
+            prob = torch.linspace(0, 1, 30).repeat(20, 1)
+            valid = np.ones((20, 30), bool)
+            valid[:, :3] = False
+            band.add(Block(row, {BUILDING: prob}, valid))
+        assert scene_bands.finished_band(tmp_path, "city", (100, 140), "fp") is None  # not before commit
+        meta = band.commit(SceneStats(windows=4, scores={"s": float("nan")}, map_max={BUILDING: 1.0}), "fp", 1,
+                           "fp32")
+    assert meta["blocks"] == [[100, 0, 20, 30], [120, 0, 20, 30]] and meta["scores"] == {"s": None}
+    assert scene_bands.finished_band(tmp_path, "city", (100, 140), "fp")["rank"] == 1
+    assert scene_bands.finished_band(tmp_path, "city", (100, 140), "other settings") is None
+
+    class Collect:
+        def __init__(self):
+            self.calls = []
+
+        def write(self, row, prob, mask, col, valid):
+            self.calls.append((row, col, prob, mask, valid))
+
+    sink = Collect()
+    scene_bands.replay(tmp_path, "city", [meta], sink)
+    assert [(r, c) for r, c, *_ in sink.calls] == [(100, 0), (120, 0)]
+    _, _, prob, mask, valid = sink.calls[1]
+    expected = np.round(torch.linspace(0, 1, 30).numpy() * 255).astype(np.uint8)
+    assert np.array_equal(prob[0], expected) and not valid[:, :3].any() and valid[:, 3:].all()
+    assert mask.dtype == bool and np.array_equal(mask[0], valid[0] & (torch.linspace(0, 1, 30).numpy() >= 0.5))
+    scene_bands.band_paths(tmp_path, "city", (100, 140))[0].unlink()
+    assert scene_bands.finished_band(tmp_path, "city", (100, 140), "fp") is None  # its raster is gone
+    scene_bands.remove_bands(tmp_path, "city")
+    assert list(tmp_path.iterdir()) == []

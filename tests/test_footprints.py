@@ -149,3 +149,83 @@ def test_bad_existing_files_are_one_line_errors_before_any_prediction(tmp_path):
         assert str(path.name) in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(UserError, match="regularize_angles"):
         footprints.check_inputs(compose_config("inference", ["regularize_angles=30"]))
+
+
+def _grid_of_houses(rows=16, cols=15, cell=20):
+    """Rectangular houses on a grid (some across the 64-row blocks' seams) and a long one across all."""
+    mask = np.zeros((rows * cell, cols * cell), bool)
+    for i in range(rows):
+        for j in range(cols):
+            mask[i * cell + 3:i * cell + 3 + 9 + (i + j) % 6, j * cell + 4:j * cell + 15] = True
+    mask[5:rows * cell - 10, 150:154] = True
+    prob = (np.arange(mask.size) % 200 + 50).reshape(mask.shape).astype(np.uint8)
+    return mask, prob
+
+
+def _stream(mask, prob, path, cfg, chunk, band=64, block=128):
+    """Feed a mask through Polygonizer -> FootprintWriter in bands of rows and column blocks; watch memory."""
+    t = from_origin(500000, 4000000, 0.5, 0.5)
+    writer = footprints.FootprintWriter(path, t, "EPSG:32632", cfg, chunk=chunk)
+    poly = footprints.Polygonizer(*mask.shape, sink=writer)
+    held = 0
+    with writer:
+        for r in range(0, mask.shape[0], band):
+            for c in range(0, mask.shape[1], block):
+                poly.add(r, mask[r:r + band, c:c + block], prob[r:r + band, c:c + block], c)
+            held = max(held, len(poly.open) + len(writer.pending))
+        poly.finish()
+        return writer.close(), held
+
+
+def test_streamed_footprints_equal_one_write_and_only_seam_pieces_stay_in_memory(tmp_path):
+    from lib.cli import compose_config
+
+    mask, prob = _grid_of_houses()
+    x0, y0 = 500000, 4000000  # one mapped house (row 0, column 0 of the grid), all others new
+    gpd.GeoDataFrame(geometry=[shapely.box(x0 + 2, y0 - 8, x0 + 7.5, y0 - 1.5)], crs="EPSG:32632").to_file(
+        tmp_path / "osm.gpkg")
+    cfg = compose_config("inference", [f"existing={tmp_path / 'osm.gpkg'}"])
+    n_one, _ = _stream(mask, prob, tmp_path / "one" / "s.geojson", cfg, chunk=10 ** 6)
+    n_many, held = _stream(mask, prob, tmp_path / "many" / "s.geojson", cfg, chunk=25)
+    assert n_one == n_many == 16 * 15 - 16 + 1  # the long building joins the 16 houses of column 7
+    # held at most: a chunk, the pieces on a band's two seams (two grid rows of houses, and the
+    # merged ones above) and on its column seams -- not the scene's 225 footprints
+    assert held <= 25 + 3 * 15 + 3 * 2 + 1
+    names = sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "many").iterdir()) == [
+        "s.geojson", "s.gpkg", "s_new.geojson", "s_raw.geojson"]  # no scratch files left
+    for name in names:
+        a, b = gpd.read_file(tmp_path / "one" / name), gpd.read_file(tmp_path / "many" / name)
+        assert a.equals(b) and a.crs == b.crs, name
+    gj = gpd.read_file(tmp_path / "many" / "s.geojson")
+    assert gj.crs.to_epsg() == 4326 and gj["id"].tolist() == list(range(n_one))
+    assert (gj["status"] == "mapped").sum() == 1 and gj["squared"].all()
+    assert gpd.read_file(tmp_path / "many" / "s.gpkg").crs.to_epsg() == 32632
+
+
+def test_streamed_footprints_of_a_plain_image_stay_in_pixels_and_an_aborted_scene_leaves_nothing(tmp_path):
+    from lib.cli import compose_config
+
+    mask, prob = _grid_of_houses(4, 5)
+    cfg = compose_config("inference", ["vector_format=geojson", "regularize=false", "min_area=0"])
+    writer = footprints.FootprintWriter(tmp_path / "p.geojson", None, None, cfg, chunk=3)
+    poly = footprints.Polygonizer(*mask.shape, sink=writer)
+    for r in range(0, mask.shape[0], 32):
+        poly.add(r, mask[r:r + 32], prob[r:r + 32])
+    poly.finish()
+    assert writer.close() == 20 and [p.name for p in tmp_path.iterdir()] == ["p.geojson"]
+    gj = gpd.read_file(tmp_path / "p.geojson")
+    assert tuple(gj.total_bounds) == (4.0, 3.0, 95.0, 77.0)  # pixel (column, row) coordinates
+    assert sorted(gj["area_px"])[:2] == [99, 99] and len(gj) == 20
+    with pytest.raises(KeyError), footprints.FootprintWriter(tmp_path / "q" / "q.geojson", None, None, cfg,
+                                                             chunk=3) as w:
+        w.add(polygonize(mask, prob))  # streaming has begun: scratch files exist
+        raise KeyError("interrupted")
+    assert list((tmp_path / "q").iterdir()) == []
+
+
+def test_blocks_out_of_row_order_are_refused():
+    poly = footprints.Polygonizer(100, 100)
+    poly.add(50, np.ones((50, 100), bool))
+    with pytest.raises(ValueError, match="row order"):
+        poly.add(0, np.ones((50, 100), bool))

@@ -203,6 +203,7 @@ def test_images_are_shared_largest_first_among_ranks():
 
 @pytest.mark.slow
 def test_torchrun_inference_shares_images_and_matches_one_process(checkpoints, tmp_path):
+    """Three images on two ranks; img2 (two rows of windows, split_windows=1) is split between them."""
     import os
     import subprocess
     import sys
@@ -216,7 +217,8 @@ def test_torchrun_inference_shares_images_and_matches_one_process(checkpoints, t
     import inference
 
     args = [f"data_dir={data}", f"model={checkpoints['b0']}", "tile_size=256", "width=64", "overlap=64",
-            "progress=false", "cog=false", "backend=torch", "threshold=0.5", "tta=[none,hflip]"]
+            "progress=false", "cog=false", "backend=torch", "threshold=0.5", "tta=[none,hflip]", "split_windows=1",
+            "precision=fp32"]
     inference.run(compose_config("inference", [*args, f"output_dir={tmp_path / 'one'}", "num_threads=1"]))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -234,4 +236,163 @@ def test_torchrun_inference_shares_images_and_matches_one_process(checkpoints, t
         assert [f["geometry"] for f in one] == [f["geometry"] for f in two]
     run = json.loads((tmp_path / "two" / "run.json").read_text())
     assert sorted(run["images"]) == ["img0", "img1", "img2"]
+    assert run["images"]["img2"]["ranks"] == {"0": 2, "1": 1} and len(run["images"]["img0"]["ranks"]) == 1
     assert not list((tmp_path / "two").glob(".run.rank*.json"))  # merged by rank 0, then removed
+
+
+# --------------------------------------------------------------------------------------------------
+# City scale: one scene split among ranks (lib.scene_bands), nodata scenes
+# --------------------------------------------------------------------------------------------------
+
+def _city(data: Path) -> None:
+    """A 600 x 500 scene with bright roofs on dark ground -- some across the bands' seam (row 344) and
+    the windows' seams -- and a nodata corner, beside a small image that is shared whole."""
+    rng = np.random.default_rng(4)
+    img = rng.integers(40, 90, (600, 500, 3)).astype(np.uint8)
+    for y, x, h, w in ((20, 30, 60, 80), (300, 100, 120, 60), (330, 260, 40, 200), (150, 180, 300, 24),
+                       (500, 20, 70, 90), (180, 400, 30, 40), (420, 330, 90, 90)):
+        img[y:y + h, x:x + w] = 220
+    alpha = np.full((600, 500), 255, np.uint8)
+    alpha[540:, 400:] = 0
+    write_rgba(data / "city.tif", img, alpha)
+    write_rgba(data / "small.tif", gradient_image(200, 300, seed=2), np.full((200, 300), 255, np.uint8))
+
+
+class _DiesMidBand:
+    """Rank 1's model in the kill test: once rank 0 has finished its band, the process is killed (-9)
+    on its second model call, half-way through its own band."""
+
+    def __init__(self, bands: Path):
+        from standins import PooledBrightnessModel
+
+        self.net, self.bands, self.calls = PooledBrightnessModel(), bands, 0
+
+    def __call__(self, x):
+        import os
+        import signal
+        import time
+
+        self.calls += 1
+        if self.calls == 2:
+            for _ in range(600):
+                if list(self.bands.glob("*.json")):
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(0.1)
+        return self.net(x)
+
+
+def _split_worker(rank: int, port: int, data: str, ckpt: str, out: str, kill: bool) -> None:
+    import os
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from standins import PooledBrightnessModel
+
+    import inference
+
+    torch.set_num_threads(1)
+    net = PooledBrightnessModel()
+    calls = [0]
+    original = net.forward
+
+    def counted(x):
+        calls[0] += 1
+        return original(x)
+
+    net.forward = counted
+    if kill and rank == 1:
+        net.forward = _DiesMidBand(Path(out) / ".bands" / "city")
+    inference.run(_split_cfg(data, ckpt, out), models=[net])
+    Path(f"{out}.calls{rank}").write_text(str(calls[0]))
+
+
+def _split_cfg(data, ckpt, out):
+    return infer_cfg(data, ckpt, out, "split_windows=2", "precision=fp32", "batch_size=2", "min_area=0", "cog=true")
+
+
+def _two_processes(tmp_path, out: Path, kill: bool = False) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(_split_worker, nprocs=2, start_method="spawn", args=(
+        port, str(tmp_path / "images"), str(tmp_path / "b0.pth"), str(out), kill))
+
+
+def _assert_same_outputs(one: Path, two: Path, stems=("city", "small")) -> None:
+    for stem in stems:
+        for kind in ("probabilities", "masks"):
+            with rasterio.open(one / kind / f"{stem}.tif") as a, rasterio.open(two / kind / f"{stem}.tif") as b:
+                assert np.array_equal(a.read(), b.read()) and np.array_equal(a.dataset_mask(), b.dataset_mask())
+                assert (a.crs, a.transform, a.tags()) == (b.crs, b.transform, b.tags())
+                assert b.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        fa = json.loads((one / "footprints" / f"{stem}.geojson").read_text())["features"]
+        fb = json.loads((two / "footprints" / f"{stem}.geojson").read_text())["features"]
+        assert fa == fb
+
+
+@pytest.fixture
+def city(tmp_path):
+    """The city scene and a small image, a stand-in checkpoint file, and a single-process run of them."""
+    from standins import PooledBrightnessModel
+
+    import inference
+    import model as M
+    from lib.checkpoints import save_checkpoint
+
+    (tmp_path / "images").mkdir()
+    _city(tmp_path / "images")
+    save_checkpoint(tmp_path / "b0.pth", M.build_model("efficientnet-b0", pretrained=False), meta={})
+    one = inference.run(_split_cfg(tmp_path / "images", tmp_path / "b0.pth", tmp_path / "one"),
+                        models=[PooledBrightnessModel()])
+    assert one["images"]["city"]["buildings"] >= 5 and one["images"]["city"]["ranks"] == {"0": 9}
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_a_scene_split_between_two_processes_equals_one_process(city):
+    _two_processes(city, city / "two")
+    _assert_same_outputs(city / "one", city / "two")
+    run = json.loads((city / "two" / "run.json").read_text())["images"]
+    assert run["city"]["ranks"] == {"0": 6, "1": 6}  # window rows 0-1 and 1-2: row 1 reaches across the seam
+    assert run["city"]["windows"] == 12 and run["small"]["ranks"] == {"0": 2}
+    one = json.loads((city / "one" / "run.json").read_text())["images"]
+    assert run["city"]["fingerprint"] == one["city"]["fingerprint"]  # a single-process rerun keeps it
+    assert [run["city"][k] for k in ("cls_prob", "max_prob", "buildings")] == \
+        [one["city"][k] for k in ("cls_prob", "max_prob", "buildings")]
+    assert not (city / "two" / ".bands").exists() and not list((city / "two").glob(".run.rank*"))
+    assert (city / "two.calls0").read_text() != "0" and (city / "two.calls1").read_text() != "0"
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_scene_leaves_only_its_band_to_the_rerun(city):
+    with pytest.raises(torch.multiprocessing.ProcessExitedException, match="SIGKILL"):
+        _two_processes(city, city / "two", kill=True)
+    bands = sorted(p.name for p in (city / "two" / ".bands" / "city").glob("*.json"))
+    assert bands == ["0-344.json"]  # rank 0's band is finished, rank 1's is not
+    _two_processes(city, city / "two")
+    assert (city / "two.calls0").read_text() == "0"  # rank 0: its band and the small image were done
+    assert (city / "two.calls1").read_text() != "0"
+    _assert_same_outputs(city / "one", city / "two")
+    run = json.loads((city / "two" / "run.json").read_text())["images"]
+    assert run["city"]["ranks"] == {"0": 6, "1": 6} and not (city / "two" / ".bands").exists()
+
+
+def test_a_scene_without_imagery_is_skipped_window_by_window_and_still_written(checkpoints, tmp_path):
+    import geopandas as gpd
+
+    import inference
+
+    write_rgba(tmp_path / "void.tif", gradient_image(300, 520), np.zeros((300, 520), np.uint8))
+    model = ConstantModel(0.9)
+    run = inference.run(infer_cfg(tmp_path / "void.tif", checkpoints["b0"], tmp_path / "out"), models=[model])
+    record = run["images"]["void"]
+    assert model.calls == []  # no window reached the model
+    assert (record["windows"], record["skipped_nodata_windows"], record["buildings"]) == (0, 6, 0)
+    assert record["max_prob"] == 0 and record["cls_prob"] is None and record["ranks"] == {"0": 0}
+    for kind in ("probabilities", "masks"):
+        with rasterio.open(tmp_path / "out" / kind / "void.tif") as ds:
+            assert ds.read(1).max() == 0 and ds.dataset_mask().max() == 0 and (ds.height, ds.width) == (300, 520)
+    assert len(gpd.read_file(tmp_path / "out" / "footprints" / "void.geojson")) == 0
+    assert (tmp_path / "out" / "stac" / "void.json").is_file()

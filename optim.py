@@ -58,3 +58,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, max_lr: float, total_steps
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     """Learning rate of the first parameter group (all groups share the schedule)."""
     return float(optimizer.param_groups[0]["lr"])
+
+
+def build_one_cycle(net, cfg, lr: float, total_steps: int) -> tuple:
+    """(optimizer, scheduler) of the recipe both tasks train with, from the config's optimiser keys."""
+    optimizer = build_optimizer(net, lr, float(cfg.weight_decay), over9000=bool(cfg.use_over9000_optimizer))
+    scheduler = build_scheduler(optimizer, lr, total_steps, pct_start=float(cfg.pct_start),
+                                div_factor=float(cfg.div_factor), final_div_factor=float(cfg.final_div_factor))
+    return optimizer, scheduler

@@ -40,7 +40,7 @@ from lib.sar import SarSource
 from lib.tiling import Engine
 from lib.trainer import Session, autocast, to_device
 from lib.xview3_metric import score as xview3_score
-from optim import build_optimizer, build_scheduler
+from optim import build_one_cycle
 
 SELECT_BY = {"aggregate": "val_aggregate", "loc_fscore": "val_loc_fscore"}
 VAL_CHIPS = 64  # most validation chips the validation loss is taken on
@@ -127,10 +127,7 @@ class PointsTask:
         return create_model(cfg)
 
     def build_optimizer(self, net, cfg, lr: float, total_steps: int) -> tuple:
-        optimizer = build_optimizer(net, lr, float(cfg.weight_decay), over9000=bool(cfg.use_over9000_optimizer))
-        scheduler = build_scheduler(optimizer, lr, total_steps, pct_start=float(cfg.pct_start),
-                                    div_factor=float(cfg.div_factor), final_div_factor=float(cfg.final_div_factor))
-        return optimizer, scheduler
+        return build_one_cycle(net, cfg, lr, total_steps)
 
     def train_batches(self, s: Session):
         """Endless batches of chips on the device, resumed after `s.step` steps (balanced draws)."""

@@ -42,7 +42,7 @@ from lib.losses import LossConfig, soft_label_loss, soft_to_hard, supervised_los
 from lib.model_contract import check_input_multiple
 from lib.trainer import Session, autocast, to_device
 from model import DICE, MODEL_KEYS, SEG, build_model, load_model, model_kwargs_from_cfg
-from optim import build_optimizer, build_scheduler
+from optim import build_one_cycle
 
 # Keys a resumed run may change; every other key comes from the checkpoint so the run continues exactly.
 RUNTIME_KEYS = ("resume", "output_dir", "device", "num_workers", "progress", "log_every", "save_every",
@@ -236,10 +236,7 @@ class SegmentationTask:
         return create_model(cfg)
 
     def build_optimizer(self, net, cfg, lr: float, total_steps: int) -> tuple:
-        optimizer = build_optimizer(net, lr, float(cfg.weight_decay), over9000=bool(cfg.use_over9000_optimizer))
-        scheduler = build_scheduler(optimizer, lr, total_steps, pct_start=float(cfg.pct_start),
-                                    div_factor=float(cfg.div_factor), final_div_factor=float(cfg.final_div_factor))
-        return optimizer, scheduler
+        return build_one_cycle(net, cfg, lr, total_steps)
 
     def train_batches(self, s: Session):
         """Endless (batch, soft) step inputs on the device, resumed after `s.step` steps."""

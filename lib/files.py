@@ -82,3 +82,19 @@ def walk_files(root: str | os.PathLike) -> list[Path]:
         dirs.sort()  # a folder reached twice is listed under its first path in sorted order
         out += [Path(folder) / f for f in files if os.path.isfile(os.path.join(folder, f))]
     return sorted(out)
+
+
+class AbortOnError:
+    """Base of writers used as context managers: a block that raises calls `self.abort()`, so nothing
+    half-written is left (the subclass defines `abort`)."""
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            self.abort()
+        return False

@@ -32,7 +32,7 @@ from rasterio.features import shapes
 
 from lib import existing_buildings
 from lib.errors import UserError
-from lib.files import atomic_path
+from lib.files import AbortOnError, atomic_path
 from lib.regularize import square_polygons
 
 logging.getLogger("pyogrio").setLevel(logging.WARNING)  # not "Created N records" for every file
@@ -283,7 +283,7 @@ def _write(frame, path: Path, driver: str, layer: str | None = None) -> Path:
 STREAM_CHUNK = 20_000  # finished footprints held before a scene's files are written chunk by chunk
 
 
-class FootprintWriter:
+class FootprintWriter(AbortOnError):
     """A scene's footprints written as they are finished, so a city's never sit in memory together.
 
     The `Polygonizer`'s sink. Until `chunk` footprints have arrived nothing is written, and `close()`
@@ -334,14 +334,6 @@ class FootprintWriter:
     def abort(self) -> None:
         if self._streams is not None:
             self._streams.abort()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.abort()
-        return False
 
 
 class _Streams:

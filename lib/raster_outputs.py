@@ -23,7 +23,7 @@ import torch
 from rasterio.windows import Window
 
 from lib import geo_io
-from lib.files import atomic_path
+from lib.files import AbortOnError, atomic_path
 from lib.segmentation import BUILDING
 
 
@@ -48,7 +48,7 @@ def quantize(prob: torch.Tensor, valid: np.ndarray, threshold: float) -> tuple[n
     return prob_u8.cpu().numpy(), mask.cpu().numpy()
 
 
-class SceneWriter:
+class SceneWriter(AbortOnError):
     """Write one scene's probability and mask rasters block by block, then footprints; commit atomically.
 
     Files are written to temporary names beside their targets and renamed only by `commit()`, so an
@@ -119,14 +119,6 @@ class SceneWriter:
             if not dst.closed:
                 dst.close()
         self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.abort()
-        return False
 
 
 def to_cog(path: Path, resampling: str) -> None:

@@ -34,7 +34,7 @@ import rasterio
 from rasterio.windows import Window
 
 from lib import geo_io
-from lib.files import atomic_path, write_json
+from lib.files import AbortOnError, atomic_path, write_json
 from lib.image_sources import ImageInput
 from lib.raster_outputs import quantize
 from lib.segmentation import BUILDING
@@ -138,7 +138,7 @@ def remove_bands(run_dir, stem: str) -> None:
         pass
 
 
-class BandWriter:
+class BandWriter(AbortOnError):
     """Sink for `Engine.predict(src, rows=band)`: each block quantised as `SceneWriter` does it, written
     to the band's partial raster and listed; `commit` renames the raster, then writes the JSON."""
 
@@ -178,14 +178,6 @@ class BandWriter:
         if not self._ds.closed:
             self._ds.close()
         self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            self.abort()
-        return False
 
 
 def replay(run_dir, stem: str, metas: list[dict], writer) -> SceneStats:

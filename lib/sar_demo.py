@@ -87,8 +87,11 @@ def make_sar_demo(root, n_scenes: int = 2, size: int = 1024, seed: int = 0) -> S
 
 def _save_object_points(path: Path, objects: pd.DataFrame) -> None:
     """Every object as a point at its pixel centre, in EPSG:4326 (what `evaluate.py task=points` reads)."""
+    import logging
+
     import geopandas as gpd
 
+    logging.getLogger("pyogrio").setLevel(logging.WARNING)  # not "Created N records"
     gdf = gpd.GeoDataFrame(objects[["scene_id", "kind", "length_m"]].copy(),
                            geometry=gpd.points_from_xy(objects["x"], objects["y"]), crs=DEMO_CRS).to_crs("EPSG:4326")
     with atomic_path(path) as tmp:

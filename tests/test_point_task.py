@@ -139,3 +139,20 @@ def test_missing_scene_fails_in_one_line_and_others_finish(sar, tmp_path):
     assert record["scenes"]["broken"]["status"] == "failed" and "VH" in record["scenes"]["broken"]["error"]
     assert record["scenes"][good.name]["status"] == "done"
     assert not (tmp_path / "out" / "detections" / "broken.csv").exists()
+
+
+@pytest.mark.slow
+def test_resumed_point_training_continues_bit_for_bit(sar, tmp_path):
+    """Chips are a function of (seed, epoch, index): a run resumed from m2.pth ends with the same weights."""
+    import shutil
+
+    args = [*TRAIN, f"data_dir={sar['prepared']}", "max_steps=4", "val_every=4", "keep_every=2", "dropout=false",
+            "width=64", "batch_size=2"]
+    train.run(compose_config("train", [*args, f"output_dir={tmp_path / 'a'}"]))
+    (tmp_path / "b").mkdir()
+    shutil.copy(tmp_path / "a" / "m2.pth", tmp_path / "b" / "m2.pth")
+    train.run(compose_config("train", [f"resume={tmp_path / 'b' / 'm2.pth'}", f"output_dir={tmp_path / 'b'}",
+                                       "progress=false"]))
+    a = torch.load(tmp_path / "a" / "last.pth", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "last.pth", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -74,18 +74,9 @@ def make_tiles(folder: Path, n: int, size: int) -> list[Path]:
 
 def make_big_scene(path: Path, size: int, block: int = 1024) -> Path:
     """A size^2 RGBA GeoTIFF written block by block (repeating one generated block): no big array in memory."""
-    from lib import demo_scene
+    from lib.demo_scene import write_repeated_scene
 
-    scene = demo_scene.generate_scene(7, size=(block, block), detail=False, nodata_corner=False)
-    profile = {"driver": "GTiff", "width": size, "height": size, "count": 4, "dtype": "uint8", "crs": scene.crs,
-               "transform": scene.transform, "tiled": True, "blockxsize": 256, "blockysize": 256,
-               "compress": "deflate", "photometric": "RGB"}
-    with rasterio.open(path, "w", **profile) as dst:
-        for r in range(0, size, block):
-            for c in range(0, size, block):
-                h, w = min(block, size - r), min(block, size - c)
-                dst.write(scene.rgba[:, :h, :w], window=rasterio.windows.Window(c, r, w, h))
-    return path
+    return write_repeated_scene(path, size, size, block)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -35,8 +35,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import rasterio
 import torch
+
+from lib.demo_scene import write_repeated_scene
 
 SIMD = re.compile(r"^(avx|amx|fma|f16c|sse4)")
 
@@ -55,22 +56,6 @@ def cpu_description() -> tuple[str, list[str]]:
     except OSError:
         pass
     return model, flags
-
-
-def make_scene(path: Path, height: int, width: int, block: int = 1024) -> Path:
-    """An RGBA GeoTIFF written block by block from one generated demo block: no big array in memory."""
-    from lib import demo_scene
-
-    scene = demo_scene.generate_scene(7, size=(block, block), detail=False, nodata_corner=False)
-    profile = {"driver": "GTiff", "width": width, "height": height, "count": 4, "dtype": "uint8",
-               "crs": scene.crs, "transform": scene.transform, "tiled": True, "blockxsize": 256,
-               "blockysize": 256, "compress": "deflate", "photometric": "RGB"}
-    with rasterio.open(path, "w", **profile) as dst:
-        for r in range(0, height, block):
-            for c in range(0, width, block):
-                h, w = min(block, height - r), min(block, width - c)
-                dst.write(scene.rgba[:, :h, :w], window=rasterio.windows.Window(c, r, w, h))
-    return path
 
 
 def peak_rss_mb() -> float:
@@ -175,7 +160,7 @@ def main() -> None:
     scenes, shapes = {}, {}
     for size in args.sizes:
         shapes[size] = h, w = tuple(int(v) for v in size.lower().split("x"))
-        scenes[size] = make_scene(work / f"scene_{size}.tif", h, w)
+        scenes[size] = write_repeated_scene(work / f"scene_{size}.tif", h, w)
     first_w = shapes[args.sizes[0]][1]
     args.batch_size = args.batch_size or min(8, len(window_offsets(first_w, min(args.tile, first_w), args.tile // 4)))
     print(f"b0 (random weights), tile_size = width = {args.tile}, overlap {args.tile // 4}, batch {args.batch_size}, "

@@ -396,3 +396,21 @@ if __name__ == "__main__":
     path = ensure_demo_scene()
     print(json.dumps(json.loads((path / "demo.json").read_text()), indent=2))
     print(f"demo scene ready in {path}")
+
+
+def write_repeated_scene(path: str | os.PathLike, height: int, width: int, block: int = 1024, seed: int = 7) -> Path:
+    """A large RGBA GeoTIFF of `height` x `width` px tiled from one generated `block`^2 demo scene, written
+    block by block (benchmarks of big scenes: no big array in memory, the same look everywhere)."""
+    import rasterio
+    from rasterio.windows import Window
+
+    scene = generate_scene(seed, size=(block, block), detail=False, nodata_corner=False)
+    profile = {"driver": "GTiff", "width": width, "height": height, "count": 4, "dtype": "uint8",
+               "crs": scene.crs, "transform": scene.transform, "tiled": True, "blockxsize": 256,
+               "blockysize": 256, "compress": "deflate", "photometric": "RGB"}
+    with rasterio.open(path, "w", **profile) as dst:
+        for r in range(0, height, block):
+            for c in range(0, width, block):
+                h, w = min(block, height - r), min(block, width - c)
+                dst.write(scene.rgba[:, :h, :w], window=Window(c, r, w, h))
+    return Path(path)

@@ -182,7 +182,6 @@ class PointsTask:
                 dets = detect_scene(eng, src, limits["objectness_threshold"], int(cfg.nms_kernel))
                 tables.append(submission_table(dets, scene.scene_id, src.transform, src.crs,
                                                limits["vessel_threshold"], limits["fishing_threshold"], src.gsd))
-        s.net.train(False)  # the engine put the network in eval mode already; the trainer restores training
         tables = [t for part in gather_object(tables, s.d) for t in part] if s.d.enabled else tables
         return score_detections(data.val_labels, tables, cfg.shore_root)
 

@@ -111,14 +111,13 @@ def scene_settings(cfg, eng: Engine, models: list[dict], path: Path, src, limits
             "nms_kernel": int(cfg.nms_kernel), **limits, "version": VERSION}
 
 
-def predict_scene(eng: Engine, scene_id: str, path: Path, cfg, meta: dict, limits: dict, out: Path) -> dict:
-    """Detect one scene and write its CSV and GeoJSON; returns its record for run.json."""
+def predict_scene(eng: Engine, scene_id: str, src, cfg, limits: dict, out: Path) -> dict:
+    """Detect one open scene and write its CSV and GeoJSON; returns its record for run.json."""
     started = time.time()
-    with open_scene(path, cfg, meta) as src:
-        dets = detect_scene(eng, src, limits["objectness_threshold"], int(cfg.nms_kernel))
-        table = write_detections(dets, scene_id, src.transform, src.crs, out / f"{scene_id}.csv",
-                                 out / f"{scene_id}.geojson", limits["vessel_threshold"],
-                                 limits["fishing_threshold"], src.gsd)
+    dets = detect_scene(eng, src, limits["objectness_threshold"], int(cfg.nms_kernel))
+    table = write_detections(dets, scene_id, src.transform, src.crs, out / f"{scene_id}.csv",
+                             out / f"{scene_id}.geojson", limits["vessel_threshold"],
+                             limits["fishing_threshold"], src.gsd)
     return {"detections": len(table), "windows": eng.stats.windows, "skipped_windows": eng.stats.skipped,
             "precision": eng.precision_used, "seconds": round(time.time() - started, 2)}
 
@@ -148,16 +147,16 @@ def run(cfg, models: list, paths: list[str], device) -> dict:
     failed = []
     for scene_id, path in list_scenes(cfg.data_dir, list(cfg.channels)):
         try:
-            with open_scene(path, cfg, meta) as src:
+            with open_scene(path, cfg, meta) as src:  # opened once: settings, then (if needed) detection
                 settings = scene_settings(cfg, eng, records, path, src, limits)
-            outputs = [det_dir / f"{scene_id}.csv", det_dir / f"{scene_id}.geojson"]
-            reason = "overwrite=true" if cfg.overwrite else run_folder.rerun_reason(old.get(scene_id), settings,
-                                                                                  outputs)
-            if reason is None:
-                done[scene_id] = old[scene_id]
-                print(f"{scene_id}: finished with the same settings; skipped")
-                continue
-            record = predict_scene(eng, scene_id, path, cfg, meta, limits, det_dir)
+                outputs = [det_dir / f"{scene_id}.csv", det_dir / f"{scene_id}.geojson"]
+                reason = "overwrite=true" if cfg.overwrite else run_folder.rerun_reason(old.get(scene_id),
+                                                                                      settings, outputs)
+                if reason is None:
+                    done[scene_id] = old[scene_id]
+                    print(f"{scene_id}: finished with the same settings; skipped")
+                    continue
+                record = predict_scene(eng, scene_id, src, cfg, limits, det_dir)
             done[scene_id] = {"path": str(Path(path).resolve()), "status": run_folder.STATUS_DONE,
                               "fingerprint": run_folder.fingerprint(settings), "settings": settings, **record}
             print(f"{scene_id}: {record['detections']} detections; {record['windows']} windows; precision "

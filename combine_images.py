@@ -6,7 +6,11 @@
 Every folder under `base_dir` holding `probabilities/` is a run (or list them with `inputs=[...]`).
 Same-named maps are averaged band by band (memory does not grow with the scene), thresholded, and
 written through inference's writer (lib.raster_outputs) into a run folder of its own (lib.run_folder):
-georeferenced `probabilities/`, `masks/` and `footprints/`.
+georeferenced `probabilities/`, `masks/` and `footprints/`. When every run has an image's border/contact
+maps (`instances/`, models with the instance head), they are averaged too (`instances/` of the ensemble)
+and touching buildings become separate footprints (seeds + watershed, lib.instances); otherwise the
+footprints are the mask's connected components, and a line names the runs without instance maps.
+`threshold`, `min_area` and the seed settings: as given, else lib.postprocess's defaults.
 
 With `add_mask_suffix=True` the output is instead a training folder for self-training (train.py
 `soft_labels_dir=`): the averaged probability as a 0-255 soft label `<name>_mask.png` beside its image.
@@ -29,12 +33,12 @@ import torch
 from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
-from lib import footprints, geo_io, run_folder
+from lib import footprints, geo_io, postprocess, provenance, run_folder
 from lib.chip_writer import IGNORE_SUFFIX, MASK_SUFFIX
 from lib.cli import VERSION, cli, progress_bar
 from lib.errors import UserError
 from lib.files import atomic_path, copy_file
-from lib.raster_outputs import SceneWriter, quantize, raster_profile
+from lib.raster_outputs import SceneWriter, footprint_polygonizer, quantize, raster_profile, to_u8
 from lib.windows import OUT_COLS
 
 BAND_ROWS = 512  # rows averaged at a time (in blocks of OUT_COLS columns)
@@ -101,18 +105,25 @@ def average_bands(paths: list[Path]):
 
     A pixel is valid where every input map's mask says so (inference writes nodata as an internal mask),
     so the ensemble keeps the inputs' nodata instead of turning it into probability 0."""
+    for row, col, mean, valid in average_blocks(paths):
+        yield row, col, mean[0], valid
+
+
+def average_blocks(paths: list[Path]):
+    """Yield (row_off, col_off, mean of every band 0..1 as a [bands, h, w] float tensor, valid pixels)
+    over blocks of the maps (BAND_ROWS x OUT_COLS, the same grid for any map of the same size)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         dss = [rasterio.open(p) for p in paths]
     try:
-        h, w = dss[0].height, dss[0].width
+        h, w, count = dss[0].height, dss[0].width, dss[0].count
         for row in range(0, h, BAND_ROWS):
             for col in range(0, w, OUT_COLS):
                 win = Window(col, row, min(OUT_COLS, w - col), min(BAND_ROWS, h - row))
-                total = np.zeros((win.height, win.width), np.float32)
+                total = np.zeros((count, win.height, win.width), np.float32)
                 valid = np.ones((win.height, win.width), bool)
                 for ds in dss:
-                    total += ds.read(1, window=win).astype(np.float32)
+                    total += ds.read(window=win).astype(np.float32)
                     valid &= ds.read_masks(1, window=win) > 0
                 yield row, col, torch.from_numpy(total / (255.0 * len(dss))), valid
     finally:
@@ -138,8 +149,10 @@ def source_images(runs: list[Path]) -> dict[str, Path]:
     return out
 
 
-def write_ensemble(stem: str, paths: list[Path], out_dir: Path, cfg, tags: dict) -> int:
-    """Average one image's maps and write probability, mask and footprints; returns the building count."""
+def write_ensemble(stem: str, paths: list[Path], out_dir: Path, cfg, tags: dict,
+                   instance_paths: list[Path] | None = None) -> int:
+    """Average one image's maps and write probability, mask (with `instance_paths`: the averaged
+    border/contact maps too) and footprints; returns the building count. `cfg`: post-processing resolved."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         with rasterio.open(paths[0]) as ref:
@@ -147,17 +160,43 @@ def write_ensemble(stem: str, paths: list[Path], out_dir: Path, cfg, tags: dict)
             profile = raster_profile(ref, georef)
             transform, crs, height = ref.transform, ref.crs, ref.height
             masked = any(has_nodata_mask(p) for p in paths)
-    out = run_folder.output_paths(out_dir, stem, cfg.vector_format)
-    poly = footprints.Polygonizer(height, profile["width"])
+            gsd = geo_io.raster_gsd(ref) if georef else None
+    out = run_folder.output_paths(out_dir, stem, cfg.vector_format, bool(instance_paths))
+    poly = footprint_polygonizer(height, profile["width"], instance=bool(instance_paths),
+                                 seed_threshold=cfg.seed_threshold, seed_min_area=cfg.seed_min_area, gsd=gsd)
+    instance_blocks = average_blocks(instance_paths) if instance_paths else None
     with geo_io.gdal_env(), SceneWriter(out["probability"], out["mask"], profile, tags, cog=cfg.cog,
-                                        polygonizer=poly, nodata_mask=masked) as writer:
+                                        polygonizer=poly, nodata_mask=masked,
+                                        instance_path=out.get("instance")) as writer:
         for row, col, prob, valid in average_bands(paths):
             prob_u8, mask = quantize(prob, valid, cfg.threshold)
-            writer.write(row, prob_u8, mask, col, valid=valid)
+            maps = {} if instance_blocks is None else dict(zip(("border_u8", "contact_u8"),
+                                                              to_u8(next(instance_blocks)[2])))
+            writer.write(row, prob_u8, mask, col, valid=valid, **maps)
         gdf = footprints.save_footprints(poly.finish(), transform if georef else None, crs if georef else None,
                                          out["geojson"], cfg)
         writer.commit()
+    if not instance_paths:  # left by an earlier ensemble of runs with instance maps
+        run_folder.instance_map(out_dir, stem).unlink(missing_ok=True)
     return len(gdf)
+
+
+def instance_inputs(maps: dict[str, list[Path]], runs: list[Path], mode: str) -> dict[str, list[Path]]:
+    """stem -> every run's instance map of it, for the images all runs have one of (none with
+    `instances=false`); one line names the runs without them when some runs have them (or `true` asked)."""
+    if mode == "false":
+        return {}
+    out, lacking = {}, set()
+    for stem in maps:
+        paths = [run_folder.instance_map(r, stem) for r in runs]
+        have = [p.is_file() for p in paths]
+        if all(have):
+            out[stem] = paths
+        lacking |= {str(r) for r, h in zip(runs, have) if not h}
+    if lacking and (out or mode == "true" or len(lacking) < len(runs)):
+        print(f"no instance maps ({run_folder.INSTANCES}/) in {', '.join(sorted(lacking))}: footprints of the images "
+              "they lack are the mask's connected components")
+    return out
 
 
 def soft_label(paths: list[Path]) -> np.ndarray:
@@ -281,11 +320,16 @@ def run(cfg) -> dict:
     footprints.check_inputs(cfg)  # a bad existing= file fails before any map is combined
     maps = matched_maps(runs)
     images = source_images(runs)
+    post, source = provenance.postprocess_of(cfg, None)  # no checkpoint here: as given, else the defaults
+    cfg = provenance.with_postprocess(cfg, post.as_dict())
+    instances = {} if cfg.add_mask_suffix else instance_inputs(maps, runs, postprocess.instance_mode(cfg.instances))
     info = {"toolkit_version": VERSION, "combined_from": [str(r.resolve()) for r in runs],
-            "threshold": float(cfg.threshold), "soft_labels": bool(cfg.add_mask_suffix),
+            "threshold": post.threshold, "soft_labels": bool(cfg.add_mask_suffix),
+            "postprocess": post.as_dict(), "postprocess_source": source,
+            "instances": "on" if instances else "off",
             "models": [m for r in runs for m in run_folder.read_run(r).get("models", [])]}
     tags = {"BUILDINGS_TOOLKIT_VERSION": VERSION, "BUILDINGS_ENSEMBLE_OF": len(runs),
-            "BUILDINGS_THRESHOLD": float(cfg.threshold)}
+            "BUILDINGS_THRESHOLD": post.threshold, "BUILDINGS_MIN_AREA": post.min_area}
 
     done = {}
     soft_record = run_folder.read_record(out_dir / SOFT_RECORD) if cfg.add_mask_suffix else {}
@@ -303,10 +347,14 @@ def run(cfg) -> dict:
             run_folder.write_record(out_dir / SOFT_RECORD, {**info, "images": {**soft_record.get("images", {}),
                                                                                 **done}})
         else:
-            out = run_folder.output_paths(out_dir, stem, cfg.vector_format)
+            inst = instances.get(stem)
+            if inst:
+                check_aligned([paths[0], *inst])
+            out = run_folder.output_paths(out_dir, stem, cfg.vector_format, bool(inst))
             if cfg.overwrite or not all(p.exists() for p in out.values()):
-                write_ensemble(stem, paths, out_dir, cfg, tags)
-            done[stem] = {"path": str(images[stem]) if stem in images else None}
+                write_ensemble(stem, paths, out_dir, cfg, {**tags, "BUILDINGS_INSTANCES": "on" if inst else "off"},
+                               inst)
+            done[stem] = {"path": str(images[stem]) if stem in images else None, "instances": "on" if inst else "off"}
     if not cfg.add_mask_suffix:
         run_folder.write_record(run_folder.run_file(out_dir), {**info, "images": done})
     if cfg.add_mask_suffix:

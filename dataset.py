@@ -29,10 +29,11 @@ import cv2
 import numpy as np
 import torch
 
-from lib.chip_writer import IGNORE_SUFFIX, MASK_SUFFIX, RESOLUTIONS_FILE, write_chips
+from lib.chip_writer import IGNORE_SUFFIX, INSTANCES_SUFFIX, MASK_SUFFIX, RESOLUTIONS_FILE, write_chips
 from lib.cli import cli, compose_config
 from lib.distributed import Dist
 from lib.errors import UserError
+from lib.instance_targets import ids_from_mask, instance_targets, widths_px
 from lib.model_contract import normalize
 from lib.scene_sources import warn
 
@@ -48,12 +49,14 @@ IMAGE_FORMATS = ("jpg", "png", "tif")
 
 @dataclass(frozen=True)
 class Chip:
-    """One training sample on disk. `mask`/`ignore` are None when absent (no mask = negative sample)."""
+    """One training sample on disk. `mask`/`ignore`/`instances` are None when absent (no mask = negative
+    sample; no instances = prepared by an older version, ids then come from the mask's components)."""
     image: Path
     mask: Path | None
     ignore: Path | None
     scene: str  # "<collection>/<scene>" relative to the chips root: the unit of the fold split
     gsd: float | None = None  # metres per pixel of the chip (scene GSD x chip scale), None if unknown
+    instances: Path | None = None  # uint16 instance ids (lib.chip_writer)
 
 
 _SCALE_PREFIX = re.compile(r"^(\d+(?:\.\d+)?)_")
@@ -68,11 +71,11 @@ def chip_scale(name: str) -> float:
 def is_chip_image(path: Path) -> bool:
     name = path.name
     return (path.suffix.lower() in IMAGE_SUFFIXES and not name.startswith(".")
-            and not name.endswith(MASK_SUFFIX) and not name.endswith(IGNORE_SUFFIX))
+            and not name.endswith((MASK_SUFFIX, IGNORE_SUFFIX, INSTANCES_SUFFIX)))
 
 
 def list_chips(data_dir: str | os.PathLike) -> list[Chip]:
-    """Every chip image under `data_dir` (recursively) with its mask, ignore region, scene and GSD.
+    """Every chip image under `data_dir` (recursively) with its mask, ignore region, instances, scene and GSD.
 
     The scene is the chip's folder relative to `data_dir`; the GSD comes from `resolutions.json`
     (scene GSD times the scale in the chip name) when the folder has one.
@@ -91,10 +94,12 @@ def list_chips(data_dir: str | os.PathLike) -> list[Chip]:
         stem = path.with_suffix("")
         mask = stem.parent / (stem.name + MASK_SUFFIX)
         ignore = stem.parent / (stem.name + IGNORE_SUFFIX)
+        instances = stem.parent / (stem.name + INSTANCES_SUFFIX)
         scene = path.parent.relative_to(root).as_posix()
         scene_gsd = resolutions.get(scene)
         gsd = float(scene_gsd) * chip_scale(path.name) if scene_gsd else None
-        chips.append(Chip(path, mask if mask.exists() else None, ignore if ignore.exists() else None, scene, gsd))
+        chips.append(Chip(path, mask if mask.exists() else None, ignore if ignore.exists() else None, scene, gsd,
+                          instances if instances.exists() else None))
     return chips
 
 
@@ -144,7 +149,8 @@ def train_transform(width: int, level: str = "seed", transpose: bool = False):
     distortion, RGB shift, blur, motion blur, and a final centre crop to `width`. `level="light"` keeps
     flips, a mild affine and colour jitter only (faster learning on tiny CPU budgets). Masks and the
     ignore region move with the image: the transform must be called with `mask=` and `valid=`
-    (255 = imagery), whose fill of 0 makes padded or rotated-in borders ignored, never "background".
+    (255 = imagery), whose fill of 0 makes padded or rotated-in borders ignored, never "background";
+    `instances=` (uint16 ids) is a mask target too, so nearest-neighbour warps keep every id exact.
     """
     import albumentations as A
 
@@ -177,7 +183,10 @@ def train_transform(width: int, level: str = "seed", transpose: bool = False):
     else:
         raise UserError(f"augment={level}: use 'seed' or 'light'")
     ops.append(A.CenterCrop(height=width, width=width))
-    return A.Compose(ops, additional_targets={"valid": "mask"})
+    return A.Compose(ops, additional_targets=_TARGETS)
+
+
+_TARGETS = {"valid": "mask", "instances": "mask"}  # moved like the mask (nearest, fill 0)
 
 
 def val_transform(width: int):
@@ -187,7 +196,7 @@ def val_transform(width: int):
     return A.Compose([
         A.PadIfNeeded(min_height=width, min_width=width, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
         A.CenterCrop(height=width, width=width),
-    ], additional_targets={"valid": "mask"})
+    ], additional_targets=_TARGETS)
 
 
 def read_chip_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -204,16 +213,17 @@ def read_chip_image(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB), np.ones(img.shape[:2], dtype=bool)
 
 
-def read_gray(path: Path, shape: tuple[int, int]) -> np.ndarray:
+def read_gray(path: Path, shape: tuple[int, int], what: str = "mask", dtype=np.uint8) -> np.ndarray:
+    """A single-band PNG as `dtype` (uint8 masks, uint16 instance ids), its size checked against the image."""
     img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if img is None:
-        raise UserError(f"{path}: not a readable mask; delete it and re-run dataset.py")
+        raise UserError(f"{path}: not a readable {what}; delete it and re-run dataset.py")
     if img.ndim == 3:
         img = img[..., 0]
     if img.shape != shape:
-        raise UserError(f"{path}: mask is {img.shape[1]}x{img.shape[0]} but its image is {shape[1]}x{shape[0]}")
-    if img.dtype != np.uint8:
-        img = np.clip(img, 0, 255).astype(np.uint8)
+        raise UserError(f"{path}: {what} is {img.shape[1]}x{img.shape[0]} but its image is {shape[1]}x{shape[0]}")
+    if img.dtype != dtype:
+        img = np.clip(img, 0, np.iinfo(dtype).max).astype(dtype)
     return img
 
 
@@ -222,24 +232,35 @@ class ChipDataset:
 
     Each item is a dict: "image" float32 [3, H, W] (ImageNet-normalised), "mask" float32 [H, W] in 0..1
     (soft masks kept soft), "ignore" float32 [H, W] (1 = nodata / padding), "has_building" float32
-    scalar, "gsd" float32 scalar (m/px after rescaling, NaN unknown), "path" str.
+    scalar, "gsd" float32 scalar (m/px after rescaling, NaN unknown), "path" str, and for touching
+    buildings "instances" int32 [H, W] (ids, 0 on ignored pixels), "border"/"contact" float32 0/1 [H, W]
+    (lib.instance_targets, widths `border_m`/`contact_m` at the chip's GSD, else `border_px`/`contact_px`)
+    and "instance_ok" float32 scalar (1 = ids from the chip's instances file; 0 = from the mask's connected
+    components, or no widths given: the contact target is then unknown).
     With `ref_scale` (m/px), chips whose GSD is known are first resized to that GSD, so a model sees
     buildings at one size whatever the source resolution.
     """
-    def __init__(self, chips: list[Chip], transform=None, ref_scale: float | None = None):
+    def __init__(self, chips: list[Chip], transform=None, ref_scale: float | None = None, *,
+                 border_m=None, contact_m=None, border_px=None, contact_px=None):
         self.chips = list(chips)
         self.transform = transform
         self.ref_scale = float(ref_scale) if ref_scale else None
+        self.widths = (border_m, contact_m, border_px, contact_px)
 
     def __len__(self) -> int:
         return len(self.chips)
 
     def load(self, i: int) -> dict:
-        """Raw arrays of chip `i` (uint8 image, mask 0..255, valid 0/255) after GSD rescaling."""
+        """Raw arrays of chip `i` (uint8 image, mask 0..255, valid 0/255, uint16 instance ids) after GSD
+        rescaling; "instance_ok" says whether the ids came from an instances file."""
         chip = self.chips[i]
         image, valid = read_chip_image(chip.image)
         shape = image.shape[:2]
         mask = read_gray(chip.mask, shape) if chip.mask else np.zeros(shape, np.uint8)
+        if chip.instances:
+            ids = read_gray(chip.instances, shape, "instance mask", np.uint16)
+        else:
+            ids = ids_from_mask(mask)
         valid = valid.astype(np.uint8) * 255
         if chip.ignore:
             valid[read_gray(chip.ignore, shape) > 127] = 0
@@ -251,22 +272,35 @@ class ChipDataset:
                 image = cv2.resize(image, size, interpolation=cv2.INTER_AREA if factor < 1 else cv2.INTER_LINEAR)
                 mask = cv2.resize(mask, size, interpolation=cv2.INTER_NEAREST)
                 valid = cv2.resize(valid, size, interpolation=cv2.INTER_NEAREST)
+                ids = cv2.resize(ids, size, interpolation=cv2.INTER_NEAREST)
             gsd = self.ref_scale
-        return {"image": image, "mask": mask, "valid": valid, "gsd": gsd, "path": str(chip.image)}
+        return {"image": image, "mask": mask, "valid": valid, "instances": ids, "gsd": gsd, "path": str(chip.image),
+                "instance_ok": chip.instances is not None}
 
     def __getitem__(self, i: int) -> dict:
         import torch
 
         raw = self.load(i)
-        image, mask, valid = raw["image"], raw["mask"], raw["valid"]
+        image, mask, valid, ids = raw["image"], raw["mask"], raw["valid"], raw["instances"]
         if self.transform is not None:
-            out = self.transform(image=image, mask=mask, valid=valid)
-            image, mask, valid = out["image"], out["mask"], out["valid"]
+            out = self.transform(image=image, mask=mask, valid=valid, instances=ids)
+            image, mask, valid, ids = out["image"], out["mask"], out["valid"], out["instances"]
         x = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None]
         ignore = valid < 128
         mask = mask.astype(np.float32) / 255.0
         mask[ignore] = 0.0
+        ids = ids.astype(np.int32)
+        ids[ignore] = 0
+        widths = widths_px(raw["gsd"], *self.widths)
+        if widths is None:
+            border = contact = np.zeros(ids.shape, np.float32)
+        else:
+            border, contact = instance_targets(ids, *widths)
         return {
+            "instances": torch.from_numpy(ids),
+            "border": torch.from_numpy(border),
+            "contact": torch.from_numpy(contact),
+            "instance_ok": torch.tensor(float(raw["instance_ok"] and widths is not None), dtype=torch.float32),
             "image": normalize(x)[0].float().contiguous(),
             "mask": torch.from_numpy(mask),
             "ignore": torch.from_numpy(ignore.astype(np.float32)),
@@ -434,14 +468,20 @@ def load_data(cfg, d: Dist) -> Data:
         raise UserError(f"{cfg.soft_labels_dir}: only {len(soft)} soft-label chips for a batch of {cfg.batch_size} "
                         f"x {d.world} process(es); cut them smaller (combine_images.py soft_chip_size=256 "
                         "into a new out_dir), add unlabelled images or lower batch_size")
+    older = sum(c.mask is not None and c.instances is None for c in chips)
+    if older:  # one note per dataset; the contact loss is masked for these chips (instance_ok = 0)
+        which = "chips have" if older == sum(c.mask is not None for c in chips) else f"{older} chips have"
+        print(f"note: {cfg.data_dir}: {which} no instance masks (prepared by an older version); "
+              "contact targets off -- re-run dataset.py", flush=True)
     width, ref = int(cfg.width), cfg.ref_scale
+    widths = {k: cfg[k] for k in ("border_m", "contact_m", "border_px", "contact_px")}
 
     def augmenting(items):
         tf = train_transform(width, level=cfg.augment, transpose=bool(cfg.transpose))
-        return ChipDataset(items, tf, ref_scale=ref)
+        return ChipDataset(items, tf, ref_scale=ref, **widths)
 
     gsds = [c.gsd for c in train if c.gsd]
-    return Data(train, val, soft, augmenting(train), ChipDataset(val, val_transform(width), ref),
+    return Data(train, val, soft, augmenting(train), ChipDataset(val, val_transform(width), ref, **widths),
                 augmenting(soft) if soft else None, float(np.median(gsds)) if gsds else None)
 
 
@@ -532,6 +572,7 @@ def main(cfg) -> None:
     summary = run(cfg)
     print(f"{summary['written']} chips written ({summary['positive']} with buildings), {summary['skipped']} "
           f"already there" + (f", {summary['nodata']} without imagery left out" if summary["nodata"] else "")
+          + (f", instance masks added to {summary['instances_added']} older chips" if summary["instances_added"] else "")
           + f", from {summary['scenes']} scene(s) -> {summary['out_dir']}")
     if summary["failed"]:  # the other scenes are done; the exit status (1, as inference.py) says not all are
         print(f"error: {len(summary['failed'])} scene(s) could not be read and were skipped (listed above); "

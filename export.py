@@ -6,7 +6,8 @@
 
 The task is the checkpoints' own (all must be of one task). Segmentation: the graph takes normalised
 images [N, C, H, W] (any batch, H and W multiples of 32) and returns `(seg_prob [N, 1, H/4, W/4],
-cls_prob [N, 1])` averaged over every model x TTA transform. Points (CircleNet checkpoints): the graph
+cls_prob [N, 1])` averaged over every model x TTA transform, plus `instance_prob [N, 2, H/4, W/4]`
+(border, contact) when every checkpoint has the instance head (read back as its INSTANCE logits). Points (CircleNet checkpoints): the graph
 takes SAR windows / 255 and returns the five point heads at stride 2, averaged likewise
 (lib/point_export.py). Each file carries its provenance as `buildings.json` (see lib/exported.py,
 which builds, checks and reads them). Every format is exported and checked against eager PyTorch

@@ -6,6 +6,8 @@ point task's detection thresholds.
     python find_hyperparameters.py ... mode=lr_range                                   # loss-vs-lr plot
     python find_hyperparameters.py task=points model=<ckpt or list> data_dir=<prepared folder or scenes>
         [labels=<xView3 CSV>] [scenes=[a,b] | fold=0 num_folds=7] [shore_root=<dir>] [metric=loc_fscore]
+    python find_hyperparameters.py mode=postprocess model=<ckpt or list> [data_dir=<chips> | images=<tif>
+        labels=<geojson>] [metric=jaccard] [inference_args={width:672}]        # footprint post-processing
 
 Search (the original pipeline's method): every trial trains `steps_per_trial` steps with max_lr and
 weight_decay drawn log-uniformly (TPE sampler), reports the validation loss `reports_per_trial` times and
@@ -33,6 +35,18 @@ scores beside those of the defaults (0.5/0.5/0.5); written: a JSON report (`outp
 <checkpoint>_thresholds.json beside the first checkpoint) and, unless `store=false`, the choice in the
 first checkpoint's meta.postprocess, which inference.py task=points then uses by default
 (thresholds on its command line still win).
+
+Post-processing (`mode=postprocess`): the models run once, through inference.py's engine (its
+build_engine and config; `inference_args={...}` sets any inference option), over the labelled holdout
+-- the validation chips of `fold`/`num_folds` of data_dir as train.py splits them (truth: each chip's
+_instances.png, else its mask's connected components), or `images=<scene> labels=<buildings>` --
+keeping the building (and, with the instance head, border/contact) maps in memory; then every
+threshold x seed_threshold x min_area of `threshold_grid`, `seed_threshold_grid` and `min_area_grid`
+becomes footprints as inference makes them and is scored (metric polygon_f1, SpaceNet; or jaccard)
+by lib.postprocess_tuning, no model run per trial. Models without the instance head: seed_threshold
+is not searched. Printed: best vs lib.postprocess.DEFAULTS; written: a JSON report and, unless
+store=false, the choice in the first checkpoint's meta.postprocess, which inference.py and
+combine_images.py use when threshold/seed_threshold/min_area are not given.
 """
 
 from __future__ import annotations
@@ -49,9 +63,9 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 import train
-from lib import point_tuning, trainer
-from lib.cli import VERSION, cli
-from lib.errors import UserError
+from lib import point_tuning, postprocess_tuning, trainer
+from lib.cli import VERSION, cli, progress_bar
+from lib.errors import UserError, one_line
 from lib.files import atomic_path, file_sha256, write_json
 
 
@@ -200,17 +214,21 @@ def write_curve(out: Path, rows: list[dict], suggestion: float) -> None:
 
 
 def run(cfg, models=None) -> dict:
-    """The configured mode; `models` (thresholds only) replaces loading `model=` (tests, callers)."""
+    """The configured mode; `models` (thresholds, postprocess) replaces loading `model=` (tests, callers)."""
     mode = cfg.mode or ("thresholds" if cfg.task == "points" else "search")
     if mode == "thresholds":
         if cfg.task != "points":
             raise UserError("mode=thresholds tunes the point task's detection thresholds; add task=points")
         return tune_thresholds(cfg, models)
+    if mode == "postprocess":
+        if cfg.task != "segmentation":
+            raise UserError("mode=postprocess tunes building footprints; use it with task=segmentation")
+        return tune_postprocess(cfg, models)
     if mode == "search":
         return search(cfg)
     if mode == "lr_range":
         return lr_range(cfg)
-    raise UserError(f"mode={cfg.mode}: use search, lr_range or thresholds (task=points)")
+    raise UserError(f"mode={cfg.mode}: use search, lr_range, postprocess or thresholds (task=points)")
 
 
 # ----- task=points: detection thresholds on a labelled holdout ------------------------------------
@@ -222,6 +240,7 @@ def tune_thresholds(cfg, models=None) -> dict:
     from lib.point_inference import DEFAULT_THRESHOLDS
 
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # the demo fills data_dir in
+    cfg.metric = cfg.metric or "aggregate"
     paths = model_list(cfg.model)
     grids = point_tuning.search_grids(threshold_grids(cfg), cfg.metric)
     if cfg.store:
@@ -371,6 +390,179 @@ def _print_thresholds(metric: str, report: dict, out: Path) -> None:
         print(f"stored in {report['stored_in']} (meta.postprocess): inference.py task=points uses them unless "
               "thresholds are given on its command line")
     print(f"report: {out}")
+
+
+# ----- mode=postprocess: threshold x seed_threshold x min_area of footprints -----------------------
+
+def tune_postprocess(cfg, models=None) -> dict:
+    """Tune the footprint post-processing on a labelled holdout (module docstring); returns the JSON report."""
+    import evaluate
+    from inference import build_engine, model_list
+    from lib.checkpoints import update_meta
+    from lib.postprocess import DEFAULTS, resolve
+
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    metric = str(cfg.metric or "polygon_f1")
+    if metric not in postprocess_tuning.METRICS:
+        raise UserError(f"metric={metric}: mode=postprocess scores {' or '.join(postprocess_tuning.METRICS)}")
+    paths = model_list(cfg.model)
+    if cfg.store:
+        _check_storable(paths[0])
+    icfg = inference_config(cfg, paths)
+    eng, records = build_engine(icfg, models)
+    meta = records[0]["meta"] if isinstance(records[0]["meta"], dict) else {}
+    samples, how = postprocess_holdout(cfg, icfg, eng)
+    heads = all(s.instance_maps for s in samples)
+    georef = all(s.georeferenced for s in samples)
+    grids = postprocess_tuning.grids(cfg.threshold_grid, cfg.seed_threshold_grid, cfg.min_area_grid, heads)
+    options = {"simplify": icfg.simplify, "regularize": icfg.regularize, "angles": icfg.regularize_angles,
+               "seed_min_area": resolve(icfg, meta).seed_min_area, "iou": 0.5,
+               "score_min_area": cfg.score_min_area if cfg.score_min_area is not None
+               else (evaluate.MIN_AREA_M2 if georef else evaluate.MIN_AREA_PX)}
+    units = "m^2" if georef else "px"
+    print(f"holdout: {len(samples)} image(s) ({how}), {sum(len(s.truth) for s in samples)} buildings; grid "
+          f"{' x '.join(str(len(grids[k])) for k in postprocess_tuning.AXES)}, metric {metric}, areas in {units}"
+          + ("" if heads else "; no instance head: seed_threshold not searched (footprints = mask components)"))
+    found = postprocess_tuning.search(samples, grids, metric, options)
+    best = {k: found["best"][k] for k in postprocess_tuning.AXES}
+    default = {k: (DEFAULTS[k] if heads or k != "seed_threshold" else None) for k in postprocess_tuning.AXES}
+    scores = {"best": postprocess_tuning.headline(found["best"]),
+              "default": postprocess_tuning.headline(postprocess_tuning.evaluate(samples, default, options))}
+    stored = None
+    if cfg.store:
+        entry = {**{k: v for k, v in best.items() if v is not None}, "metric": metric,
+                 "score": scores["best"][metric], "holdout": how}
+        update_meta(paths[0], {"postprocess": entry})  # atomically; weights and the rest kept as they are
+        stored = str(paths[0])
+    report = {"task": "segmentation", "mode": "postprocess", "version": VERSION, "metric": metric, "holdout": how,
+              "images": [s.name for s in samples], "buildings": sum(len(s.truth) for s in samples),
+              "instance_head": heads, "area_units": units, "models": [{k: r[k] for k in ("path", "sha256")}
+                                                                      for r in records],
+              "options": options, "grid": found["grid"], "best": {**best, "scores": scores["best"]},
+              "default": {**default, "scores": scores["default"]}, "curve": found["curve"], "stored_in": stored}
+    out = Path(cfg.output) if cfg.output else Path(paths[0]).with_name(f"{Path(paths[0]).stem}_postprocess.json")
+    write_json(out, report)
+    postprocess_tuning.print_report(report, out)
+    return report
+
+
+def inference_config(cfg, paths: list[str]):
+    """inference.py's config for the model run: its defaults, `inference_args={...}`, and this run's shared keys."""
+    from lib.cli import compose_config
+
+    icfg = compose_config("inference", [])
+    icfg = OmegaConf.create(OmegaConf.to_container(icfg, resolve=True))
+    for key, value in (cfg.inference_args or {}).items():
+        if key not in icfg:
+            raise UserError(f"inference_args: {key} is not an inference.py option")
+        icfg[key] = value
+    icfg.model = list(paths)
+    for key in ("device", "precision", "tile_size", "overlap", "batch_size", "num_workers", "progress"):
+        icfg[key] = cfg[key]
+    if cfg.tta is not None:
+        icfg.tta = list(cfg.tta)
+    return icfg
+
+
+def postprocess_holdout(cfg, icfg, eng) -> tuple[list, str]:
+    """The holdout as postprocess_tuning Samples (maps from one model run), and how it was chosen."""
+    if cfg.images is not None or (cfg.labels is not None and cfg.data_dir is None):
+        if cfg.images is None or cfg.labels is None:
+            raise UserError("a labelled scene needs both images=<GeoTIFF> and labels=<GeoJSON/GPKG of its buildings>")
+        return [scene_sample(Path(cfg.images), Path(cfg.labels), icfg, eng)], "images= labels="
+    if cfg.data_dir is None:
+        raise UserError("mode=postprocess needs data_dir=<chips> (its validation fold) or images=<scene> "
+                        "labels=<buildings>")
+    import dataset
+
+    chips = dataset.list_chips(cfg.data_dir)
+    val = dataset.split_folds(chips, int(cfg.fold), int(cfg.num_folds), by=cfg.split_by, seed=int(cfg.split_seed))[1]
+    if not val:
+        raise UserError(f"{cfg.data_dir}: fold={cfg.fold} of num_folds={cfg.num_folds} holds none of its "
+                        f"{len(chips)} chip(s); lower num_folds (1 = every chip)")
+    return [chip_sample(c, eng) for c in progress_bar(val, disable=not cfg.progress, unit="chip")], \
+        f"fold {cfg.fold} of {cfg.num_folds}"
+
+
+def predicted_maps(eng, src) -> dict:
+    """Every map the engine's decoder gives for a source, pasted into whole-image float32 arrays."""
+    out = {name: np.zeros((src.height, src.width), np.float32) for name in eng.decoder.maps}
+    for block in eng.predict(src):
+        h, w = block.valid.shape
+        for name, m in block.maps.items():
+            out[name][block.row_off:block.row_off + h, block.col_off:block.col_off + w] = m.float().cpu().numpy()
+    return out
+
+
+def _sample(name, maps: dict, truth: list, truth_mask, ignore=None, transform=None, crs=None):
+    from lib.segmentation import BUILDING
+
+    prob = maps[BUILDING]
+    border, contact = maps.get("border"), maps.get("contact")
+    if ignore is not None:
+        for m in (prob, border, contact):
+            if m is not None:
+                m[ignore] = 0.0  # unlabelled pixels: nothing predicted there is scored
+    return postprocess_tuning.Sample(name, prob, border, contact, truth, truth_mask, ignore, transform, crs)
+
+
+def chip_sample(chip, eng):
+    """A validation chip: its maps, and its buildings from <name>_instances.png (else the mask's components)."""
+    import cv2
+    from affine import Affine
+
+    import dataset
+    from lib.image_sources import ArraySource
+
+    rgb, valid = dataset.read_chip_image(chip.image)
+    shape = rgb.shape[:2]
+    ignore = ~valid
+    if chip.ignore is not None:
+        ignore |= dataset.read_gray(chip.ignore, shape) > 127
+    ids_path = chip.image.with_name(chip.image.with_suffix("").name + "_instances.png")
+    if ids_path.exists():
+        ids = cv2.imread(str(ids_path), cv2.IMREAD_UNCHANGED)
+        if ids is None or ids.shape[:2] != shape:
+            raise UserError(f"{ids_path}: not a readable instance-id PNG of its chip's size; re-run dataset.py")
+        ids = ids.astype(np.int32)
+    else:
+        mask = dataset.read_gray(chip.mask, shape) > 127 if chip.mask is not None else np.zeros(shape, bool)
+        ids = cv2.connectedComponents(mask.astype(np.uint8), connectivity=4, ltype=cv2.CV_32S)[1]
+    ids[ignore] = 0
+    maps = predicted_maps(eng, ArraySource(rgb, valid, chip.gsd))
+    transform = Affine.scale(chip.gsd, -chip.gsd) if chip.gsd else None  # ground units without a CRS
+    return _sample(f"{chip.scene}/{chip.image.stem}", maps, postprocess_tuning.truth_from_ids(ids), ids > 0, ignore,
+                   transform)
+
+
+def scene_sample(image: Path, labels: Path, icfg, eng):
+    """A labelled scene read as inference reads it, its buildings moved to pixel coordinates."""
+    import geopandas as gpd
+    import shapely
+    from rasterio.features import rasterize
+
+    from inference import open_source
+    from lib import geo_io
+
+    try:
+        truth = gpd.read_file(labels)
+    except Exception as err:  # noqa: BLE001 - any unreadable vector file is the user's input
+        raise UserError(f"{labels}: not a readable vector file ({one_line(err)})") from None
+    with geo_io.gdal_env(), open_source(image, icfg) as src:
+        georef = geo_io.is_georeferenced(src.ds)
+        transform, crs = (src.ds.transform, src.ds.crs) if georef else (None, None)
+        maps = predicted_maps(eng, src)
+    if georef and truth.crs is not None:
+        truth = truth.to_crs(crs)
+    geoms = np.asarray([g for g in truth.geometry.values if g is not None and not g.is_empty], dtype=object)
+    if transform is not None and len(geoms):
+        a, b, c, d, e, f = tuple(~transform)[:6]
+        geoms = shapely.transform(geoms, lambda xy: np.column_stack([a * xy[:, 0] + b * xy[:, 1] + c,
+                                                                     d * xy[:, 0] + e * xy[:, 1] + f]))
+    shape = maps["building"].shape
+    mask = rasterize(list(geoms), out_shape=shape, all_touched=True).astype(bool) if len(geoms) else \
+        np.zeros(shape, bool)
+    return _sample(image.stem, maps, list(geoms), mask, None, transform, crs)
 
 
 @cli("find_hyperparameters")

@@ -10,7 +10,11 @@ rasters are written by lib.raster_outputs' `SceneWriter`.
 
 Outputs under `output_dir` (lib.run_folder): probabilities/<stem>.tif (uint8 0-255) and masks/<stem>.tif
 (0/255), both with an internal nodata mask, footprints/<stem>.geojson (EPSG:4326) + .gpkg (image CRS),
-stac/<stem>.json + stac/catalog.json (lib.stac_outputs), and run.json. Provenance is per image
+stac/<stem>.json + stac/catalog.json (lib.stac_outputs), and run.json. With instances on (`instances=auto`
+and every model has the instance head) also instances/<stem>.tif (border, contact 0-255), and touching
+buildings become separate footprints (seeds + watershed, lib.instances). Threshold, min_area and the
+seed settings are resolved by lib.postprocess (given, else the first model's tuned meta.postprocess,
+else the defaults) and recorded with their source. Provenance is per image
 (lib.provenance): an image's tags, run.json entry and STAC item say what made it. Re-run rule: an image
 is skipped only when its recorded settings fingerprint equals the current one; otherwise it is
 recomputed and the log says why; `overwrite=true` recomputes all. Unreadable images are reported,
@@ -31,15 +35,15 @@ import rasterio
 
 import circlenet  # noqa: F401  (registers CircleNet checkpoints with model.load_models)
 import model as model_lib
-from lib import footprints, geo_io, provenance, run_folder, scene_bands, stac_outputs
+from lib import footprints, geo_io, postprocess, provenance, run_folder, scene_bands, stac_outputs
 from lib.cli import VERSION, cli, progress_bar
 from lib.devices import cpu_has_native_bf16, resolve_device
 from lib.errors import UserError, one_line
 from lib.exported import onnxruntime_models
 from lib.files import copy_file, file_sha256
 from lib.image_sources import ImageInput, RasterSource, check_images, default_data_dir, list_images
-from lib.raster_outputs import SceneWriter, raster_profile
-from lib.segmentation import BUILDING, BUILDING_PRESENT
+from lib.raster_outputs import SceneWriter, footprint_polygonizer, raster_profile
+from lib.segmentation import BUILDING, BUILDING_PRESENT, SegmentationDecoder, has_instance_head
 from lib.tiling import Engine, model_gsd
 from lib.tta import TTA_NAMES, seed_tta_name
 
@@ -97,8 +101,16 @@ def build_engine(cfg, models=None, device=None) -> tuple[Engine, list[dict]]:
     if loaded:
         models = model_lib.load_models(paths, **overrides)
     records = [model_record(p, m) for p, m in zip(paths, models)]
+    mode = postprocess.instance_mode(cfg.instances)
+    heads = [mode != "false" and has_instance_head(m) for m in models]
     if loaded:
-        models = choose_backend(cfg, models, paths, device)
+        models = choose_backend(cfg, models, paths, device, keep_heads=any(heads))
+        heads = [h and has_instance_head(m) for h, m in zip(heads, models)]  # an ONNX copy may lack it
+    instance = mode != "false" and all(heads)
+    if mode == "true" or (mode == "auto" and any(heads) and not instance):
+        for path, head in zip(paths, heads):
+            if not head:
+                print(f"{path}: no instance head; footprints are the mask's connected components", file=sys.stderr)
     for record, m in zip(records, models):
         record["backend"] = provenance.backend_of(m)
     widths = _plain(cfg.widths) if cfg.widths is not None else [cfg.width]
@@ -110,7 +122,8 @@ def build_engine(cfg, models=None, device=None) -> tuple[Engine, list[dict]]:
     eng = Engine(models, widths=widths, tta=tta, tile_size=cfg.tile_size, overlap=cfg.overlap,
                  batch_size=cfg.batch_size, device=device, precision=cfg.precision,
                  scale_factor=cfg.scale_factor, match_gsd=cfg.match_gsd, num_workers=cfg.num_workers,
-                 progress=cfg.progress, model_gsds=[r["model_gsd"] for r in records])
+                 progress=cfg.progress, model_gsds=[r["model_gsd"] for r in records],
+                 decoder=SegmentationDecoder(instance=instance))
     if all(eng.exported) and cfg.precision in ("bf16", "fp16"):
         print(f"warning: precision={cfg.precision} has no effect on exported graphs and ONNX Runtime; "
               "they run in fp32 (recorded as such)", file=sys.stderr)
@@ -125,10 +138,11 @@ def model_record(path, net) -> dict:
             "meta": meta, "export_tta": provenance.export_tta(config), "model_gsd": gsd, "model_gsd_source": source}
 
 
-def choose_backend(cfg, models: list, paths: list[str], device) -> list:
+def choose_backend(cfg, models: list, paths: list[str], device, keep_heads: bool = False) -> list:
     """`backend=auto`: ONNX Runtime on CPU for fp32 (about 2-4x faster than eager PyTorch on CPUs without
     AMX, measured on b1 at 672 px), PyTorch elsewhere (CUDA AMP, bf16/fp16 autocast). An automatic export
-    that fails falls back to PyTorch with a warning; an explicit `backend=onnxruntime` fails loudly."""
+    that fails falls back to PyTorch with a warning; an explicit `backend=onnxruntime` fails loudly.
+    `keep_heads`: models with the instance head stay on PyTorch under `auto` when their ONNX copies lack it."""
     backend = str(cfg.backend)
     if backend not in BACKENDS:
         raise UserError(f"backend={backend}: choose {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
@@ -143,7 +157,10 @@ def choose_backend(cfg, models: list, paths: list[str], device) -> list:
     if backend == "torch":
         return models
     try:
-        return onnxruntime_models(models, paths, cfg.onnx_cache)
+        exported = onnxruntime_models(models, paths, cfg.onnx_cache)
+        if backend == "auto" and keep_heads and not all(has_instance_head(m) for m in exported):
+            return models  # the instance maps only come from PyTorch for these models
+        return exported
     except (RuntimeError, ValueError, OSError, UserError) as err:
         if backend == "onnxruntime":
             raise
@@ -165,6 +182,7 @@ def _jsonable(obj):
 def run_settings(cfg, eng: Engine, records: list[dict]) -> dict:
     """The run's own settings (top of run.json): what this invocation asked for. Each image's record
     holds its own provenance (lib.provenance), which is what its outputs were made with."""
+    post, source = provenance.postprocess_of(cfg, records[0]["meta"])
     return {
         "toolkit_version": VERSION,
         "models": [{k: r[k] for k in ("path", "sha256", "config", "backend", "export_tta", "model_gsd",
@@ -172,11 +190,13 @@ def run_settings(cfg, eng: Engine, records: list[dict]) -> dict:
         "passes": [{"model": p.model, "width": p.width, "tta": list(p.tta)} for p in eng.passes],
         "tta": sorted({t for p in eng.passes for t in p.tta}, key=TTA_NAMES.index),
         "widths": sorted({p.width for p in eng.passes}),
-        "tile_size": eng.tile_size, "overlap": eng.overlap, "threshold": float(cfg.threshold),
+        "tile_size": eng.tile_size, "overlap": eng.overlap, "threshold": post.threshold,
         "scale_factor": eng.scale_factor, "match_gsd": eng.match_gsd,
         "precision": cfg.precision, "device": str(eng.device),
         "backend": "+".join(dict.fromkeys(r["backend"] for r in records)),
-        "min_area": cfg.min_area, "simplify": cfg.simplify,
+        "min_area": post.min_area, "simplify": cfg.simplify, "seed_threshold": post.seed_threshold,
+        "seed_min_area": post.seed_min_area, "postprocess_source": source,
+        "instances": "on" if provenance.instances_on(eng) else "off",
     }
 
 
@@ -209,17 +229,22 @@ def predict_image(eng: Engine, image: ImageInput, cfg, record: dict, bands: list
     """
     start = time.perf_counter()
     output_dir = Path(cfg.output_dir)
-    paths = run_folder.output_paths(output_dir, image.stem, cfg.vector_format)
+    settings = record["settings"]  # post-processing as resolved for this image (lib.provenance)
+    instance = settings["instances"] == "on"
+    paths = run_folder.output_paths(output_dir, image.stem, cfg.vector_format, instance)
     metas = None if bands is None else _band_records(output_dir, image, bands, record["fingerprint"])
     with geo_io.gdal_env(), open_source(image.path, cfg) as src:
         ds = src.ds
         georef = geo_io.is_georeferenced(ds)
         profile = raster_profile(ds, georef)
         vectors = footprints.FootprintWriter(paths["geojson"], ds.transform if georef else None,
-                                             ds.crs if georef else None, cfg)
-        poly = footprints.Polygonizer(ds.height, ds.width, sink=vectors)  # footprints written as found
+                                             ds.crs if georef else None, provenance.with_postprocess(cfg, settings))
+        poly = footprint_polygonizer(ds.height, ds.width, vectors, instance=instance,
+                                     seed_threshold=settings["seed_threshold"],
+                                     seed_min_area=settings["seed_min_area"], gsd=src.gsd if georef else None)
         with vectors, SceneWriter(paths["probability"], paths["mask"], profile, None, cog=cfg.cog,
-                                  polygonizer=poly, threshold=cfg.threshold, nodata_mask=True) as writer:
+                                  polygonizer=poly, threshold=settings["threshold"], nodata_mask=True,
+                                  instance_path=paths.get("instance")) as writer:
             if metas is None:
                 stats = eng.predict_into(src, writer)
                 record["precision"] = eng.precision_used  # `auto` is resolved on the first batch
@@ -232,6 +257,8 @@ def predict_image(eng: Engine, image: ImageInput, cfg, record: dict, bands: list
             buildings = vectors.close()
             writer.tags = {k: str(v) for k, v in provenance.geotiff_tags(record).items()}
             writer.commit()
+        if not instance:  # left by an earlier run with the instance head: not this image's output now
+            run_folder.instance_map(output_dir, image.stem).unlink(missing_ok=True)
         cls_prob = stats.scores[BUILDING_PRESENT]
         record.update({
             "height": ds.height, "width": ds.width, "crs": ds.crs.to_string() if georef else None,
@@ -274,13 +301,14 @@ def predict_bands(eng: Engine, units: list, cfg, models: list[dict], done: dict,
             settings = provenance.image_settings(cfg, eng, models, image.path, image_gsd(image.path))
             fingerprint = run_folder.fingerprint(settings)
             finished = not cfg.overwrite and run_folder.rerun_reason(
-                done.get(image.stem), settings, outputs_of(output_dir, image.stem, cfg)) is None
+                done.get(image.stem), settings, outputs_of(output_dir, image.stem, cfg, settings)) is None
             if finished or (not cfg.overwrite and scene_bands.finished_band(output_dir, image.stem, unit.band,
                                                                             fingerprint)):
                 print(f"{image.path.name}: rows {r0}-{r1} finished earlier; skipped")
                 continue
             with geo_io.gdal_env(), open_source(image.path, cfg) as src, scene_bands.BandWriter(
-                    output_dir, image.stem, unit.band, src.width, cfg.threshold) as band:
+                    output_dir, image.stem, unit.band, src.width, settings["threshold"],
+                    instance=settings["instances"] == "on") as band:
                 stats = eng.predict_into(src, band, rows=unit.band)
                 meta = band.commit(stats, fingerprint, rank, eng.precision_used)
             print(f"{image.path.name}: rows {r0}-{r1}, {stats.windows} windows on rank {rank}; {meta['seconds']:.1f} s")
@@ -290,9 +318,11 @@ def predict_bands(eng: Engine, units: list, cfg, models: list[dict], done: dict,
     return failed
 
 
-def outputs_of(output_dir: Path, stem: str, cfg) -> list[Path]:
-    """Every file a finished image has: rasters, footprints and its STAC item."""
-    paths = run_folder.output_paths(output_dir, stem, cfg.vector_format)
+def outputs_of(output_dir: Path, stem: str, cfg, settings: dict | None = None) -> list[Path]:
+    """Every file a finished image has: rasters, footprints and its STAC item. `settings` None: every
+    file it may have (instance maps included)."""
+    instance = settings is None or settings.get("instances") == "on"
+    paths = run_folder.output_paths(output_dir, stem, cfg.vector_format, instance)
     return [*paths.values(), run_folder.stac_item_path(output_dir, stem)]
 
 
@@ -439,7 +469,7 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
             settings = provenance.image_settings(cfg, eng, models, image.path, gsd)
             old = done.get(image.stem)
             reason = "overwrite=true" if cfg.overwrite else run_folder.rerun_reason(
-                old, settings, outputs_of(output_dir, image.stem, cfg))
+                old, settings, outputs_of(output_dir, image.stem, cfg, settings))
             if reason is None:
                 summary["skipped"] += 1
                 record = old

@@ -15,7 +15,8 @@ a model class that only wires them together.
               optional tanh attention gate.
     heads     1x1 convs: 2-class segmentation logits (focal loss) and 1-ch dice logits at stride 4;
               linear building-present (2 logits) and scale-regression (1 value) heads on the pooled,
-              dropped-out encoder head features.
+              dropped-out encoder head features. Optional (`instance_head`, not in the original):
+              a 1x1 conv to border/contact logits (INSTANCE) on the same map as the segmentation head.
 
 Reading and writing files is lib.checkpoints' job (every format, weights-only) and lib.exported's
 (TorchScript/ONNX graphs); this module turns what they read into a network: `load_model` rebuilds one
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lib.checkpoints import exported_kind, read_checkpoint
+from lib.checkpoints import SEED_PREFIXES, exported_kind, from_seed_names, read_checkpoint, to_seed_names  # noqa: F401
 from lib.errors import UserError, one_line
 from lib.exported import load_exported
 
@@ -43,6 +44,7 @@ from lib.model_contract import (  # noqa: F401
     DICE,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    INSTANCE,
     OUTPUT_KEYS,
     SCALE,
     SEG,
@@ -60,6 +62,7 @@ MODEL_KEYS = ("model_name", "in_channels", "use_context_block", "use_mish", "use
 # Architecture keys a user may give for an original checkpoint, where the weights cannot tell them
 ARCH_OVERRIDES = ("model_name", "use_mish", "use_context_block", "use_attention")
 DECODER_CHANNELS = 64
+INSTANCE_HEAD = "instance_head"  # build/config key and parameter prefix of the optional border/contact head
 ASPP_RATES = (4, 8, 12)
 
 
@@ -326,6 +329,8 @@ class EfficientFPN(nn.Module):
         self.seg_head = nn.Conv2d(DECODER_CHANNELS, 2, 1)
         self.dice_head = nn.Conv2d(DECODER_CHANNELS, 1, 1, bias=False)
         self.image_heads = ImageHeads(self.encoder.out_channels[-1])
+        if config.get(INSTANCE_HEAD):  # absent from the seed's and older checkpoints' configs
+            self.instance_head = new_instance_head()
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Normalised images [N, in_channels, H, W] (H, W multiples of 32) -> dict of logits (see SEG...)."""
@@ -334,13 +339,40 @@ class EfficientFPN(nn.Module):
         features = self.encoder(x)
         cls, scale = self.image_heads(features[-1])
         y = self.decoder(features)
-        return {SEG: self.seg_head(y), DICE: self.dice_head(y), CLS: cls, SCALE: scale}
+        out = {SEG: self.seg_head(y), DICE: self.dice_head(y), CLS: cls, SCALE: scale}
+        if hasattr(self, INSTANCE_HEAD):
+            out[INSTANCE] = self.instance_head(y)
+        return out
+
+
+def new_instance_head() -> nn.Conv2d:
+    """Border/contact logits (contract: lib.model_contract.INSTANCE) from the 64-channel decoder map."""
+    return nn.Conv2d(DECODER_CHANNELS, 2, 1)
+
+
+def set_instance_head(net: EfficientFPN, on: bool) -> str | None:
+    """Give `net` a freshly initialised instance head, or take it away; returns what changed (None: nothing).
+
+    Starting training from a checkpoint without the head (the seed's) keeps every other weight.
+    """
+    if bool(on) == hasattr(net, INSTANCE_HEAD):
+        return None
+    if on:
+        net.instance_head = new_instance_head()
+        net.config[INSTANCE_HEAD] = True
+        return "added a freshly initialised instance head (border/contact); every other weight is the checkpoint's"
+    del net.instance_head
+    net.config.pop(INSTANCE_HEAD, None)
+    return "dropped the checkpoint's instance head (instance_head=false)"
 
 
 def build_model(model_name: str = "efficientnet-b1", *, pretrained: bool = False, in_channels: int = 3,
                 use_context_block: bool = False, use_mish: bool = False, use_attention: bool = True,
-                use_ASPP: bool = True, drop_connect_rate: float = 0.2, **layout) -> EfficientFPN:
-    """Build the network; defaults are the original pipeline's (b1, attention and ASPP on).
+                use_ASPP: bool = True, drop_connect_rate: float = 0.2, instance_head: bool = False,
+                **layout) -> EfficientFPN:
+    """Build the network; defaults are the original pipeline's (b1, attention and ASPP on, no instance head).
+
+    `instance_head` is stored in the config only when on, so head-less configs are exactly the old ones.
 
     `layout` takes only the internal keys `context_hidden`/`fuse_context` that `load_model` uses to
     rebuild the original pipeline's non-b2 context models; new models never need them.
@@ -364,13 +396,15 @@ def build_model(model_name: str = "efficientnet-b1", *, pretrained: bool = False
     if layout.get("context_hidden", 8) != 8 or layout.get("fuse_context", False):
         config["context_hidden"] = int(layout.get("context_hidden", 8))
         config["fuse_context"] = bool(layout.get("fuse_context", False))
+    if instance_head:
+        config[INSTANCE_HEAD] = True
     return EfficientFPN(config, pretrained=pretrained)
 
 
 def model_kwargs_from_cfg(cfg) -> dict:
-    """`build_model` keyword arguments from a flat Hydra config (MODEL_KEYS + pretrained), None = unset."""
+    """`build_model` keyword arguments from a flat Hydra config (MODEL_KEYS, instance_head, pretrained), None = unset."""
     out = {}
-    for key in (*MODEL_KEYS, "pretrained"):
+    for key in (*MODEL_KEYS, INSTANCE_HEAD, "pretrained"):
         try:
             value = cfg.get(key)
         except Exception:  # noqa: BLE001 - struct configs without the key
@@ -380,65 +414,11 @@ def model_kwargs_from_cfg(cfg) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# The original pipeline's parameter names
-# ----------------------------------------------------------------------------------------------
-
-# (original prefix, our prefix); matched longest first. Encoder keys keep efficientnet-pytorch's names.
-SEED_PREFIXES = [
-    ("_conv_stem.", "encoder._conv_stem."),
-    ("_bn0.", "encoder._bn0."),
-    ("_blocks.", "encoder._blocks."),
-    ("_conv_head.", "encoder._conv_head."),
-    ("_bn1.", "encoder._bn1."),
-    ("lateral0.", "decoder.lateral.0."),
-    ("lateral1.", "decoder.lateral.1."),
-    ("lateral2.", "decoder.lateral.2."),
-    ("lateral3.", "decoder.lateral.3."),
-    ("top1.", "decoder.branches.0."),
-    ("top2.", "decoder.branches.1."),
-    ("top3.0.", "decoder.branches.2."),
-    ("ctx.", "decoder.context."),
-    ("aspp.atrous0.", "decoder.aspp.convs.0."),
-    ("aspp.atrous1.module.", "decoder.aspp.convs.1."),
-    ("aspp.atrous2.module.", "decoder.aspp.convs.2."),
-    ("aspp.atrous3.module.", "decoder.aspp.convs.3."),
-    ("aspp.atrous4.module.", "decoder.aspp.pool."),
-    ("aspp.combine.", "decoder.aspp.project."),
-    ("top4.", "decoder.fuse."),
-    ("conv_att.", "decoder.attention."),
-    ("bce_logit.", "seg_head."),
-    ("dice.", "dice_head."),
-    ("_fc.", "image_heads.cls."),
-    ("_fc2.", "image_heads.scale."),
-]
-_SEED_ORDER = sorted(SEED_PREFIXES, key=lambda p: -len(p[0]))
-_OURS_ORDER = sorted(SEED_PREFIXES, key=lambda p: -len(p[1]))
-
-
-def _rename(key: str, table) -> str | None:
-    for old, new in table:
-        if key.startswith(old):
-            return new + key[len(old):]
-    return None
-
-
-def from_seed_names(state_dict: dict) -> dict:
-    """Original pipeline parameter names -> ours (unknown keys kept, so a strict load reports them)."""
-    return {(_rename(k, _SEED_ORDER) or k): v for k, v in state_dict.items()}
-
-
-def to_seed_names(state_dict: dict) -> dict:
-    """Our parameter names -> the original pipeline's (to hand weights back to its code)."""
-    swapped = [(new, old) for old, new in _OURS_ORDER]
-    return {(_rename(k, swapped) or k): v for k, v in state_dict.items()}
-
-
 def infer_config(state_dict: dict, path, overrides: dict) -> dict:
     """Architecture of a checkpoint that does not describe itself, from its (our-named) keys and shapes.
 
-    Encoder from the stem/head widths and block count, context block, ASPP and attention from the keys
-    present. Only Mish in the fusion conv without a context block is invisible in the weights: it comes
+    Encoder from the stem/head widths and block count, context block, ASPP, attention and the instance
+    head from the keys present. Only Mish in the fusion conv without a context block is invisible in the weights: it comes
     from `use_mish` (default off). With a context block the original pipeline always used Mish there.
     """
     from efficientnet_pytorch.model import VALID_MODELS
@@ -480,6 +460,8 @@ def infer_config(state_dict: dict, path, overrides: dict) -> dict:
         fuse_ctx = "decoder.fuse.0.conv_mask.weight" in state_dict
         if hidden != 8 or fuse_ctx:
             config["context_hidden"], config["fuse_context"] = hidden, fuse_ctx
+    if f"{INSTANCE_HEAD}.weight" in state_dict:
+        config[INSTANCE_HEAD] = True
     return config
 
 

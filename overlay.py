@@ -3,7 +3,9 @@
     python overlay.py image=scene.tif pred=out/footprints/scene.geojson gt=labels/scene.geojson output=overlay.png
     python overlay.py task=points image=<SAR scene folder> pred=<detections.csv> gt=<labels.csv> output=o.png
 
-Predicted outlines are drawn in magenta, ground-truth outlines in green. The image is read at reduced
+Ground-truth outlines are drawn in green. Predicted footprints are each outlined and lightly filled in
+their own colour from a fixed palette without green (magenta first), so touching buildings that were
+separated show as separate shapes; `per_instance=false` draws them all in magenta. The image is read at reduced
 resolution (at most `max_size` pixels on its longer side) so a whole-city mosaic still gives a small
 PNG quickly. `task=points`: the scene's first SAR channel in grey (normalised as the model sees it),
 predicted points as magenta circles (filled when called vessels), labelled points as green squares;
@@ -26,6 +28,10 @@ from lib.files import atomic_path
 
 PRED_COLOUR = (255, 0, 255)  # RGB magenta
 GT_COLOUR = (0, 230, 0)  # RGB green
+# predicted instances, cycled in file order (neighbours get different colours); none of them green
+PALETTE = ((255, 0, 255), (255, 140, 0), (0, 200, 255), (255, 230, 0), (230, 30, 30), (90, 90, 255),
+           (255, 120, 180), (150, 60, 220))
+FILL_ALPHA = 0.3  # weight of an instance's colour in its fill
 
 
 def _read_preview(ds, max_size: int) -> tuple[np.ndarray, float]:
@@ -59,17 +65,36 @@ def _pixel_rings(gdf, ds, factor: float) -> list[np.ndarray]:
 
 
 def draw_overlay(image: str | Path, output: str | Path, pred: str | Path | None = None,
-                 gt: str | Path | None = None, max_size: int = 1600) -> Path:
-    """Write `output` (PNG): the image with ground-truth (green) and predicted (magenta) outlines."""
+                 gt: str | Path | None = None, max_size: int = 1600, per_instance: bool = True) -> Path:
+    """Write `output` (PNG): the image with ground-truth (green) outlines and predicted footprints, each
+    in its own palette colour (`per_instance`) or all magenta."""
     with geo_io.open_raster(image) as ds:
         canvas, factor = _read_preview(ds, max_size)
         thickness = max(1, round(2 * max(canvas.shape[:2]) / 1600))
-        for path, colour in ((gt, GT_COLOUR), (pred, PRED_COLOUR)):
-            if path:
-                rings = _pixel_rings(geo_io.load_footprints(path), ds, factor)
-                cv2.polylines(canvas, rings, isClosed=True, color=colour, thickness=thickness, lineType=cv2.LINE_AA)
+        if pred:
+            rings = _pixel_rings(geo_io.load_footprints(pred), ds, factor)
+            colours = instance_colours(len(rings)) if per_instance else [PRED_COLOUR] * len(rings)
+            _draw_instances(canvas, rings, colours, thickness)
+        if gt:
+            rings = _pixel_rings(geo_io.load_footprints(gt), ds, factor)
+            cv2.polylines(canvas, rings, isClosed=True, color=GT_COLOUR, thickness=thickness, lineType=cv2.LINE_AA)
     _legend(canvas, pred is not None, gt is not None)
     return _write_png(canvas, output)
+
+
+def instance_colours(n: int) -> list[tuple[int, int, int]]:
+    """The palette colour of each of `n` predicted footprints, in order."""
+    return [PALETTE[i % len(PALETTE)] for i in range(n)]
+
+
+def _draw_instances(canvas: np.ndarray, rings: list[np.ndarray], colours: list, thickness: int) -> None:
+    """A light fill per footprint (blended once, so overlaps do not darken), then its outline on top."""
+    fill = canvas.copy()
+    for ring, colour in zip(rings, colours):
+        cv2.fillPoly(fill, [ring], colour, lineType=cv2.LINE_8)
+    cv2.addWeighted(fill, FILL_ALPHA, canvas, 1 - FILL_ALPHA, 0, dst=canvas)
+    for ring, colour in zip(rings, colours):
+        cv2.polylines(canvas, [ring], isClosed=True, color=colour, thickness=thickness, lineType=cv2.LINE_AA)
 
 
 def _write_png(canvas: np.ndarray, output: str | Path) -> Path:
@@ -152,7 +177,7 @@ def run(cfg) -> Path:
     if cfg.task == "points":
         path = draw_point_overlay(cfg.image, cfg.output, cfg.pred, cfg.gt, cfg.max_size, cfg.scene_id)
     else:
-        path = draw_overlay(cfg.image, cfg.output, cfg.pred, cfg.gt, cfg.max_size)
+        path = draw_overlay(cfg.image, cfg.output, cfg.pred, cfg.gt, cfg.max_size, bool(cfg.per_instance))
     print(f"overlay written to {path}")
     return path
 

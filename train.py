@@ -9,7 +9,8 @@
 
 This file is the CLI and the segmentation task: config resolution (demo data, default max_lr, run
 folder, resume) and `SegmentationTask` -- chips from dataset.py, the network from model.py, the losses
-of lib.losses, pixel Jaccard of both heads. The task-neutral machinery (session, step, loop,
+of lib.losses, pixel Jaccard of both heads and SpaceNet polygon precision/recall/F1 of the validation
+chips' instances (watershed from the instance head's seeds, or connected components without the head). The task-neutral machinery (session, step, loop,
 checkpoints, exact resume, DDP glue, logs) is lib.trainer; data order and augmentation are a pure
 function of (seed, epoch, sample index) (dataset.EpochBatches), so a resumed run sees exactly the data
 the uninterrupted run would have seen and its next loss is the same, bit for bit on CPU.
@@ -23,6 +24,7 @@ with `lr_scaling=linear|sqrt` (max_lr x N or x sqrt(N)); sqrt is the safer rule 
 from __future__ import annotations
 
 import datetime
+import math
 import warnings
 from pathlib import Path
 from typing import ClassVar
@@ -38,10 +40,13 @@ from lib.checkpoints import load_checkpoint
 from lib.cli import CONFIG_DIR, cli, compose_config
 from lib.distributed import Dist, all_reduce, broadcast_object, leave_process_group, setup_distributed
 from lib.errors import UserError
-from lib.losses import LossConfig, soft_label_loss, soft_to_hard, supervised_loss, upsample_to
-from lib.model_contract import check_input_multiple
+from lib.instances import label_instances
+from lib.losses import INSTANCE_LOSSES, LossConfig, soft_label_loss, soft_to_hard, supervised_loss, upsample_to
+from lib.metrics import prf, score_polygons
+from lib.model_contract import INSTANCE, check_input_multiple
+from lib.postprocess import DEFAULTS as POSTPROCESS
 from lib.trainer import Session, autocast, to_device
-from model import DICE, MODEL_KEYS, SEG, build_model, load_model, model_kwargs_from_cfg
+from model import DICE, MODEL_KEYS, SEG, build_model, load_model, model_kwargs_from_cfg, set_instance_head
 from optim import build_one_cycle
 
 # Keys a resumed run may change; every other key comes from the checkpoint so the run continues exactly.
@@ -50,6 +55,8 @@ RUNTIME_KEYS = ("resume", "output_dir", "device", "num_workers", "progress", "lo
 # max_lr when the config leaves it unset: the original recipe's value for fine-tuning an ImageNet encoder,
 # a larger one for random initialisation, which tolerates (and needs) bigger steps.
 TASKS = ("segmentation", "points")
+# select_by -> (metric that picks best.pth, metric that breaks its ties); null = polygon_f1
+SELECT_BY = {"polygon_f1": ("val_polygon_f1", "val_jaccard"), "jaccard": ("val_jaccard", None)}
 DEFAULT_LR_PRETRAINED = 2e-4
 DEFAULT_LR_SCRATCH = 3e-3
 
@@ -89,8 +96,10 @@ def check_config(cfg) -> None:
     """Reject settings that would fail late or silently do something else."""
     if cfg.task not in TASKS:
         raise UserError(f"task={cfg.task}: use {' or '.join(TASKS)}")
-    if cfg.task == "segmentation" and cfg.select_by not in (None, "jaccard"):
-        raise UserError(f"select_by={cfg.select_by}: segmentation chooses best.pth by jaccard")
+    if cfg.task == "segmentation" and cfg.select_by not in (None, *SELECT_BY):
+        raise UserError(f"select_by={cfg.select_by}: segmentation chooses best.pth by {' or '.join(SELECT_BY)}")
+    if cfg.instance_loss not in INSTANCE_LOSSES:
+        raise UserError(f"instance_loss={cfg.instance_loss}: use {' or '.join(INSTANCE_LOSSES)}")
     check_input_multiple("width", cfg.width)
     if int(cfg.batch_size) < 1:
         raise UserError(f"batch_size={cfg.batch_size}: must be at least 1")
@@ -172,6 +181,8 @@ def merge_resumed_config(cfg):
         if key in changed:
             merged[key] = given[key]
     merged.resume = cfg.resume
+    if "instance_head" not in saved:  # runs from before the instance head had none
+        merged.instance_head = False
     if not given["output_dir"]:  # continue in the checkpoint's folder, wherever the run folder now lives
         merged.output_dir = str(Path(cfg.resume).resolve().parent)
     ignored = sorted(k for k in changed if k not in RUNTIME_KEYS and k in saved and given[k] != saved[k])
@@ -206,6 +217,9 @@ def create_model(cfg) -> torch.nn.Module:
         want = " ".join(f"{k}={arch[k]}" for k in differ)
         raise UserError(f"{cfg.model}: the checkpoint is {have} but the training config asks for {want}; "
                         f"add `{have}` to the command line")
+    change = set_instance_head(net, bool(cfg.instance_head))
+    if change:
+        print(f"{cfg.model}: {change}")
     return net
 
 
@@ -221,13 +235,17 @@ class SegmentationTask:
     trains on a batch of soft labels (Noisy Student), forwarded in the same pass.
     """
 
-    metric_names = ("val_loss", "val_jaccard", "val_jaccard_dice")
-    select_metric = "val_jaccard"
-    metric_labels: ClassVar[dict] = {"val_loss": "val_loss", "val_jaccard": "jaccard", "val_jaccard_dice": "jaccard(dice head)"}
+    metric_names = ("val_loss", "val_jaccard", "val_jaccard_dice", "val_polygon_f1", "val_polygon_precision",
+                    "val_polygon_recall")
+    metric_labels: ClassVar[dict] = {"val_loss": "val_loss", "val_jaccard": "jaccard", "val_jaccard_dice": "jaccard(dice head)",
+                                     "val_polygon_f1": "polygon F1", "val_polygon_precision": "polygon P",
+                                     "val_polygon_recall": "polygon R"}
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.losses = LossConfig.from_cfg(cfg)
+        # best.pth: highest select_metric; on a tie the higher tie_metric (lib.trainer.is_better)
+        self.select_metric, self.tie_metric = SELECT_BY[cfg.select_by or "polygon_f1"]
 
     def build_data(self, cfg, d: Dist) -> dataset.Data:
         return dataset.load_data(cfg, d)
@@ -259,7 +277,8 @@ class SegmentationTask:
             out = s.model(images)
         n = batch["image"].shape[0]
         main, extra = {k: v[:n] for k, v in out.items()}, {k: v[n:] for k, v in out.items()}
-        loss, terms = supervised_loss(main, batch["mask"], batch["ignore"], batch["gsd"], self.losses, train=True)
+        loss, terms = supervised_loss(main, batch["mask"], batch["ignore"], batch["gsd"], self.losses, train=True,
+                                      **instance_targets(batch))
         if soft is not None:
             if s.cfg.soft_to_hard:
                 hard, ignore = soft_to_hard(soft["mask"], soft["ignore"], tuple(s.cfg.soft_band))
@@ -283,28 +302,35 @@ class SegmentationTask:
         return s.cache["val_loader"]
 
     def validate(self, s: Session) -> dict:
-        """Loss and global pixel Jaccard (sum of intersections / sum of unions) of the seg and dice heads.
+        """Loss, global pixel Jaccard (sum of intersections / sum of unions) of the seg and dice heads, and
+        SpaceNet polygon precision/recall/F1 of the chips' instances (`chip_polygon_counts`).
 
         Logits are upsampled to the label resolution and thresholded at 0.5; ignored pixels count for
         nothing. With several processes each scores a shard and the sums are added up.
         """
-        sums = np.zeros(6)  # loss*n, n, I_seg, U_seg, I_dice, U_dice
+        sums = np.zeros(9)  # loss*n, n, I_seg, U_seg, I_dice, U_dice, tp, fp, fn
         for batch in self.val_loader(s):
             batch = to_device(batch, s.device)
             with autocast(s):
                 out = s.net(batch["image"])
-            loss, _ = supervised_loss(out, batch["mask"], batch["ignore"], batch["gsd"], self.losses, train=False)
+            loss, _ = supervised_loss(out, batch["mask"], batch["ignore"], batch["gsd"], self.losses, train=False,
+                                      **instance_targets(batch))
             valid = batch["ignore"] < 0.5
             truth = (batch["mask"] >= 0.5) & valid
             size = batch["mask"].shape[-2:]
-            seg = (torch.softmax(upsample_to(out[SEG], size), 1)[:, 1] > 0.5) & valid
+            prob = torch.softmax(upsample_to(out[SEG], size), 1)[:, 1] * valid
+            seg = (prob > 0.5) & valid
             dice = (upsample_to(out[DICE], size)[:, 0] > 0) & valid
             n = batch["image"].shape[0]
+            maps = torch.sigmoid(upsample_to(out[INSTANCE], size)) if INSTANCE in out else None
+            counts = [chip_polygon_counts(prob[i], None if maps is None else maps[i], batch["instances"][i],
+                                          float(batch["gsd"][i])) for i in range(n)]
             sums += [float(loss) * n, n, (seg & truth).sum().item(), (seg | truth).sum().item(),
-                     (dice & truth).sum().item(), (dice | truth).sum().item()]
+                     (dice & truth).sum().item(), (dice | truth).sum().item(), *np.sum(counts, axis=0)]
         total = all_reduce(sums.tolist(), s.d, s.device)
+        polygons = polygon_scores(*total[6:9])
         return {"val_loss": total[0] / max(total[1], 1), "val_jaccard": total[2] / max(total[3], 1.0),
-                "val_jaccard_dice": total[4] / max(total[5], 1.0)}
+                "val_jaccard_dice": total[4] / max(total[5], 1.0), **polygons}
 
     def checkpoint_meta(self, s: Session) -> dict:
         """What inference needs beside the weights: the GSD the model saw, crop width and architecture.
@@ -317,6 +343,70 @@ class SegmentationTask:
         gsd, source = (float(ref), "ref_scale") if ref and train_gsd else (train_gsd, "train_gsd" if train_gsd else None)
         return {"ref_scale": ref, "train_gsd": train_gsd, "model_gsd": gsd, "model_gsd_source": source,
                 "width": int(s.cfg.width), "arch": arch_slug(s.cfg)}
+
+
+def instance_targets(batch: dict) -> dict:
+    """The batch's border/contact targets for supervised_loss (none for batches without them: soft labels)."""
+    return {k: batch[k] for k in ("border", "contact", "instance_ok") if k in batch}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Polygon scores of validation chips
+# ---------------------------------------------------------------------------------------------------
+
+
+def area_px(area_m2: float, gsd: float) -> float:
+    """A ground area in pixels of a chip of `gsd` m/px (the number itself, as pixels, when the GSD is unknown)."""
+    return area_m2 / gsd ** 2 if math.isfinite(gsd) and gsd > 0 else area_m2
+
+
+def predicted_instances(prob: np.ndarray, maps: np.ndarray | None, gsd: float) -> np.ndarray:
+    """Instance labels of one chip with lib.postprocess DEFAULTS: watershed from the instance head's seeds
+    (lib.instances.label_instances), or 4-connected components of the mask for a model without the head."""
+    if maps is None:
+        from skimage.measure import label
+
+        return label(prob >= POSTPROCESS["threshold"], connectivity=1).astype(np.int32)
+    seed_min_px = max(1, round(area_px(POSTPROCESS["seed_min_area"], gsd)))
+    return label_instances(prob, maps[0], maps[1], threshold=POSTPROCESS["threshold"],
+                           seed_threshold=POSTPROCESS["seed_threshold"], seed_min_px=seed_min_px)
+
+
+def label_polygons(labels: np.ndarray) -> tuple[list, np.ndarray]:
+    """One shapely geometry per instance id (pixel coordinates) and the ids, from rasterio.features.shapes."""
+    import shapely
+    from rasterio.features import shapes
+    from shapely.geometry import shape
+
+    parts: dict = {}
+    for geom, value in shapes(labels.astype(np.int32), mask=labels > 0, connectivity=4):
+        parts.setdefault(int(value), []).append(shape(geom))
+    ids = np.array(sorted(parts), dtype=np.int64)
+    return [shapely.union_all(parts[i]) for i in ids], ids
+
+
+def chip_polygon_counts(prob: torch.Tensor, maps: torch.Tensor | None, instances: torch.Tensor,
+                        gsd: float) -> tuple[int, int, int]:
+    """(tp, fp, fn) of one validation chip: predicted instances against the chip's truth instances
+    (ids on valid pixels), matched by lib.metrics.score_polygons (IoU > 0.5) as evaluate.py does, with
+    footprints under lib.postprocess's min_area (m^2, converted with the chip's GSD) left out."""
+    from scipy import ndimage
+
+    prob_np = prob.float().cpu().numpy()
+    labels = predicted_instances(prob_np, None if maps is None else maps.float().cpu().numpy(), gsd)
+    pred, ids = label_polygons(labels)
+    gt, _ = label_polygons(instances.cpu().numpy())
+    confidence = ndimage.mean(prob_np, labels, ids) if len(ids) else None
+    r = score_polygons(gt, pred, confidence, min_area=area_px(POSTPROCESS["min_area"], gsd))
+    return r["tp"], r["fp"], r["fn"]
+
+
+def polygon_scores(tp: float, fp: float, fn: float) -> dict:
+    """val_polygon_precision/recall/f1 from summed counts; undefined ratios are 1 when there was nothing to
+    find and nothing was found, else 0 (so every value is a number the logs can plot)."""
+    r = prf(int(tp), int(fp), int(fn))
+    empty = 1.0 if tp + fp + fn == 0 else 0.0
+    return {f"val_polygon_{k}": empty if r[k] is None else float(r[k]) for k in ("f1", "precision", "recall")}
 
 
 # ---------------------------------------------------------------------------------------------------

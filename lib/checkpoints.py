@@ -303,3 +303,62 @@ def plain(obj, where: str = "checkpoint"):
     except ImportError:  # pragma: no cover
         pass
     raise TypeError(f"{where}: cannot store {type(obj).__name__} in a weights-only checkpoint")
+
+
+# ----------------------------------------------------------------------------------------------
+# The original pipeline's parameter names (plain renaming of state dicts; model.py re-exports these)
+# ----------------------------------------------------------------------------------------------
+
+# (original prefix, our prefix); matched longest first. Encoder keys keep efficientnet-pytorch's names.
+SEED_PREFIXES = [
+    ("_conv_stem.", "encoder._conv_stem."),
+    ("_bn0.", "encoder._bn0."),
+    ("_blocks.", "encoder._blocks."),
+    ("_conv_head.", "encoder._conv_head."),
+    ("_bn1.", "encoder._bn1."),
+    ("lateral0.", "decoder.lateral.0."),
+    ("lateral1.", "decoder.lateral.1."),
+    ("lateral2.", "decoder.lateral.2."),
+    ("lateral3.", "decoder.lateral.3."),
+    ("top1.", "decoder.branches.0."),
+    ("top2.", "decoder.branches.1."),
+    ("top3.0.", "decoder.branches.2."),
+    ("ctx.", "decoder.context."),
+    ("aspp.atrous0.", "decoder.aspp.convs.0."),
+    ("aspp.atrous1.module.", "decoder.aspp.convs.1."),
+    ("aspp.atrous2.module.", "decoder.aspp.convs.2."),
+    ("aspp.atrous3.module.", "decoder.aspp.convs.3."),
+    ("aspp.atrous4.module.", "decoder.aspp.pool."),
+    ("aspp.combine.", "decoder.aspp.project."),
+    ("top4.", "decoder.fuse."),
+    ("conv_att.", "decoder.attention."),
+    ("bce_logit.", "seg_head."),
+    ("dice.", "dice_head."),
+    ("_fc.", "image_heads.cls."),
+    ("_fc2.", "image_heads.scale."),
+]
+_SEED_ORDER = sorted(SEED_PREFIXES, key=lambda p: -len(p[0]))
+_OURS_ORDER = sorted(SEED_PREFIXES, key=lambda p: -len(p[1]))
+
+
+def _rename(key: str, table) -> str | None:
+    for old, new in table:
+        if key.startswith(old):
+            return new + key[len(old):]
+    return None
+
+
+def from_seed_names(state_dict: dict) -> dict:
+    """Original pipeline parameter names -> ours (unknown keys kept, so a strict load reports them)."""
+    return {(_rename(k, _SEED_ORDER) or k): v for k, v in state_dict.items()}
+
+
+def to_seed_names(state_dict: dict) -> dict:
+    """Our parameter names -> the original pipeline's (to hand weights back to its code).
+
+    Parameters the original network does not have (the instance head's `instance_head.*`) keep their
+    names: from_seed_names round-trips them, the original code's strict load reports them as unexpected
+    (load with strict=False there, or export a model without the head).
+    """
+    swapped = [(new, old) for old, new in _OURS_ORDER]
+    return {(_rename(k, swapped) or k): v for k, v in state_dict.items()}

@@ -3,16 +3,26 @@
 Every scene is validated and planned (`scene_plan`) before the first chip is written. A scene whose
 image or labels cannot be read is reported in one line (`error: ...`) and left out, the other scenes
 are written, and the run's summary counts the failures (a rerun retries them; chips already on disk
-are skipped). Chips without imagery (valid share under `MIN_VALID_SHARE`: all nodata) are not written. `mode=buildings` plans one window centred on every building with
+are skipped). Chips without imagery (valid share under `MIN_VALID_SHARE`: all nodata) are not written.
+`mode=buildings` plans one window centred on every building with
 `pad` chip pixels around it; `mode=grid` tiles the scene (`lib.windows.window_offsets`, as inference
 cuts it). Footprints are looked up with a spatial index and burned once per chip window, so the cost is
 linear in the number of buildings (the original pipeline burned every footprint once per building chip).
+
+Every chip also gets an instance-id image, so training can learn where touching buildings meet: each
+footprint is burned with its own value (`ChipMasks.burn_ids`, the mask's own rule, `all_touched`) in
+label-file order, so where label polygons overlap (common in OSM) the later one wins the shared pixels;
+the planner warns once per scene with the number of overlapping pairs. The ids are renumbered 1..K per
+chip (file order kept); a chip without buildings gets an all-zero file, so "has an instances file" always
+means "prepared by a version that writes them". A rerun over chips written by an older version adds
+the missing instance files (the chips themselves are kept).
 
 Workers resolve `init_worker`/`process_batch` by this module's name, so `python dataset.py` (run as
 `__main__`) can hand them to a process pool. Layout of the output:
 
     <out_dir>/<collection>/<scene>/<scale>_<index>.<jpg|png|tif>   image (RGB uint8)
     <out_dir>/<collection>/<scene>/<scale>_<index>_mask.png        0/255 building mask
+    <out_dir>/<collection>/<scene>/<scale>_<index>_instances.png   uint16 ids: 0 = none, 1..K = buildings
     <out_dir>/<collection>/<scene>/<scale>_<index>_ignore.png      255 = nodata (only when present)
     <out_dir>/resolutions.json                                     {"<collection>/<scene>": m/px}
 """
@@ -38,10 +48,14 @@ from lib.windows import window_offsets
 
 MASK_SUFFIX = "_mask.png"
 IGNORE_SUFFIX = "_ignore.png"
+INSTANCES_SUFFIX = "_instances.png"
 RESOLUTIONS_FILE = "resolutions.json"
 # A chip with less imagery than this (share of valid, non-nodata pixels) carries no information: a grid
 # tile wholly outside a mosaic's footprint would otherwise be written as a negative.
 MIN_VALID_SHARE = 0.001
+# Two label polygons "overlap" when they share more than this share of the smaller one's area; below it
+# the shared sliver is digitising noise (neighbours drawn along one wall), not a duplicated building.
+OVERLAP_SHARE = 0.01
 
 
 @dataclass
@@ -108,6 +122,10 @@ def scene_plan(scene: Scene, cfg, scales: list[float]) -> ScenePlan:
         if tiny.any():
             warn(f"{scene.labels}: dropped {int(tiny.sum())} zero-area geometr{'y' if tiny.sum() == 1 else 'ies'}")
             geoms = geoms[~tiny]
+        overlaps = overlapping_pairs(geoms)
+        if overlaps:
+            warn(f"{scene.labels}: {overlaps} pair{'s' if overlaps != 1 else ''} of footprints overlap"
+                 f"{'s' if overlaps == 1 else ''}; shared pixels go to the later one")
         bounds = shapely.box(*ds.bounds)
         if len(geoms) and not shapely.intersects(geoms, bounds).any():
             raise UserError(f"{scene.labels}: no footprint overlaps the image {scene.image} "
@@ -125,6 +143,21 @@ def scene_plan(scene: Scene, cfg, scales: list[float]) -> ScenePlan:
             else:
                 plan.chips += _grid_windows(geoms, ds, scale, cfg, scene.key)
     return plan
+
+
+def overlapping_pairs(geoms: np.ndarray, share: float = OVERLAP_SHARE) -> int:
+    """Pairs of footprints whose intersection exceeds `share` of the smaller one's area (STRtree)."""
+    import shapely
+
+    if len(geoms) < 2:
+        return 0
+    i, j = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    i, j = i[i < j], j[i < j]
+    if not len(i):
+        return 0
+    shared = shapely.area(shapely.intersection(geoms[i], geoms[j]))
+    areas = shapely.area(geoms)
+    return int((shared > share * np.minimum(areas[i], areas[j])).sum())
 
 
 def _building_windows(geoms, ds, scale: float, pad: int, crop1024: bool) -> list[tuple]:
@@ -214,7 +247,7 @@ def process_batch(batch: tuple[int, list[tuple]]) -> dict:
     try:
         return _process_batch(batch)
     except UserError as err:
-        return {"written": 0, "skipped": 0, "positive": 0, "nodata": 0, "cpu_s": 0.0,
+        return {"written": 0, "skipped": 0, "positive": 0, "nodata": 0, "instances_added": 0, "cpu_s": 0.0,
                 "error": (_WORKER["plans"][plan_idx].scene.key, str(err))}
 
 
@@ -234,8 +267,13 @@ def _process_batch(batch: tuple[int, list[tuple]]) -> dict:
     folder = Path(opts["out_dir"]) / plan.scene.collection / plan.scene.name
     ext = opts["image_format"]
     todo = [s for s in specs if not ((folder / f"{s[0]}.{ext}").exists() and (folder / f"{s[0]}{MASK_SUFFIX}").exists())]
-    counts = {"written": 0, "skipped": len(specs) - len(todo), "positive": 0, "nodata": 0, "cpu_s": 0.0}
+    older = [s for s in specs if s not in todo and not (folder / f"{s[0]}{INSTANCES_SUFFIX}").exists()]
+    for name, col, row, width, height, scale in older:
+        _add_instances(ds, masks, Window(col, row, width, height), scale, folder / name)
+    counts = {"written": 0, "skipped": len(specs) - len(todo), "positive": 0, "nodata": 0,
+              "instances_added": len(older), "cpu_s": 0.0}
     if not todo:
+        counts["cpu_s"] = time.process_time() - started
         return counts
     c0, r0 = min(s[1] for s in todo), min(s[2] for s in todo)
     c1, r1 = max(s[1] + s[3] for s in todo), max(s[2] + s[4] for s in todo)
@@ -243,20 +281,20 @@ def _process_batch(batch: tuple[int, list[tuple]]) -> dict:
     if shared:
         union = Window(c0, r0, c1 - c0, r1 - r0)
         rgb_all, valid_all = read_window(ds, union, plan.stretch, plan.zero_is_nodata, plan.layout)
-        mask_all = masks.burn(ds, union, 1.0) if all(s[5] == 1 for s in todo) else None
+        ids_all = masks.burn_ids(ds, union, 1.0) if all(s[5] == 1 for s in todo) else None
     for name, col, row, width, height, scale in todo:
         window = Window(col, row, width, height)
         if shared:
             rows, cols = slice(row - r0, row - r0 + height), slice(col - c0, col - c0 + width)
             rgb, valid = rgb_all[rows, cols], valid_all[rows, cols]
-            mask = mask_all[rows, cols].copy() if mask_all is not None else None
+            ids = ids_all[rows, cols].copy() if ids_all is not None else None
         else:
             rgb, valid = read_window(ds, window, plan.stretch, plan.zero_is_nodata, plan.layout)
-            mask = None
+            ids = None
         if valid.mean() < MIN_VALID_SHARE:
             counts["nodata"] += 1
             continue
-        positive = _write_chip(ds, masks, window, scale, rgb, valid, mask, folder / name, opts)
+        positive = _write_chip(ds, masks, window, scale, rgb, valid, ids, folder / name, opts)
         counts["written"] += 1
         counts["positive"] += positive
     counts["cpu_s"] = time.process_time() - started
@@ -264,7 +302,12 @@ def _process_batch(batch: tuple[int, list[tuple]]) -> dict:
 
 
 class ChipMasks:
-    """Burns the footprints that intersect a window (found with an STRtree) onto that window's grid."""
+    """Burns the footprints that intersect a window (found with an STRtree) onto that window's grid.
+
+    Each footprint is burned with its own id (1 + its index in the label file), in file order: rasterio
+    replaces earlier values, so the later of two overlapping footprints owns the shared pixels, and the
+    building mask is exactly `ids > 0` (the same pixels a union burn gives).
+    """
     def __init__(self, geoms: np.ndarray, all_touched: bool):
         import shapely
 
@@ -272,26 +315,52 @@ class ChipMasks:
         self.all_touched = all_touched
         self.tree = shapely.STRtree(geoms) if len(geoms) else None
 
-    def burn(self, ds, window, scale: float = 1.0) -> np.ndarray:
-        """uint8 0/1 mask of `window` resampled by 1/scale (rasterised directly on the output grid)."""
+    def burn_ids(self, ds, window, scale: float = 1.0) -> np.ndarray:
+        """int32 footprint ids (1 + file index, 0 = none) of `window` resampled by 1/scale (rasterised
+        directly on the output grid)."""
         import shapely
         from affine import Affine
+        from rasterio.features import rasterize
         from rasterio.windows import bounds as window_bounds
-
-        from lib.geo_io import rasterize_footprints
 
         out_w, out_h = max(1, round(window.width / scale)), max(1, round(window.height / scale))
         transform = ds.window_transform(window) * Affine.scale(window.width / out_w, window.height / out_h)
-        geoms = []
+        hits = np.zeros(0, dtype=int)
         if self.tree is not None:
-            hits = self.tree.query(shapely.box(*window_bounds(window, ds.transform)), predicate="intersects")
-            geoms = self.geoms[np.sort(hits)]
-        return rasterize_footprints(geoms, (out_h, out_w), transform, all_touched=self.all_touched)
+            hits = np.sort(self.tree.query(shapely.box(*window_bounds(window, ds.transform)), predicate="intersects"))
+        if not len(hits):
+            return np.zeros((out_h, out_w), dtype=np.int32)
+        return rasterize(((self.geoms[k], int(k) + 1) for k in hits), out_shape=(out_h, out_w), transform=transform,
+                         fill=0, all_touched=self.all_touched, dtype="int32")
+
+
+def consecutive_ids(ids: np.ndarray, path: Path) -> np.ndarray:
+    """uint16 ids renumbered 1..K in their original order (a chip sees few of a scene's footprints)."""
+    present = np.flatnonzero(np.bincount(ids.ravel()))
+    present = present[present > 0]
+    if len(present) > np.iinfo(np.uint16).max:
+        raise UserError(f"{path}: {len(present)} buildings in one chip, more than a uint16 instance image holds; "
+                        "use smaller chips")
+    lut = np.zeros(int(ids.max()) + 1, dtype=np.uint16)
+    lut[present] = np.arange(1, len(present) + 1)
+    return lut[ids]
+
+
+def _add_instances(ds, masks: ChipMasks, window, scale: float, stem: Path) -> None:
+    """Write the missing instance ids of a chip an older version wrote, inside the mask already on disk."""
+    mask_path = stem.with_name(stem.name + MASK_SUFFIX)
+    mask = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE)
+    ids = masks.burn_ids(ds, window, scale)
+    if mask is None or mask.shape != ids.shape:
+        raise UserError(f"{mask_path}: unreadable or not the chip's size; delete the chip and re-run dataset.py")
+    ids[mask < 128] = 0  # the mask on disk already excludes nodata
+    path = stem.with_name(stem.name + INSTANCES_SUFFIX)
+    _imwrite(path, consecutive_ids(ids, path))
 
 
 def _write_chip(ds, masks: ChipMasks, window, scale: float, rgb: np.ndarray, valid: np.ndarray,
-                mask: np.ndarray | None, stem: Path, opts: dict) -> bool:
-    """Resample one chip to 1/scale, burn its mask if not given, and write it; True if it has buildings.
+                ids: np.ndarray | None, stem: Path, opts: dict) -> bool:
+    """Resample one chip to 1/scale, burn its ids if not given, and write it; True if it has buildings.
 
     The image is written last: its presence marks a complete chip, which is what resuming checks.
     """
@@ -305,11 +374,15 @@ def _write_chip(ds, masks: ChipMasks, window, scale: float, rgb: np.ndarray, val
         interp = cv2.INTER_AREA if scale > 1 else cv2.INTER_LINEAR
         rgb = cv2.resize(rgb, (out_w, out_h), interpolation=interp)
         valid = cv2.resize(valid.astype(np.uint8), (out_w, out_h), interpolation=cv2.INTER_NEAREST) > 0
-    if mask is None:
-        mask = masks.burn(ds, window, scale)
-    mask[~valid] = 0  # nodata is never "building"; the ignore file tells training to skip it
+    if ids is None:
+        ids = masks.burn_ids(ds, window, scale)
+    ids[~valid] = 0  # nodata is never "building"; the ignore file tells training to skip it
+    instances_path = stem.with_name(stem.name + INSTANCES_SUFFIX)
+    ids = consecutive_ids(ids, instances_path)
+    mask = (ids > 0).astype(np.uint8)
     stem.parent.mkdir(parents=True, exist_ok=True)
     _imwrite(stem.with_name(stem.name + MASK_SUFFIX), mask * 255)
+    _imwrite(instances_path, ids)
     ignore_path = stem.with_name(stem.name + IGNORE_SUFFIX)
     if not valid.all():
         _imwrite(ignore_path, (~valid).astype(np.uint8) * 255)
@@ -423,7 +496,7 @@ def write_chips(cfg) -> dict:
     update_resolutions(out_dir, {p.scene.key: p.gsd for p in plans if p.gsd})
     opts = {"out_dir": str(out_dir), "image_format": cfg.image_format, "all_touched": bool(cfg.all_touched),
             "jpeg_quality": int(cfg.jpeg_quality)}
-    counts = {"written": 0, "skipped": 0, "positive": 0, "nodata": 0, "cpu_s": 0.0}
+    counts = {"written": 0, "skipped": 0, "positive": 0, "nodata": 0, "instances_added": 0, "cpu_s": 0.0}
     broken: set[str] = set()  # scenes whose chips failed to read while writing (reported once each)
     workers = min(int(cfg.num_workers or 0), len(batches))
     with progress_bar(total=total, unit="chip", desc="chips", disable=not cfg.progress) as bar:

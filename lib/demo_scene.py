@@ -3,7 +3,8 @@
 A new user's first command needs data. This module draws small drone-like scenes -- an RGBA GeoTIFF in
 UTM (EPSG:32636, 10 cm/px) with textured ground (grass and soil patches, fine noise), roads, trees,
 rotated rectangular and L-shaped roofs (corrugated grey/blue metal, rusty red, terracotta, white) with
-shadows, and a no-data corner (alpha 0) -- together with their footprints as GeoJSON in EPSG:4326, and
+shadows, dense clusters (rows of 2-4 roofs sharing walls, as in informal settlements: one label polygon
+per roof, neighbours sharing an edge, so instance separation has something to separate), and a no-data corner (alpha 0) -- together with their footprints as GeoJSON in EPSG:4326, and
 writes them in the Open Cities STAC layout plus a held-out labelled test scene:
 
     <demo_dir>/catalog.json -> demo/collection.json -> demo/<scene>/<scene>.{json,tif}
@@ -30,7 +31,7 @@ import numpy as np
 
 from lib.cli import demo_dir
 
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5  # 5: dense clusters of touching roofs
 DEMO_SEED = 20200
 DEMO_CRS = "EPSG:32636"  # UTM 36N: Kampala, where the Open Cities training data starts
 DEMO_GSD = 0.1
@@ -38,6 +39,8 @@ DEMO_ORIGIN = (452_000.0, 40_000.0)  # upper-left corner, metres
 TRAIN_SCENES = (("demo_a", 1280), ("demo_b", 1280), ("demo_c", 1280))
 TEST_SCENE = ("demo_test", 1024)
 CELL_METRES = 11.0  # one building lot; roofs are 3.5-9 m across
+CLUSTER_SHARE = 0.25  # lots holding a row of 2-4 touching roofs (shared walls, as in informal settlements)
+ROW_SIZES = (2, 3, 4)  # roofs per row, equally likely
 DATETIME = "2020-01-01T00:00:00Z"
 LABEL_EXTENSION = "https://stac-extensions.github.io/label/v1.0.1/schema.json"
 
@@ -119,15 +122,38 @@ def _layout(rng, shape, cell: float):
     return lots, roads
 
 
-def _buildings(rng, lots, cell: float, occupancy: float):
-    """Roof polygons (pixel coords), materials and heights for a random subset of lots."""
+def _row(rng, cx, cy, cell: float, angle: float) -> list[np.ndarray]:
+    """A row of 2-4 rectangular roofs sharing walls: neighbours have the same two wall vertices exactly."""
+    k = int(rng.choice(ROW_SIZES))
+    room = cell / 2 - max(2.0, 0.06 * cell)
+    length, width = cell * rng.uniform(0.7, 0.85), cell * rng.uniform(0.3, 0.42)
+    radius = np.hypot(length, width) / 2
+    if radius > room:
+        length, width = length * room / radius, width * room / radius
+    u, v = np.array([np.cos(angle), np.sin(angle)]), np.array([-np.sin(angle), np.cos(angle)])
+    cuts = np.linspace(-length / 2, length / 2, k + 1)[:, None] * u + np.array([cx, cy])
+    walls = [(p - width / 2 * v, p + width / 2 * v) for p in cuts]
+    return [np.array([walls[i][0], walls[i + 1][0], walls[i + 1][1], walls[i][1]]) for i in range(k)]
+
+
+def _buildings(rng, lots, cell: float, occupancy: float, clusters: float = CLUSTER_SHARE):
+    """Roof polygons (pixel coords), materials and heights for a random subset of lots; a share
+    `clusters` of the occupied lots holds a row of touching roofs instead of one building."""
     lots = [lot for lot in lots if rng.random() < occupancy]
     n = len(lots)
     probs = np.array([r[2] for r in ROOFS])
     kinds = rng.choice(len(ROOFS), size=n, p=probs / probs.sum())
     base_angle = rng.uniform(0, np.pi / 2)
-    polys, heights = [], []
-    for (cx, cy), kind in zip(lots, kinds):
+    rows = rng.random(n) < clusters
+    polys, heights, out_kinds = [], [], []
+    for (cx, cy), kind, row in zip(lots, kinds, rows):
+        if row:
+            units = _row(rng, cx, cy, cell, base_angle + rng.normal(0, 0.05))
+            polys += units
+            heights += [rng.uniform(0.04, 0.07) * cell] * len(units)
+            out_kinds += list(rng.choice(len(ROOFS), size=len(units), p=probs / probs.sum()))
+            continue
+        out_kinds.append(kind)
         length = cell * rng.uniform(0.42, 0.78)
         width = length * rng.uniform(0.5, 0.85)
         angle = base_angle + rng.normal(0, 0.12) + (np.pi / 2 if rng.random() < 0.3 else 0)
@@ -140,7 +166,7 @@ def _buildings(rng, lots, cell: float, occupancy: float):
         cx, cy = cx + rng.uniform(-jitter, jitter), cy + rng.uniform(-jitter, jitter)
         polys.append(_polygon_px(cx, cy, length, width, angle, l_cut))
         heights.append(rng.uniform(0.05, 0.11) * cell)
-    return polys, kinds, np.asarray(heights)
+    return polys, np.asarray(out_kinds, int), np.asarray(heights)
 
 
 def _fill(image, polys, value) -> None:
@@ -191,11 +217,13 @@ def _pixel_polygons(polys: list[np.ndarray]) -> np.ndarray:
 
 def generate_scene(seed: int, size: tuple[int, int] = (1280, 1280), gsd: float = DEMO_GSD,
                    origin: tuple[float, float] = DEMO_ORIGIN, crs: str = DEMO_CRS, cell_m: float = CELL_METRES,
-                   occupancy: float = 0.9, detail: bool = True, nodata_corner: bool = True) -> SyntheticScene:
+                   occupancy: float = 0.9, detail: bool = True, nodata_corner: bool = True,
+                   clusters: float = CLUSTER_SHARE) -> SyntheticScene:
     """Draw one scene of `size` (height, width) pixels. Deterministic in `seed`.
 
     Roofs are painted from a rasterisation of the footprints themselves (pixel-centre rule), so the
-    labels match the painted roofs exactly; `detail=False` skips per-roof texture (benchmark scenes).
+    labels match the painted roofs exactly; `detail=False` skips per-roof texture (benchmark scenes);
+    `clusters` is the share of occupied lots holding a row of touching roofs (0 = detached houses only).
     """
     import shapely
     from affine import Affine
@@ -215,7 +243,7 @@ def generate_scene(seed: int, size: tuple[int, int] = (1280, 1280), gsd: float =
                 cv2.line(layer, tuple(map(int, p)), tuple(map(int, q)), 255, road_px)
         on = layer > 0
         img[on] = colour + 6 * rng.standard_normal((int(on.sum()), 3), dtype=np.float32)
-    polys, kinds, heights = _buildings(rng, lots, cell, occupancy)  # vertices in pixel-corner coordinates
+    polys, kinds, heights = _buildings(rng, lots, cell, occupancy, clusters)  # vertices in pixel-corner coordinates
     pixel_geoms = _pixel_polygons(polys) if polys else np.empty(0, dtype=object)
     ids = np.zeros(shape, np.int32)
     if len(pixel_geoms):
@@ -263,9 +291,12 @@ def generate_scene(seed: int, size: tuple[int, int] = (1280, 1280), gsd: float =
                           [ROOFS[k][0] for k in kinds], roof)
 
 
-def size_for_buildings(n_buildings: int, cell_px: float, occupancy: float = 0.9) -> int:
-    """Side in pixels of a square scene holding about `n_buildings` (roads take about 1/6 of the lots)."""
-    lots = n_buildings / occupancy / (5 / 6 * 6 / 7)
+def size_for_buildings(n_buildings: int, cell_px: float, occupancy: float = 0.9,
+                       clusters: float = CLUSTER_SHARE) -> int:
+    """Side in pixels of a square scene holding about `n_buildings` (roads take about 1/6 of the lots;
+    a clustered lot holds a row of ROW_SIZES roofs)."""
+    per_lot = 1 + clusters * (float(np.mean(ROW_SIZES)) - 1)
+    lots = n_buildings / per_lot / occupancy / (5 / 6 * 6 / 7)
     return int(np.ceil(np.sqrt(lots) * cell_px))
 
 

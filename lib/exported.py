@@ -4,7 +4,9 @@ The exported graph (`EnsembleTTA`) takes normalised images [N, C, H, W] (lib.mod
 and W multiples of 32, any batch and size: the axes are dynamic) and returns
 `(seg_prob [N, 1, H/4, W/4], cls_prob [N, 1])`: the building probability and the building-present
 probability, each averaged over every model x TTA transform (lib.tta's transforms, so a transform has one
-definition). It runs without this toolkit: onnxruntime or `torch.jit.load` is enough. Each file carries
+definition). When every model has the instance head, a third output `instance_prob [N, 2, H/4, W/4]`
+(border, contact probabilities, averaged likewise) follows, and the file names its heads so that it is
+read back with INSTANCE logits; ensembles without the head (or with a model lacking it) export as before. It runs without this toolkit: onnxruntime or `torch.jit.load` is enough. Each file carries
 its provenance as JSON (toolkit version, model configs, sha256 of the source checkpoints, TTA list, output
 semantics, the export check): ONNX `metadata_props` and a TorchScript extra file, both `buildings.json`.
 
@@ -42,7 +44,7 @@ from lib.checkpoints import check_file, unwrap
 from lib.cli import VERSION
 from lib.errors import UserError, one_line
 from lib.files import atomic_path, file_sha256
-from lib.model_contract import CLS, OUTPUT_STRIDE, SEG, STRIDE, check_input_size, normalize
+from lib.model_contract import CLS, INSTANCE, OUTPUT_STRIDE, SEG, STRIDE, check_input_size, normalize
 from lib.tta import parse_tta, tta_forward, tta_inverse
 
 FORMATS = ("torchscript", "onnx")
@@ -64,8 +66,12 @@ OUTPUTS = {
 INPUT = ("float32 [N, C, H, W], H and W multiples of 32, RGB 0..255 normalised with the ImageNet mean/std "
          "(model.normalize)")
 OUTPUT_AXES = {OUTPUT_NAMES[0]: {0: "batch", 2: "height_4", 3: "width_4"}, OUTPUT_NAMES[1]: {0: "batch"}}
+INSTANCE_OUTPUT = "instance_prob"  # third output of ensembles whose models all have the instance head
+INSTANCE_DESCRIPTION = ("float32 [N, 2, H/4, W/4]: border (channel 0) and contact (1) probabilities, mean over "
+                        "models x TTA of sigmoid(instance) with each transform undone")
 TITLES = {"segmentation": "building footprint segmentation", "points": "point detection (CircleNet)"}
-HEAD_TRANSFORMS = ("sigmoid", "identity")  # how a file's "heads" entry turns an output back into a head
+# how a file's "heads" entry turns an output back into a head; "probs": [N, 1, ...] -> 2-class logits
+HEAD_TRANSFORMS = ("sigmoid", "identity", "probs")
 
 
 class ExportCheckError(RuntimeError):
@@ -109,6 +115,13 @@ class EnsembleTTA(nn.Module):
             raise UserError(f"model=[...]: the checkpoints take different numbers of input channels "
                             f"({sorted(channels)}); an ensemble needs one input")
         self.in_channels = channels.pop()
+        self.instance = self.task == EnsembleTTA.task and all(
+            (getattr(m, "config", None) or {}).get("instance_head") for m in self.models)
+        if self.instance:
+            self.output_names = (*OUTPUT_NAMES, INSTANCE_OUTPUT)
+            self.outputs = {**OUTPUTS, INSTANCE_OUTPUT: INSTANCE_DESCRIPTION}
+            self.output_axes = {**OUTPUT_AXES, INSTANCE_OUTPUT: OUTPUT_AXES[OUTPUT_NAMES[0]]}
+            self.spatial = (True, False, True)
         self.eval()
 
     def model_input(self, image: torch.Tensor) -> torch.Tensor:
@@ -117,15 +130,20 @@ class EnsembleTTA(nn.Module):
 
     def head_probabilities(self, out: dict) -> list[torch.Tensor]:
         """One model call's outputs, in `output_names` order, as the quantities that are averaged."""
-        return [torch.softmax(out[SEG], 1)[:, 1:2], torch.softmax(out[CLS], 1)[:, 1:2]]
+        probs = [torch.softmax(out[SEG], 1)[:, 1:2], torch.softmax(out[CLS], 1)[:, 1:2]]
+        return [*probs, torch.sigmoid(out[INSTANCE])] if self.instance else probs
 
     def undo(self, index: int, y: torch.Tensor, name: str) -> torch.Tensor:
         """Spatial output `index` seen through transform `name`, moved back to the input's grid."""
         return tta_inverse(y, name)
 
     def task_meta(self) -> dict:
-        """Provenance entries of this task beyond the segmentation ones (none for segmentation)."""
-        return {}
+        """Provenance entries of this task beyond the segmentation ones: with the instance head, the heads
+        the file is read back as (ExportedModel), else none."""
+        if not self.instance:
+            return {}
+        return {"heads": [[OUTPUT_NAMES[0], SEG, "probs"], [OUTPUT_NAMES[1], CLS, "probs"],
+                          [INSTANCE_OUTPUT, INSTANCE, "sigmoid"]]}
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         sums: list = [None] * len(self.output_names)
@@ -324,6 +342,8 @@ class ExportedModel(nn.Module):
         self.heads = [tuple(h) for h in meta.get("heads") or []]  # (output name, head, transform)
         if any(len(h) != 3 or h[0] not in self.output_names or h[2] not in HEAD_TRANSFORMS for h in self.heads):
             raise UserError(f"{path}: its '{META_KEY}' names heads this version cannot read; re-export it with export.py")
+        if any(h[1] == INSTANCE for h in self.heads):
+            self.config["instance_head"] = True
         if "task" in meta:
             self.config["task"] = meta["task"]
             self.meta.update(meta.get("meta") or {})
@@ -349,8 +369,8 @@ class ExportedModel(nn.Module):
             seg_prob, cls_prob = outputs
             return {SEG: probs_to_logits(seg_prob), CLS: probs_to_logits(cls_prob)}
         by_name = dict(zip(self.output_names, outputs))
-        return {head: prob_to_logit(by_name[name]) if how == "sigmoid" else by_name[name].float()
-                for name, head, how in self.heads}
+        how_to = {"sigmoid": prob_to_logit, "probs": probs_to_logits, "identity": lambda y: y.float()}
+        return {head: how_to[how](by_name[name]) for name, head, how in self.heads}
 
     def extra_repr(self) -> str:
         return f"{self.path}, tta={self.config['tta']}"

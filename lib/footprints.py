@@ -33,6 +33,7 @@ from rasterio.features import shapes
 from lib import existing_buildings
 from lib.errors import UserError
 from lib.files import AbortOnError, atomic_path
+from lib.postprocess import resolve
 from lib.regularize import square_polygons
 
 logging.getLogger("pyogrio").setLevel(logging.WARNING)  # not "Created N records" for every file
@@ -235,7 +236,7 @@ def save_footprints(pieces: list[Piece], transform, crs, geojson_path, cfg):
 
 def _footprints(pieces: list[Piece], transform, crs, cfg, first_id: int = 0, metric=None):
     """`footprints_frame` with the output options, plus `status` against `existing` when there is a CRS."""
-    gdf = footprints_frame(pieces, transform, crs, min_area=cfg.min_area, simplify=cfg.simplify,
+    gdf = footprints_frame(pieces, transform, crs, min_area=resolve(cfg).min_area, simplify=cfg.simplify,
                            regularize=cfg.regularize, angles=cfg.regularize_angles, first_id=first_id,
                            metric=metric)
     existing = existing_buildings.load(cfg.existing)

@@ -1,9 +1,11 @@
-"""Training losses for the four model heads, each respecting the ignore region.
+"""Training losses for the model heads, each respecting the ignore region.
 
 The recipe of the Open Cities 3rd-place pipeline: focal loss on the 2-class segmentation head, dice loss on
 the dice head, focal loss on the building-present head and a regression on the scale head; optional OHEM
 that keeps only the hardest pixels; KL divergence against soft labels for self-training. Added for noisy
-labels: label smoothing and entropy minimisation.
+labels: label smoothing and entropy minimisation. For models with the instance head (INSTANCE): BCE (or
+focal) + dice on each of its border and contact maps, the contact map masked for chips whose instance ids
+were derived from the mask (`instance_ok` = 0: touching buildings cannot be told apart there).
 
 Conventions used by every function here:
 - `target` is the probability of "building" (0..1, soft allowed), shaped like the logits without the
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from lib.model_contract import CLS, DICE, SCALE, SEG
+from lib.model_contract import CLS, DICE, INSTANCE, SCALE, SEG
 
 
 def sample_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
@@ -151,6 +153,9 @@ class LossConfig:
     label_smoothing: float = 0.0
     entropy_weight: float = 0.0
     ref_scale: float | None = None
+    instance_loss: str = "bce_dice"  # bce_dice | focal_dice (focal with focal_gamma), border and contact maps
+    border_weight: float = 1.0
+    contact_weight: float = 1.0
 
     @classmethod
     def from_cfg(cls, cfg) -> LossConfig:
@@ -169,13 +174,44 @@ def scale_target(gsd: torch.Tensor | None, ref_scale: float | None) -> torch.Ten
     return gsd.float() / float(ref_scale or 1.0)
 
 
+INSTANCE_LOSSES = ("bce_dice", "focal_dice")
+
+
+def binary_map_loss(logits: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, lc: LossConfig) -> torch.Tensor:
+    """BCE (or focal, gamma = focal_gamma) + dice of one-channel logits [N, 1, H, W] against 0/1 [N, H, W].
+
+    Pixel terms are averaged over each image's valid pixels, dice is taken over them: a chip with no
+    valid pixel adds zero. Focal is the 2-class focal loss of the logits [0, z] (sigmoid(z) = softmax[1]).
+    """
+    if lc.instance_loss == "focal_dice":
+        pixel = focal_loss_map(torch.cat([torch.zeros_like(logits), logits], 1), target, lc.focal_gamma)
+    else:
+        pixel = F.binary_cross_entropy_with_logits(logits[:, 0].float(), target.float(), reduction="none")
+    return sample_mean(pixel, valid).mean() + dice_loss(logits, target, valid)
+
+
+def instance_terms(logits: torch.Tensor, border: torch.Tensor, contact: torch.Tensor, valid: torch.Tensor,
+                   instance_ok: torch.Tensor | None, lc: LossConfig) -> dict:
+    """{"border", "contact"} losses of the instance head [N, 2, h, w] (upsampled to the targets' size).
+
+    Contact is masked per sample by `instance_ok` (1 = ids from an instances.png, 0 = from the mask's
+    connected components, where touching buildings are one id and contact is unknown).
+    """
+    logits = upsample_to(logits, border.shape[-2:])
+    ok = valid if instance_ok is None else valid * instance_ok.float().to(valid.device).view(-1, 1, 1)
+    return {"border": binary_map_loss(logits[:, 0:1], border, valid, lc),
+            "contact": binary_map_loss(logits[:, 1:2], contact, ok, lc)}
+
+
 def supervised_loss(out: dict, target: torch.Tensor, ignore: torch.Tensor, gsd: torch.Tensor | None,
-                    lc: LossConfig, train: bool = True):
-    """Weighted sum of the four head losses for a labelled batch; returns (total, {term: float tensor}).
+                    lc: LossConfig, train: bool = True, *, border: torch.Tensor | None = None,
+                    contact: torch.Tensor | None = None, instance_ok: torch.Tensor | None = None):
+    """Weighted sum of the head losses for a labelled batch; returns (total, {term: float tensor}).
 
     The stride-4 logits are upsampled to the label resolution: losses then see exact masks and ignore
     regions (no target quantisation at building edges), at the same resolution validation is scored.
-    `train=False` disables OHEM so validation losses are comparable between runs.
+    `train=False` disables OHEM so validation losses are comparable between runs. The instance terms
+    ("border", "contact") are added when the output has INSTANCE and the batch its `border`/`contact` maps.
     """
     size = target.shape[-2:]
     valid = 1.0 - ignore.float()
@@ -194,20 +230,27 @@ def supervised_loss(out: dict, target: torch.Tensor, ignore: torch.Tensor, gsd: 
     terms["scale"] = scale_loss(out[SCALE], st).mean() if st is not None else out[SCALE].sum() * 0.0
     if lc.entropy_weight:
         terms["entropy"] = sample_mean(entropy_map(seg), ignore.float()).mean()
+    if INSTANCE in out and border is not None and contact is not None:
+        terms.update(instance_terms(out[INSTANCE], border, contact, valid, instance_ok, lc))
     return weighted_total(terms, lc), terms
 
 
 def weighted_total(terms: dict, lc: LossConfig) -> torch.Tensor:
-    """The training objective: head losses times their weights (entropy only when enabled)."""
+    """The training objective: head losses times their weights (entropy, border, contact when present)."""
     total = (lc.seg_weight * terms["seg"] + lc.dice_weight * terms["dice"] + lc.cls_weight * terms["cls"]
              + lc.scale_weight * terms["scale"])
     if "entropy" in terms:
         total = total + lc.entropy_weight * terms["entropy"]
+    if "border" in terms:
+        total = total + lc.border_weight * terms["border"] + lc.contact_weight * terms["contact"]
     return total
 
 
 def soft_label_loss(out: dict, target: torch.Tensor, ignore: torch.Tensor, lc: LossConfig):
-    """Self-training loss against soft labels: KL divergence on the segmentation and dice heads."""
+    """Self-training loss against soft labels: KL divergence on the segmentation and dice heads.
+
+    Soft labels carry no instances, so the instance head gets no loss from them.
+    """
     size = target.shape[-2:]
     valid = 1.0 - ignore.float()
     seg = upsample_to(out[SEG], size)

@@ -14,7 +14,12 @@ SEG = "seg"  # [N, 2, H/4, W/4] logits; softmax(...)[:, 1] is the building proba
 DICE = "dice"  # [N, 1, H/4, W/4] logits trained with the dice loss
 CLS = "cls"  # [N, 2] building-present logits (used for negative mining)
 SCALE = "scale"  # [N, 1] scale regression
-OUTPUT_KEYS = (SEG, DICE, CLS, SCALE)
+OUTPUT_KEYS = (SEG, DICE, CLS, SCALE)  # what every segmentation model returns (the seed's four heads)
+# Optional, only from models built with instance_head=True: [N, 2, H/4, W/4] logits, channel 0 = border of a
+# building, 1 = contact zone between buildings (sigmoid = probability). Not in OUTPUT_KEYS: seed and older
+# checkpoints lack it and stay valid models.
+INSTANCE = "instance"
+INSTANCE_CHANNELS = ("border", "contact")
 
 STRIDE = 32  # input height and width must be multiples of this
 OUTPUT_STRIDE = 4  # segmentation maps are 1/4 of the input size

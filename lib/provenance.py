@@ -9,6 +9,11 @@ counts without anyone listing it). Their fingerprint (lib.run_folder.fingerprint
 re-run may keep an image. What is only known once the image is done -- the precision actually used
 -- is recorded beside them. The GeoTIFF tags, the run.json entry and the STAC item of an image are
 all made from this one record, so they cannot disagree.
+
+Post-processing (threshold, seed_threshold, seed_min_area, min_area) is recorded as resolved by
+lib.postprocess -- the value given, else the first model's tuned one, else the default -- with
+`postprocess_source` saying which it was per setting, and `instances` (on/off) whether footprints
+came from seeds + watershed on the instance maps or from the mask's connected components.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import os
 from pathlib import Path
 
 from lib.cli import VERSION
+from lib.postprocess import DEFAULTS, PostProcess, resolve
 
 # config keys that change how or where a run goes, not an image's outputs (the passes, factors,
 # resolved backend and model hashes stand for the keys that do: width/widths/tta/flip/model/...)
@@ -64,10 +70,34 @@ def input_identity(path: str | os.PathLike) -> dict:
     return {"path": str(path), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def postprocess_of(cfg, meta: dict | None) -> tuple[PostProcess, dict[str, str]]:
+    """The resolved post-processing settings and, per setting, where it came from: given | tuned | default."""
+    meta = meta if isinstance(meta, dict) else None
+    tuned = (meta or {}).get("postprocess") or {}
+    source = {k: "given" if cfg[k] is not None else "tuned" if tuned.get(k) is not None else "default"
+              for k in DEFAULTS}
+    return resolve(cfg, meta), source
+
+
+def with_postprocess(cfg, values: dict):
+    """A copy of `cfg` whose post-processing keys hold `values` (resolved), for the writers that read them."""
+    out = cfg.copy()
+    for key in DEFAULTS:
+        out[key] = float(values[key])
+    return out
+
+
+def instances_on(eng) -> bool:
+    """Whether the engine decodes the instance maps (border, contact)."""
+    return bool(getattr(eng.decoder, "instance", False))
+
+
 def image_settings(cfg, eng, models: list[dict], image_path, image_gsd: float | None) -> dict:
     """Everything that changes one image's outputs (see the module docstring); JSON-ready."""
     options = {k: plain(cfg[k]) for k in cfg if k not in RUN_ONLY_KEYS}
     options["overlap"] = eng.overlap  # null in the config means tile_size / 4
+    post, source = postprocess_of(cfg, models[0].get("meta") if models else None)
+    options.update(post.as_dict(), postprocess_source=source, instances="on" if instances_on(eng) else "off")
     return {
         **options,
         "toolkit_version": VERSION,
@@ -100,7 +130,11 @@ def geotiff_tags(record: dict) -> dict:
         "BUILDINGS_IMAGE_GSD": s["image_gsd"] if s["image_gsd"] else "unknown",
         "BUILDINGS_MODEL_GSD": ",".join(str(g) if g else "unknown" for g in s["model_gsd"]),
         "BUILDINGS_TILE_SIZE": s["tile_size"], "BUILDINGS_OVERLAP": s["overlap"],
-        "BUILDINGS_THRESHOLD": s["threshold"], "BUILDINGS_SETTINGS_FINGERPRINT": record["fingerprint"],
+        "BUILDINGS_THRESHOLD": s["threshold"], "BUILDINGS_MIN_AREA": s["min_area"],
+        "BUILDINGS_INSTANCES": s["instances"], "BUILDINGS_SEED_THRESHOLD": s["seed_threshold"],
+        "BUILDINGS_SEED_MIN_AREA": s["seed_min_area"],
+        "BUILDINGS_POSTPROCESS_SOURCE": ",".join(f"{k}={v}" for k, v in s["postprocess_source"].items()),
+        "BUILDINGS_SETTINGS_FINGERPRINT": record["fingerprint"],
     }
 
 
@@ -113,7 +147,8 @@ def stac_properties(record: dict) -> dict:
         "backend": s["backend"], "precision": record["precision"], "tta": s["tta"], "widths": s["widths"],
         "factor": s["factor"], "image_gsd": s["image_gsd"], "model_gsd": s["model_gsd"],
         "threshold": s["threshold"], "tile_size": s["tile_size"], "overlap": s["overlap"],
-        "fingerprint": record["fingerprint"],
+        "postprocess": {k: s[k] for k in DEFAULTS}, "postprocess_source": s["postprocess_source"],
+        "instances": s["instances"], "fingerprint": record["fingerprint"],
     }
 
 

@@ -8,11 +8,16 @@ Nodata: with `nodata_mask` the rasters carry an internal mask band (GDAL per-dat
 COG layout and its overviews) that is 0 where the input had no imagery (alpha, nodata value, mask). GIS
 software (QGIS, GDAL, rasterio's `dataset_mask()`) shows those pixels as transparent, while a
 probability of 0 stays a valid value -- a nodata *value* could not tell the two apart in uint8.
+
+Instance maps (models with the instance head): with `instance_path` a third raster holds the border
+and contact probabilities (2 bands uint8 0-255, same grid and nodata mask), so combine_images can
+average them; the polygonizer (lib.instances.InstancePolygonizer) gets them with each block.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 from pathlib import Path
@@ -24,7 +29,9 @@ from rasterio.windows import Window
 
 from lib import geo_io
 from lib.files import AbortOnError, atomic_path
-from lib.segmentation import BUILDING
+from lib.footprints import Polygonizer
+from lib.instances import InstancePolygonizer
+from lib.segmentation import BORDER, BUILDING, CONTACT
 
 
 def raster_profile(src_ds, georeferenced: bool | None = None) -> dict:
@@ -48,6 +55,32 @@ def quantize(prob: torch.Tensor, valid: np.ndarray, threshold: float) -> tuple[n
     return prob_u8.cpu().numpy(), mask.cpu().numpy()
 
 
+def to_u8(prob: torch.Tensor) -> np.ndarray:
+    """Probability (0..1, any device) -> uint8 0-255 map, quantised as `quantize` does it."""
+    return (prob.clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
+
+
+BAND_DESCRIPTIONS = (("building probability (0-255)",), ("building mask (0/255)",),
+                     ("building border probability (0-255)", "building contact probability (0-255)"))
+
+
+def footprint_polygonizer(height: int, width: int, sink=None, *, instance: bool, seed_threshold: float,
+                          seed_min_area: float, gsd: float | None):
+    """The polygonizer of a scene's footprints: one per instance (seeds + watershed on the border and
+    contact maps, lib.instances) with `instance`, else one per connected component of the mask.
+    `seed_min_area` is m^2 with a GSD (m/px), pixels without one."""
+    if not instance:
+        return Polygonizer(height, width, sink=sink)
+    return InstancePolygonizer(height, width, sink, seed_threshold=seed_threshold,
+                               seed_min_px=seed_min_px(seed_min_area, gsd))
+
+
+def seed_min_px(area: float, gsd: float | None) -> int:
+    """A seed's least size in pixels: `area` m^2 over the pixel's ground area (`area` px without a GSD)."""
+    px = float(area) / (gsd * gsd) if gsd else float(area)
+    return max(1, math.ceil(px - 1e-6))
+
+
 class SceneWriter(AbortOnError):
     """Write one scene's probability and mask rasters block by block, then footprints; commit atomically.
 
@@ -56,8 +89,9 @@ class SceneWriter(AbortOnError):
     """
 
     def __init__(self, prob_path, mask_path, profile: dict, tags: dict | None = None, *, cog: bool = True,
-                 polygonizer=None, threshold: float = 0.5, nodata_mask: bool = False):
-        self.targets = [Path(prob_path), Path(mask_path)]
+                 polygonizer=None, threshold: float = 0.5, nodata_mask: bool = False, instance_path=None):
+        self.targets = [Path(prob_path), Path(mask_path)] + ([Path(instance_path)] if instance_path else [])
+        self.instance = instance_path is not None
         self.profile = dict(profile)
         self.georef = "crs" in profile and profile.get("crs") is not None
         self.cog = cog and self.georef
@@ -69,28 +103,44 @@ class SceneWriter(AbortOnError):
         self._tmps = [self._stack.enter_context(atomic_path(t)) for t in self.targets]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            self._dsts = [rasterio.open(t, "w", **self.profile) for t in self._tmps]
+            self._dsts = [rasterio.open(t, "w", **{**self.profile, "count": 2 if i == 2 else 1})
+                          for i, t in enumerate(self._tmps)]
         self.pixels_written = 0
 
     def add(self, block) -> None:
         """Sink for the tiling engine: quantise a finished block's building map at `threshold` and write it."""
         prob_u8, mask = quantize(block.maps[BUILDING], block.valid, self.threshold)
-        self.write(block.row_off, prob_u8, mask, block.col_off, valid=block.valid)
+        border_u8 = to_u8(block.maps[BORDER]) if BORDER in block.maps else None
+        contact_u8 = to_u8(block.maps[CONTACT]) if CONTACT in block.maps else None
+        self.write(block.row_off, prob_u8, mask, block.col_off, valid=block.valid, border_u8=border_u8,
+                   contact_u8=contact_u8)
 
     def write(self, row_off: int, prob_u8: np.ndarray, mask: np.ndarray, col_off: int = 0,
-              valid: np.ndarray | None = None) -> None:
-        """Write a block; with `nodata_mask`, `valid` (None: all valid) goes into both rasters' masks."""
+              valid: np.ndarray | None = None, border_u8: np.ndarray | None = None,
+              contact_u8: np.ndarray | None = None) -> None:
+        """Write a block; with `nodata_mask`, `valid` (None: all valid) goes into every raster's mask.
+
+        `border_u8`/`contact_u8` (instance maps, uint8 0-255) go to the instance raster, if any, and
+        to the polygonizer."""
         h, w = prob_u8.shape
         window = Window(col_off, row_off, w, h)
+        if self.instance and (border_u8 is None or contact_u8 is None):
+            raise ValueError("this writer has an instance raster: blocks need border_u8 and contact_u8")
         with geo_io.GDAL_LOCK:  # the engine's reader threads use GDAL at the same time
             self._dsts[0].write(prob_u8, 1, window=window)
             self._dsts[1].write(mask.astype(np.uint8) * np.uint8(255), 1, window=window)
+            if self.instance:
+                self._dsts[2].write(np.stack([border_u8, contact_u8]), window=window)
             if self.nodata_mask:
                 m = np.full((h, w), 255, np.uint8) if valid is None else valid.astype(np.uint8) * np.uint8(255)
                 for dst in self._dsts:
                     dst.write_mask(m, window=window)
             if self.polygonizer is not None:
-                self.polygonizer.add(row_off, mask, prob_u8, col_off)
+                if border_u8 is None:
+                    self.polygonizer.add(row_off, mask, prob_u8, col_off)
+                else:
+                    self.polygonizer.add(row_off, mask, prob_u8, col_off, border_u8=border_u8,
+                                         contact_u8=contact_u8)
         self.pixels_written += h * w
 
     def commit(self) -> None:
@@ -99,15 +149,13 @@ class SceneWriter(AbortOnError):
             total = self.profile["height"] * self.profile["width"]
             if self.pixels_written != total:
                 raise RuntimeError(f"wrote {self.pixels_written} of {total} pixels")
-            for i, dst in enumerate(self._dsts):
+            for dst, descriptions in zip(self._dsts, BAND_DESCRIPTIONS):
                 dst.update_tags(**self.tags)
-                if i == 0:
-                    dst.set_band_description(1, "building probability (0-255)")
-                else:
-                    dst.set_band_description(1, "building mask (0/255)")
+                for band, text in enumerate(descriptions, 1):
+                    dst.set_band_description(band, text)
                 dst.close()
             if self.cog:
-                for tmp, resampling in zip(self._tmps, ("average", "nearest")):
+                for tmp, resampling in zip(self._tmps, ("average", "nearest", "average")):
                     to_cog(tmp, resampling)
             self._stack.close()  # renames the temporary files over the targets
         except BaseException:

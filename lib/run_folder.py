@@ -2,6 +2,7 @@
 
     <run>/probabilities/<stem>.tif    uint8 building probability 0-255
     <run>/masks/<stem>.tif            0/255 building mask
+    <run>/instances/<stem>.tif        border, contact probabilities 0-255 (models with the instance head only)
     <run>/footprints/<stem>.geojson   footprints in EPSG:4326 (+ .gpkg in the image CRS)
     <run>/stac/<stem>.json            STAC item of each output scene (inference), stac/catalog.json links them
     <run>/run.json                    the last run's settings, and one record per image (its own provenance)
@@ -29,6 +30,7 @@ from lib.footprints import VECTOR_FORMATS
 
 PROBABILITIES = "probabilities"
 MASKS = "masks"
+INSTANCES = "instances"
 FOOTPRINTS = "footprints"
 STAC = "stac"
 RUN_FILE = "run.json"
@@ -37,18 +39,26 @@ NEW = "new"  # rerun_reason of an image this folder has never seen
 MAP_SUFFIX = ".tif"
 
 
-def output_paths(run_dir: str | os.PathLike, stem: str, vector_format: str | None) -> dict[str, Path]:
-    """Every file an image gives: probability, mask, GeoJSON and, with `vector_format`, its vector copy."""
+def output_paths(run_dir: str | os.PathLike, stem: str, vector_format: str | None,
+                 instances: bool = False) -> dict[str, Path]:
+    """Every file an image gives: probability, mask, (with `instances`) border/contact maps, GeoJSON and,
+    with `vector_format`, its vector copy."""
     run_dir = Path(run_dir)
     paths = {
         "probability": run_dir / PROBABILITIES / f"{stem}{MAP_SUFFIX}",
         "mask": run_dir / MASKS / f"{stem}{MAP_SUFFIX}",
+        **({"instance": instance_map(run_dir, stem)} if instances else {}),
         "geojson": run_dir / FOOTPRINTS / f"{stem}.geojson",
     }
     fmt = VECTOR_FORMATS.get(str(vector_format).lower() if vector_format else "none")
     if fmt is not None and fmt[1] != ".geojson":
         paths["vector"] = run_dir / FOOTPRINTS / f"{stem}{fmt[1]}"
     return paths
+
+
+def instance_map(run_dir: str | os.PathLike, stem: str) -> Path:
+    """An image's border/contact raster (written when the models have the instance head)."""
+    return Path(run_dir) / INSTANCES / f"{stem}{MAP_SUFFIX}"
 
 
 def stac_item_path(run_dir: str | os.PathLike, stem: str) -> Path:

@@ -9,6 +9,7 @@ to the least-loaded rank (`share`), so a city mosaic keeps every rank busy and s
 Each rank writes each of its bands as a partial file in the run folder,
 
     <run>/.bands/<stem>/<r0>-<r1>.tif    3 bands uint8: probability 0-255, mask 0/1, valid 0/1
+                                         (+ border, contact 0-255 for models with the instance head)
     <run>/.bands/<stem>/<r0>-<r1>.json   the image's settings fingerprint, rows, rank, windows, figures
                                          and the blocks as the engine handed them over
 
@@ -36,8 +37,8 @@ from rasterio.windows import Window
 from lib import geo_io
 from lib.files import AbortOnError, atomic_path, write_json
 from lib.image_sources import ImageInput
-from lib.raster_outputs import quantize
-from lib.segmentation import BUILDING
+from lib.raster_outputs import quantize, to_u8
+from lib.segmentation import BORDER, BUILDING, CONTACT
 from lib.tiling import SceneStats
 from lib.windows import window_offsets, windows_touching
 
@@ -142,12 +143,14 @@ class BandWriter(AbortOnError):
     """Sink for `Engine.predict(src, rows=band)`: each block quantised as `SceneWriter` does it, written
     to the band's partial raster and listed; `commit` renames the raster, then writes the JSON."""
 
-    def __init__(self, run_dir, stem: str, band: tuple[int, int], width: int, threshold: float):
+    def __init__(self, run_dir, stem: str, band: tuple[int, int], width: int, threshold: float,
+                 instance: bool = False):
         self.tif, self.meta_path = band_paths(run_dir, stem, band)
-        self.band, self.threshold = tuple(band), threshold
+        self.band, self.threshold, self.instance = tuple(band), threshold, bool(instance)
         self._atomic = atomic_path(self.tif)
         tmp = self._atomic.__enter__()
-        profile = {"driver": "GTiff", "width": width, "height": band[1] - band[0], "count": 3, "dtype": "uint8",
+        profile = {"driver": "GTiff", "width": width, "height": band[1] - band[0], "count": 5 if instance else 3,
+                   "dtype": "uint8",
                    "tiled": True, "blockxsize": 512, "blockysize": 512, "compress": "deflate"}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
@@ -158,7 +161,10 @@ class BandWriter(AbortOnError):
     def add(self, block) -> None:
         prob_u8, mask = quantize(block.maps[BUILDING], block.valid, self.threshold)
         h, w = prob_u8.shape
-        data = np.stack([prob_u8, mask.astype(np.uint8), block.valid.astype(np.uint8)])
+        layers = [prob_u8, mask.astype(np.uint8), block.valid.astype(np.uint8)]
+        if self.instance:
+            layers += [to_u8(block.maps[BORDER]), to_u8(block.maps[CONTACT])]
+        data = np.stack(layers)
         with geo_io.GDAL_LOCK:  # the engine's reader threads use GDAL at the same time
             self._ds.write(data, window=Window(block.col_off, block.row_off - self.band[0], w, h))
         self.blocks.append([block.row_off, block.col_off, h, w])
@@ -170,7 +176,7 @@ class BandWriter(AbortOnError):
                 "skipped": stats.skipped, "precision": precision,
                 "scores": {k: None if math.isnan(v) else v for k, v in stats.scores.items()},
                 "map_max": dict(stats.map_max), "seconds": round(time.perf_counter() - self.start, 3),
-                "blocks": self.blocks}
+                "blocks": self.blocks, "instance": self.instance}
         write_json(self.meta_path, meta)
         return meta
 
@@ -190,8 +196,9 @@ def replay(run_dir, stem: str, metas: list[dict], writer) -> SceneStats:
             ds = rasterio.open(band_paths(run_dir, stem, tuple(meta["rows"]))[0])
         with ds:
             for row_off, col_off, h, w in meta["blocks"]:
-                prob, mask, valid = ds.read(window=Window(col_off, row_off - r0, w, h))
-                writer.write(row_off, prob, mask.astype(bool), col_off, valid=valid.astype(bool))
+                prob, mask, valid, *instance = ds.read(window=Window(col_off, row_off - r0, w, h))
+                maps = dict(zip(("border_u8", "contact_u8"), instance))  # {} without the instance head
+                writer.write(row_off, prob, mask.astype(bool), col_off, valid=valid.astype(bool), **maps)
     return merged_stats(metas)
 
 

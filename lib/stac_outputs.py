@@ -30,6 +30,7 @@ PROCESSING_SCHEMA = "https://stac-extensions.github.io/processing/v1.2.0/schema.
 ASSETS = {  # output kind -> (asset key, title)
     "probability": ("probability", "Building probability (uint8 0-255; internal mask = no imagery)"),
     "mask": ("mask", "Building mask (0/255)"),
+    "instance": ("instances", "Building border and contact probabilities (2 bands uint8 0-255)"),
     "geojson": ("footprints", "Building footprints (GeoJSON, EPSG:4326)"),
     "vector": ("footprints_native", "Building footprints (image CRS)"),
 }

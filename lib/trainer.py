@@ -44,7 +44,8 @@ class Task(Protocol):
     """What a training task provides; the trainer owns the rest.
 
     `metric_names` are the keys `validate` returns (metrics.csv columns, "val_loss" first);
-    `select_metric` (higher is better) picks best.pth and is saved as `best_<name without val_>`.
+    `select_metric` (higher is better) picks best.pth and is saved as `best_<name without val_>`;
+    an optional `tie_metric` (higher is better) breaks its ties (is_better).
     `build_data` returns an object whose `train` is the list of training samples (it sets the epoch
     length). `train_batches(s)` is an endless iterator of step inputs on `s.device`, resumed after
     `s.step` steps; `compute_loss(s, inputs)` returns (loss tensor, {term: tensor}).
@@ -380,7 +381,7 @@ def _after_validation(s: Session, log: RunLog, bar, lr: float, running: tuple[fl
            "train_loss": running[0] / max(running[1], 1), **metrics, "time_s": round(time.time() - started, 1)}
     s.history.append(row)
     names = []
-    improved = metrics[s.task.select_metric] > s.best
+    improved = is_better(s, metrics)
     if improved:
         s.best, s.best_step = metrics[s.task.select_metric], s.step
         names.append("best.pth")
@@ -392,6 +393,15 @@ def _after_validation(s: Session, log: RunLog, bar, lr: float, running: tuple[fl
     if on_validation is not None:
         on_validation(s, row)
     return names
+
+
+def is_better(s: Session, metrics: dict) -> bool:
+    """A higher `select_metric` wins; on a tie the task's optional `tie_metric` (higher is better) decides."""
+    value, tie = metrics[s.task.select_metric], getattr(s.task, "tie_metric", None)
+    if value != s.best or tie is None:
+        return value > s.best
+    best_row = next((r for r in s.history if r["step"] == s.best_step), {})
+    return metrics[tie] > best_row.get(tie, math.inf)
 
 
 def fit(s: Session, on_validation: Callable[[Session, dict], None] | None = None, write: bool = True) -> dict:

@@ -4,13 +4,14 @@ import json
 import shutil
 
 import cv2
+import numpy as np
 import pytest
 import rasterio
 from omegaconf import OmegaConf
 
 from lib.chip_writer import MIN_VALID_SHARE, ScenePlan, chip_batches, chip_scales, update_resolutions, write_chips
 from lib.errors import UserError
-from lib.scene_sources import Scene
+from lib.scene_sources import DataWarning, Scene
 from lib.windows import window_offsets
 
 
@@ -105,3 +106,90 @@ def test_grid_tiles_without_imagery_are_not_written(shared, tmp_path):
     assert len(list(folder.glob("*.jpg"))) == summary["written"]
     for ignore in folder.glob("*_ignore.png"):  # every chip written has some imagery
         assert (cv2.imread(str(ignore), cv2.IMREAD_GRAYSCALE) == 0).mean() >= MIN_VALID_SHARE
+
+
+# --- instance ids: one id per building, the later of two overlapping footprints wins -------------------
+
+KAMPALA = "data/kampala/kam"
+
+
+def kampala_with_duplicates(shared, folder, copies=(5, 40, 77)):
+    """The Kampala scene as an image/labels pair whose labels end with shifted (~1 m) copies of three
+    buildings: three real overlapping pairs (the shared labels themselves have none over 1 %)."""
+    import geopandas as gpd
+    import pandas as pd
+    from shapely import affinity
+
+    folder.mkdir()
+    (folder / "kam.tif").symlink_to(shared / KAMPALA / "81046528" / "81046528.tif")
+    labels = gpd.read_file(shared / KAMPALA / "81046528-labels" / "81046528.geojson")
+    extra = labels.iloc[list(copies)].copy()
+    extra["geometry"] = [affinity.translate(g, 1e-5, 0) for g in extra.geometry]
+    gpd.GeoDataFrame(pd.concat([labels, extra], ignore_index=True), crs=labels.crs).to_file(folder / "kam.geojson")
+    return folder
+
+
+def later_wins_oracle(labels, chip) -> np.ndarray:
+    """Each footprint rasterised on its own (all_touched), in file order, later overwriting earlier."""
+    from rasterio.features import rasterize
+    from shapely.geometry import box
+
+    ids = np.zeros(chip.shape, np.int32)
+    near = box(*chip.bounds).buffer(abs(chip.res[0]))
+    for k, geom in enumerate(labels.geometry):
+        if not geom.intersects(near):
+            continue
+        ids[rasterize([geom], out_shape=chip.shape, transform=chip.transform, all_touched=True) > 0] = k + 1
+    return ids
+
+
+def test_overlapping_pairs_are_counted_once_per_scene_and_ids_follow_the_later_wins_rule(shared, tmp_path):
+    import geopandas as gpd
+    import shapely
+
+    from lib.chip_writer import overlapping_pairs
+    from lib.geo_io import load_footprints_report
+
+    real, _ = load_footprints_report(shared / KAMPALA / "81046528-labels" / "81046528.geojson", "EPSG:3857")
+    assert overlapping_pairs(np.asarray(real.geometry.values)) == 0  # one pair touches, sharing no area
+    base = kampala_with_duplicates(shared, tmp_path / "in")
+    with pytest.warns(DataWarning) as caught:
+        summary = write_chips(prep_config(base, tmp_path / "chips", mode="grid", tile_size=1024, negative_ratio=0,
+                                          image_format="tif"))
+    overlap = [str(w.message) for w in caught if "of footprints" in str(w.message)]
+    assert overlap == [f"{base / 'kam.geojson'}: 3 pairs of footprints overlap; shared pixels go to the later one"]
+    assert summary["written"] == 6
+    folder = tmp_path / "chips" / "in" / "kam"
+    with rasterio.open(base / "kam.tif") as ds:
+        labels = gpd.read_file(base / "kam.geojson").to_crs(ds.crs)
+    labels["geometry"] = shapely.make_valid(labels.geometry.values)
+    seen = set()
+    for tif in sorted(folder.glob("*.tif")):
+        ids = cv2.imread(str(tif.with_name(tif.stem + "_instances.png")), cv2.IMREAD_UNCHANGED)
+        mask = cv2.imread(str(tif.with_name(tif.stem + "_mask.png")), cv2.IMREAD_UNCHANGED)
+        assert ids.dtype == np.uint16 and np.array_equal(mask, (ids > 0).astype(np.uint8) * 255)
+        with rasterio.open(tif) as chip:
+            expected = later_wins_oracle(labels, chip)
+        ignore = tif.with_name(tif.stem + "_ignore.png")
+        if ignore.exists():
+            expected[cv2.imread(str(ignore), cv2.IMREAD_UNCHANGED) > 0] = 0
+        present = np.unique(expected[expected > 0])  # file indexes, ascending
+        assert np.unique(ids[ids > 0]).tolist() == list(range(1, len(present) + 1))  # consecutive 1..K
+        np.testing.assert_array_equal(ids, np.where(expected > 0, np.searchsorted(present, expected) + 1, 0))
+        seen |= set(present.tolist())
+    assert {109, 110, 111} <= seen  # the duplicates own pixels: they are later in the file
+
+
+def test_a_rerun_over_chips_of_an_older_version_adds_the_missing_instance_files(shared, tmp_path):
+    base = rio_pairs(shared, tmp_path / "pairs", ids=(4, 5))
+    first = write_chips(prep_config(base, tmp_path / "chips"))
+    files = sorted((tmp_path / "chips").rglob("*_instances.png"))
+    assert len(files) == first["written"] > 0
+    before = {p: cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in files}
+    for p in files:
+        p.unlink()
+    second = write_chips(prep_config(base, tmp_path / "chips"))
+    assert (second["written"], second["skipped"], second["instances_added"]) == (0, first["written"], len(files))
+    for p, ids in before.items():
+        assert np.array_equal(cv2.imread(str(p), cv2.IMREAD_UNCHANGED), ids)
+    assert any(ids.max() > 0 for ids in before.values())

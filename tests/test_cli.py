@@ -59,7 +59,7 @@ def test_every_script_gets_the_shared_hydra_settings(name):
 def test_shared_groups_give_flat_keys_with_their_defaults():
     inference = compose_config("inference")
     assert (inference.stretch, inference.zero_is_nodata, inference.threshold, inference.device) == \
-        ("percentile", "auto", 0.5, "auto")
+        ("percentile", "auto", None, "auto")  # threshold null: tuned, else 0.5
     assert inference.model_name is None and inference.use_attention is None
     assert compose_config("dataset").stretch_percentiles == [2, 98]
     assert compose_config("combine_images").vector_format == "gpkg"

@@ -170,3 +170,44 @@ def test_ensemble_keeps_the_nodata_mask_of_its_input_maps(tmp_path):
             assert ((ds.dataset_mask() > 0) == valid).all()
     with rasterio.open(out / "probabilities" / "scene.tif") as ds:
         assert (ds.read(1)[valid] == 150).all()
+
+
+def _run_with_maps(folder, prob, border=None):
+    """A run folder holding `scene`'s probability map and, with `border`, its instance maps (no contact)."""
+    transform = rasterio.transform.from_origin(500000, 100, 0.5, 0.5)
+    layers = {"probabilities": [prob]} if border is None else {"probabilities": [prob],
+                                                               "instances": [border, np.zeros_like(border)]}
+    for kind, bands in layers.items():
+        path = folder / kind / "scene.tif"
+        path.parent.mkdir(parents=True)
+        with rasterio.open(path, "w", driver="GTiff", width=prob.shape[1], height=prob.shape[0], count=len(bands),
+                           dtype="uint8", crs="EPSG:32636", transform=transform) as ds:
+            ds.write(np.stack(bands))
+    return folder, transform
+
+
+def test_instance_maps_are_averaged_and_split_touching_roofs_unless_a_run_lacks_them(tmp_path, capsys):
+    import geopandas as gpd
+
+    import combine_images
+
+    prob = np.zeros((64, 96), np.uint8)
+    prob[16:48, 16:80] = 230  # two 32 x 32 px roofs sharing the wall at column 48
+    border = np.zeros_like(prob)
+    border[16:48, 46:50] = 255
+    a, transform = _run_with_maps(tmp_path / "a", prob, border)
+    b, _ = _run_with_maps(tmp_path / "b", prob, border // 255 * 155)
+    c, _ = _run_with_maps(tmp_path / "c", prob)
+    out = combine_images.run(compose_config("combine_images", [f"inputs=[{a},{b}]", f"out_dir={tmp_path / 'ab'}",
+                                                               "progress=false", "vector_format=geojson", "cog=false"]))
+    assert out["instances"] == "on" and out["threshold"] == 0.5 and out["postprocess_source"]["threshold"] == "default"
+    with rasterio.open(tmp_path / "ab" / "instances" / "scene.tif") as ds:
+        assert (ds.count, ds.crs.to_epsg(), ds.transform) == (2, 32636, transform)
+        assert ds.read(1)[30, 47] == 205 and ds.read(1)[30, 30] == 0 and ds.read(2).max() == 0
+    assert len(gpd.read_file(tmp_path / "ab" / "footprints" / "scene.geojson")) == 2
+    capsys.readouterr()
+    out = combine_images.run(compose_config("combine_images", [f"inputs=[{a},{c}]", f"out_dir={tmp_path / 'ac'}",
+                                                               "progress=false", "vector_format=geojson", "cog=false"]))
+    assert f"no instance maps (instances/) in {c}" in capsys.readouterr().out
+    assert out["instances"] == "off" and not (tmp_path / "ac" / "instances").exists()
+    assert len(gpd.read_file(tmp_path / "ac" / "footprints" / "scene.geojson")) == 1

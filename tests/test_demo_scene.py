@@ -71,7 +71,7 @@ def test_demo_is_an_open_cities_stac_catalog_with_georeferenced_rgba_scenes(demo
             assert list(ds.colorinterp) == [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.alpha]
             alpha = ds.read(4)
         labels = gpd.read_file(demo / "demo" / f"{name}-labels" / f"{name}.geojson")
-        assert labels.crs.to_epsg() == 4326 and 70 <= len(labels) <= 150
+        assert labels.crs.to_epsg() == 4326 and 100 <= len(labels) <= 220  # lots x 1.5: rows of touching roofs
         assert labels["roof"].nunique() >= 4
         # the GeoJSON, reprojected back to UTM, still burns exactly the generator's roofs
         scene = generate_scene(demo_scene.DEMO_SEED + ("demo_a", "demo_b", "demo_c").index(name), (1280, 1280))
@@ -128,3 +128,20 @@ def test_demo_chips_dir_prepares_chips_once_for_training(tmp_path, monkeypatch):
     assert {c.scene for c in val} and not {c.scene for c in val} & {c.scene for c in train}
     item = dataset.ChipDataset(train, dataset.train_transform(256))[0]
     assert item["image"].shape == (3, 256, 256) and item["gsd"].item() == pytest.approx(0.1)
+
+
+def test_scenes_hold_rows_of_touching_roofs_each_its_own_label_polygon():
+    import shapely
+
+    scene = generate_scene(7, (512, 640))
+    geoms = np.asarray(scene.footprints, dtype=object)
+    tree = shapely.STRtree(geoms)
+    pairs = [(i, j) for i, j in zip(*tree.query(geoms, predicate="touches")) if i < j]
+    walls = [geoms[i].intersection(geoms[j]) for i, j in pairs]
+    # touching neighbours share a whole wall (an edge metres long), never overlap
+    assert len(pairs) >= 5 and all(w.length > 2.0 and w.area == 0 for w in walls)
+    assert shapely.area(shapely.union_all(geoms)) == pytest.approx(shapely.area(geoms).sum())
+    # each roof is its own label: a blob of the mask holds several of them
+    n_blobs = len(shapely.get_parts(shapely.union_all(geoms)))
+    assert n_blobs <= len(geoms) - 5
+    assert len(generate_scene(7, (512, 640), clusters=0.0).footprints) < len(geoms)

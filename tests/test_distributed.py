@@ -142,3 +142,48 @@ def test_a_band_counts_as_finished_only_with_its_raster_and_the_same_settings(tm
     assert scene_bands.finished_band(tmp_path, "city", (100, 140), "fp") is None  # its raster is gone
     scene_bands.remove_bands(tmp_path, "city")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bands_with_instance_maps_replay_into_the_same_rasters_and_instances_as_one_writer(tmp_path):
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    from lib import scene_bands
+    from lib.raster_outputs import SceneWriter, footprint_polygonizer
+    from lib.segmentation import BORDER, BUILDING, CONTACT
+    from lib.tiling import Block, SceneStats
+
+    h, w = 80, 50
+    building = torch.zeros(h, w)
+    building[10:70, 10:40] = 0.9  # one blob across both bands ...
+    border = torch.zeros(h, w)
+    border[38:42, 10:40] = 1.0  # ... that the border map cuts in two
+    maps = {BUILDING: building, BORDER: border, CONTACT: torch.zeros(h, w)}
+    blocks = [Block(r, {k: v[r:r + 20] for k, v in maps.items()}, np.ones((20, w), bool)) for r in range(0, h, 20)]
+    profile = {"driver": "GTiff", "width": w, "height": h, "count": 1, "dtype": "uint8", "crs": "EPSG:32632",
+               "transform": from_origin(500000, 4000000, 0.5, 0.5)}
+
+    def write(folder, feed):
+        folder.mkdir()
+        poly = footprint_polygonizer(h, w, instance=True, seed_threshold=0.5, seed_min_area=1.0, gsd=0.5)
+        with SceneWriter(folder / "p.tif", folder / "m.tif", profile, cog=False, polygonizer=poly,
+                         instance_path=folder / "i.tif") as writer:
+            feed(writer)
+            writer.commit()
+        rasters = [rasterio.open(folder / f"{k}.tif").read() for k in "pmi"]
+        return rasters, sorted(round(p.geom.area) for p in poly.finish())
+
+    def replayed(writer):
+        metas = []
+        for band in ((0, 40), (40, 80)):
+            with scene_bands.BandWriter(tmp_path, "s", band, w, 0.5, instance=True) as bw:
+                for block in blocks[band[0] // 20:band[1] // 20]:
+                    bw.add(block)
+                metas.append(bw.commit(SceneStats(windows=1), "fp", 0, "fp32"))
+        scene_bands.replay(tmp_path, "s", metas, writer)
+
+    one, pieces = write(tmp_path / "one", lambda writer: [writer.add(b) for b in blocks])
+    two, pieces2 = write(tmp_path / "two", replayed)
+    assert pieces == pieces2 and len(pieces) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(one, two)) and one[2].shape == (2, h, w)

@@ -270,3 +270,69 @@ def test_a_file_naming_heads_this_version_cannot_read_is_refused(tiny, tmp_path)
     with pytest.raises(UserError, match="names heads this version cannot read; re-export it") as err:
         E.load_exported(path)
     assert str(path) in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Models with the instance head: a third output, read back as INSTANCE logits
+# --------------------------------------------------------------------------------------------------
+
+
+class TinyWithHead(Tiny):
+    """Tiny plus border/contact logits at stride 4, as a model built with instance_head=True."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__(seed)
+        self.config["instance_head"] = True
+        self.border = nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x):
+        return {**super().forward(x), M.INSTANCE: nn.functional.avg_pool2d(self.border(x), 4)}
+
+
+def test_ensembles_of_models_with_the_head_export_the_instance_output(tmp_path):
+    from lib.segmentation import has_instance_head
+
+    nets = [TinyWithHead(0).eval(), TinyWithHead(1).eval()]
+    sources = []
+    for i, net in enumerate(nets):
+        sources.append(tmp_path / f"head{i}.pth")
+        save_checkpoint(sources[-1], net)
+    ensemble = E.EnsembleTTA(nets, ["none", "hflip", "transpose"])
+    assert ensemble.output_names == ("seg_prob", "cls_prob", "instance_prob")
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        ref = ensemble(x)
+        direct = torch.sigmoid(nets[0](x.flip(-1))[M.INSTANCE]).flip(-1)
+        assert (E.EnsembleTTA(nets[:1], ["hflip"])(x)[2] - direct).abs().max().item() < 1e-6
+    assert ref[2].shape == (2, 2, 16, 24)
+    for kind, (artefact, meta) in E.export_checked(ensemble, E.FORMATS, sources, 64).items():
+        assert meta["output_names"][2] == "instance_prob" and "border (channel 0)" in meta["outputs"]["instance_prob"]
+        path = tmp_path / f"head{E.SUFFIXES[kind]}"
+        E.write_exported(path, kind, artefact, meta)
+        net = E.load_exported(path)
+        got = net.probabilities(x)  # ONNX Runtime / TorchScript against eager PyTorch
+        assert max((a - b).abs().max().item() for a, b in zip(got, ref)) < 1e-5
+        out = net(x)
+        assert set(out) == {M.SEG, M.CLS, M.INSTANCE} and has_instance_head(net) and net.config["instance_head"]
+        torch.testing.assert_close(torch.sigmoid(out[M.INSTANCE]), ref[2], atol=2e-6, rtol=0)
+        torch.testing.assert_close(torch.softmax(out[M.SEG], 1)[:, 1:2], ref[0], atol=2e-6, rtol=0)
+    # one model without the head: the ensemble exports exactly as before
+    mixed = E.EnsembleTTA([nets[0], Tiny(2).eval()], ["none"])
+    assert mixed.output_names == E.OUTPUT_NAMES and mixed.task_meta() == {}
+
+
+@pytest.mark.slow
+def test_b0_with_the_instance_head_onnx_runtime_parity(tmp_path, tiles):
+    torch.manual_seed(0)
+    path = tmp_path / "b0_head.pth"
+    save_checkpoint(path, _lively(M.build_model("efficientnet-b0", instance_head=True), 3))
+    ensemble = E.EnsembleTTA(M.load_models([path]), ["none", "hflip"])
+    ((artefact, meta),) = E.export_checked(ensemble, ["onnx"], [path], TRACE).values()
+    E.write_exported(tmp_path / "b0_head.onnx", "onnx", artefact, meta)
+    net = E.load_exported(tmp_path / "b0_head.onnx")
+    with torch.no_grad():
+        ref = ensemble(tiles)
+    got = net.probabilities(tiles)
+    assert got[2].shape == (2, 2, 32, 40) and (got[2] - ref[2]).abs().max().item() < 1e-4
+    assert ref[2].std().item() > 0.01  # a map that varies, so a misplaced flip would show
+    assert meta["check"]["max_abs_diff"] <= E.CHECK_TOLERANCE

@@ -310,3 +310,121 @@ def test_update_meta_rewrites_only_the_meta_and_refuses_files_without_one(tmp_pa
     (tmp_path / "m.onnx").write_bytes(b"onnx")
     with pytest.raises(UserError, match="exported"):
         update_meta(tmp_path / "m.onnx", {"x": 1})
+
+
+# ----- mode=postprocess: footprint threshold / seed_threshold / min_area ---------------------------------
+
+LOW = 0.35  # the stand-ins' building probability: under the default threshold 0.5, so the defaults find nothing
+
+
+class Roofs(torch.nn.Module):
+    """A stand-in segmentation model: building where the (pooled) input is bright, at probability LOW; with
+    `head`, border/contact probabilities read from the green channel (bright = contact between roofs)."""
+
+    def __init__(self, head=False):
+        super().__init__()
+        self.head = head
+        self.config = {"instance_head": head}
+
+    def forward(self, x):
+        pooled = torch.nn.functional.avg_pool2d(x, 4)
+        roof, wall = pooled[:, :1] > 0, pooled[:, 1:2] > 0
+
+        def logit(p):
+            return torch.log(torch.as_tensor(p) / (1 - torch.as_tensor(p)))
+
+        seg = torch.cat([torch.zeros_like(pooled[:, :1]), torch.where(roof, logit(LOW), logit(0.02))], 1)
+        out = {"seg": seg, "cls": torch.zeros(x.shape[0], 2)}
+        if self.head:
+            contact = torch.where(wall, logit(0.95), logit(0.02))
+            out["instance"] = torch.cat([torch.full_like(contact, float(logit(0.02))), contact], 1)
+        return out
+
+
+def _roof_chips(folder):
+    """Two scenes of one 64 px chip: three rows of two roofs sharing a wall (red) marked in green where they
+    meet, and their instance ids (one per roof)."""
+    import cv2
+
+    for s in range(2):
+        d = folder / f"city/s{s}"
+        d.mkdir(parents=True)
+        img = np.zeros((64, 64, 3), np.uint8)
+        ids = np.zeros((64, 64), np.uint16)
+        k = 0
+        for r in (4, 24, 44):
+            for c0, c1 in ((8, 28), (28, 48)):  # touching roofs, 16 x 20 px each
+                k += 1
+                ids[r:r + 16, c0:c1] = k
+            img[r:r + 16, 8:48, 2] = 255  # red (BGR on disk) roof
+            img[r:r + 16, 24:32, 1] = 255  # green: the shared wall
+        cv2.imwrite(str(d / "1_0.png"), img)
+        cv2.imwrite(str(d / "1_0_mask.png"), ((ids > 0) * 255).astype(np.uint8))
+        cv2.imwrite(str(d / "1_0_instances.png"), ids)
+    return folder
+
+
+@pytest.fixture()
+def seg_ckpt(tmp_path):
+    from lib.checkpoints import save_checkpoint
+
+    path = tmp_path / "seg.pth"
+    net = torch.nn.Conv2d(3, 2, 1)
+    net.config = {"arch": "stand-in"}
+    save_checkpoint(path, net, step=3, meta={"width": 64})
+    return path
+
+
+def _post_cfg(chips_dir, ckpt, *extra, args="{regularize:false}"):
+    return compose_config("find_hyperparameters", [
+        "mode=postprocess", f"data_dir={chips_dir}", f"model={ckpt}", "num_folds=1", "device=cpu", "precision=fp32",
+        "tile_size=64", "batch_size=2", "num_workers=0", "progress=false", "threshold_grid=[0.2,0.6,0.1]",
+        "seed_threshold_grid=[0.2,0.6,0.2]", "min_area_grid=[0,50,400]", f"inference_args={args}",
+        *extra])
+
+
+def test_postprocess_finds_a_better_threshold_and_stores_it_for_inference(tmp_path, seg_ckpt, capsys):
+    from lib.postprocess import resolve
+
+    chips_dir = _roof_chips(tmp_path / "chips")
+    report = fh.run(_post_cfg(chips_dir, seg_ckpt), models=[Roofs(head=True)])
+    assert report["instance_head"] and report["buildings"] == 12 and report["area_units"] == "px"
+    assert report["default"]["scores"]["polygon_f1"] == 0.0 and report["default"]["scores"]["tp"] == 0
+    best = report["best"]
+    # threshold at or under LOW finds the roofs; the contact map splits each pair: all 12 buildings, one each
+    assert best["threshold"] <= LOW and best["scores"]["polygon_f1"] == 1.0 and best["scores"]["tp"] == 12
+    assert best["seed_threshold"] is not None and best["min_area"] in (0.0, 50.0)  # 400 px drops every roof
+    assert len(report["curve"]) == 5 * 3 * 3
+    meta = torch.load(seg_ckpt, weights_only=True)["meta"]
+    assert meta["postprocess"]["threshold"] == best["threshold"] and meta["postprocess"]["metric"] == "polygon_f1"
+    assert meta["postprocess"]["score"] == 1.0 and meta["width"] == 64
+    tuned = resolve(compose_config("inference", []), meta)  # what inference.py then uses by default
+    assert (tuned.threshold, tuned.seed_threshold, tuned.min_area) == (best["threshold"], best["seed_threshold"],
+                                                                       best["min_area"])
+    assert "inference.py overrides: threshold=" in capsys.readouterr().out
+    assert json.loads((tmp_path / "seg_postprocess.json").read_text())["best"] == best
+
+
+def test_postprocess_without_the_head_searches_no_seeds_and_merges_touching_roofs(tmp_path, seg_ckpt):
+    chips_dir = _roof_chips(tmp_path / "chips")
+    original = seg_ckpt.read_bytes()
+    report = fh.run(_post_cfg(chips_dir, seg_ckpt, "store=false", "metric=jaccard", f"output={tmp_path / 'r.json'}"),
+                    models=[Roofs(head=False)])
+    assert not report["instance_head"] and report["grid"]["seed_threshold"] == [None]
+    assert report["best"]["seed_threshold"] is None and len(report["curve"]) == 5 * 3
+    # connected components: each pair of touching roofs is one blob, matching neither roof (IoU exactly 0.5)
+    assert report["best"]["scores"]["tp"] == 0 and report["best"]["scores"]["jaccard"] > 0.9
+    assert report["best"]["threshold"] <= LOW and report["default"]["scores"]["jaccard"] == 0.0
+    assert seg_ckpt.read_bytes() == original and report["stored_in"] is None
+
+
+def test_postprocess_bad_settings_are_user_errors(tmp_path, seg_ckpt):
+    chips_dir = _roof_chips(tmp_path / "chips")
+    with pytest.raises(UserError, match="metric=aggregate"):
+        fh.run(_post_cfg(chips_dir, seg_ckpt, "metric=aggregate"), models=[Roofs()])
+    with pytest.raises(UserError, match="min_area_grid"):
+        fh.run(_post_cfg(chips_dir, seg_ckpt, "min_area_grid=[-1]"), models=[Roofs()])
+    with pytest.raises(UserError, match="labels="):
+        fh.run(_post_cfg(chips_dir, seg_ckpt, f"images={tmp_path / 'x.tif'}"), models=[Roofs()])
+    with pytest.raises(UserError, match="inference_args: nope"):
+        fh.run(_post_cfg(chips_dir, seg_ckpt, args="{nope:1}"), models=[Roofs()])

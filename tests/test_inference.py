@@ -396,3 +396,118 @@ def test_a_scene_without_imagery_is_skipped_window_by_window_and_still_written(c
             assert ds.read(1).max() == 0 and ds.dataset_mask().max() == 0 and (ds.height, ds.width) == (300, 520)
     assert len(gpd.read_file(tmp_path / "out" / "footprints" / "void.geojson")) == 0
     assert (tmp_path / "out" / "stac" / "void.json").is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# Instances (touching buildings separated) and post-processing resolution
+# --------------------------------------------------------------------------------------------------
+
+class RoofsModel(torch.nn.Module):
+    """Instance head from the input colours: building where red is bright, border where green is,
+    no contact anywhere. Stride 4, like the real network; `config` says it has the head."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = {"instance_head": True}
+
+    def forward(self, x):
+        pooled = torch.nn.functional.avg_pool2d(x, 4)
+        seg = torch.cat([torch.zeros_like(pooled[:, :1]), 5.0 * pooled[:, :1]], 1)
+        instance = torch.cat([5.0 * pooled[:, 1:2], torch.full_like(pooled[:, :1], -10.0)], 1)
+        return {"seg": seg, "cls": seg.mean((2, 3)), "instance": instance}
+
+
+def _two_touching_roofs(path):
+    """Two 64 x 64 px roofs sharing the column 96 wall (0.5 m pixels, EPSG:32632), the wall painted green."""
+    from rasterio.transform import from_origin
+
+    img = np.zeros((3, 128, 192), np.uint8)
+    img[0, 32:96, 32:160] = 255
+    img[1, 32:96, 92:100] = 255
+    profile = {"driver": "GTiff", "width": 192, "height": 128, "count": 3, "dtype": "uint8", "crs": "EPSG:32632",
+               "transform": from_origin(500000, 4000000, 0.5, 0.5)}
+    with rasterio.open(path, "w", **profile) as ds:
+        ds.write(img)
+    return path
+
+
+def test_touching_roofs_become_two_footprints_with_the_instance_head_and_one_without(checkpoints, tmp_path):
+    import geopandas as gpd
+
+    import inference
+
+    image = _two_touching_roofs(tmp_path / "roofs.tif")
+    runs = {}
+    for mode in ("auto", "false"):
+        out = tmp_path / mode
+        runs[mode] = inference.run(infer_cfg(image, checkpoints["b0"], out, "width=256", f"instances={mode}",
+                                             "precision=fp32", "vector_format=geojson"),
+                                   models=[RoofsModel()])
+        runs[mode]["footprints"] = gpd.read_file(out / "footprints" / "roofs.geojson")
+    assert len(runs["auto"]["footprints"]) == 2 and len(runs["false"]["footprints"]) == 1
+    assert runs["auto"]["footprints"].to_crs(32632).area.tolist() == pytest.approx([1024, 1024], rel=0.03)  # 32 m side
+    on, off = runs["auto"]["images"]["roofs"], runs["false"]["images"]["roofs"]
+    assert (on["settings"]["instances"], off["settings"]["instances"], runs["auto"]["instances"]) == ("on", "off", "on")
+    with rasterio.open(image) as src, rasterio.open(tmp_path / "auto" / "instances" / "roofs.tif") as ds:
+        assert (ds.count, ds.dtypes, ds.crs, ds.transform) == (2, ("uint8", "uint8"), src.crs, src.transform)
+        border, contact = ds.read()
+        assert border[60, 96] > 200 and border[60, 50] < 20 and contact.max() < 5
+        assert ds.tags()["BUILDINGS_INSTANCES"] == "on"
+    assert not (tmp_path / "false" / "instances").exists()
+    item = json.loads((tmp_path / "auto" / "stac" / "roofs.json").read_text())
+    assert "instances" in item["assets"] and item["properties"]["buildings:instances"] == "on"
+
+
+def test_instances_true_without_the_head_says_so_in_one_line_and_gives_components(checkpoints, tmp_path, capsys):
+    import inference
+
+    image = _two_touching_roofs(tmp_path / "roofs.tif")
+    result = inference.run(infer_cfg(image, checkpoints["b0"], tmp_path / "o", "instances=true"),
+                           models=[ConstantModel(0.9)])
+    err = capsys.readouterr().err
+    assert f"{checkpoints['b0']}: no instance head; footprints are the mask's connected components" in err
+    assert result["instances"] == "off" and result["images"]["roofs"]["buildings"] == 1
+    with pytest.raises(UserError, match="instances=maybe"):
+        inference.run(infer_cfg(image, checkpoints["b0"], tmp_path / "o", "instances=maybe"),
+                      models=[ConstantModel(0.9)])
+
+
+def test_threshold_given_beats_the_checkpoints_tuned_one_which_beats_the_default(checkpoints, tmp_path):
+    import inference
+
+    image = _two_touching_roofs(tmp_path / "roofs.tif")
+    tuned = ConstantModel(0.7)
+    tuned.meta = {"postprocess": {"threshold": 0.8, "min_area": 2.0, "metric": 0.5}}
+    cases = {"tuned": ([], tuned, 0.8, 0), "given": (["threshold=0.56"], tuned, 0.56, 255),
+             "default": ([], ConstantModel(0.7), 0.5, 255)}
+    for name, (extra, net, threshold, mask_value) in cases.items():
+        out = tmp_path / name
+        result = inference.run(infer_cfg(image, checkpoints["b0"], out, *extra), models=[net])
+        settings = result["images"]["roofs"]["settings"]
+        source = "tuned" if name == "tuned" else name
+        assert (result["threshold"], settings["threshold"]) == (threshold, threshold)
+        assert settings["postprocess_source"]["threshold"] == source
+        assert settings["min_area"] == (4.0 if net is not tuned else 2.0)
+        with rasterio.open(out / "masks" / "roofs.tif") as ds:
+            assert ds.read(1).max() == mask_value
+            assert float(ds.tags()["BUILDINGS_THRESHOLD"]) == threshold
+            assert f"threshold={source}" in ds.tags()["BUILDINGS_POSTPROCESS_SOURCE"]
+
+
+@pytest.mark.slow
+def test_a_b0_checkpoint_with_the_instance_head_turns_instances_on_and_its_maps_are_written(tmp_path):
+    import inference
+    import model as M
+    from lib.checkpoints import save_checkpoint
+    from lib.segmentation import BORDER, CONTACT, has_instance_head
+
+    torch.manual_seed(0)
+    net = M.build_model("efficientnet-b0", pretrained=False, instance_head=True)
+    save_checkpoint(tmp_path / "inst.pth", net)
+    image = _two_touching_roofs(tmp_path / "roofs.tif")
+    cfg = infer_cfg(image, tmp_path / "inst.pth", tmp_path / "o")
+    eng, _ = inference.build_engine(cfg)
+    assert has_instance_head(eng.models[0]) and eng.decoder.maps[1:] == (BORDER, CONTACT)
+    assert not has_instance_head(M.build_model("efficientnet-b0", pretrained=False))
+    result = inference.run(cfg)
+    assert result["instances"] == "on" and (tmp_path / "o" / "instances" / "roofs.tif").is_file()

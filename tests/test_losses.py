@@ -12,6 +12,7 @@ from lib.losses import (
     dice_loss,
     entropy_map,
     focal_loss_map,
+    instance_terms,
     kl_loss_map,
     ohem_mean,
     sample_mean,
@@ -23,7 +24,7 @@ from lib.losses import (
     upsample_to,
     weighted_total,
 )
-from lib.model_contract import CLS, DICE, SCALE, SEG
+from lib.model_contract import CLS, DICE, INSTANCE, SCALE, SEG
 
 LN3 = math.log(3.0)  # 2-class logits [0, ln 3] -> probabilities [0.25, 0.75]
 
@@ -210,3 +211,69 @@ def test_soft_label_loss_is_zero_when_predictions_equal_the_soft_targets():
     assert total.item() == pytest.approx(0.0, abs=1e-6)
     total2, _ = soft_label_loss(out, 1 - target, torch.zeros_like(target), LossConfig())
     assert total2.item() > 0.1
+
+
+# --------------------------------------------------------------------------------------------------
+# The instance head: border and contact maps
+# --------------------------------------------------------------------------------------------------
+
+
+def instance_case():
+    """One 4x4 chip: a building border of 4 pixels, no contact pixel; nothing ignored."""
+    border = torch.zeros(1, 4, 4)
+    border[0, 1, :] = 1.0
+    return border, torch.zeros(1, 4, 4), torch.ones(1, 4, 4)
+
+
+def test_instance_terms_have_the_hand_computed_values():
+    """Logits 0 (p = 1/2): BCE ln 2 per pixel; dice 1 - (2 I + 1) / (sum p + sum t + 1) with I = 2 (border), 0."""
+    border, contact, valid = instance_case()
+    logits = torch.zeros(1, 2, 4, 4)
+    terms = instance_terms(logits, border, contact, valid, torch.ones(1), LossConfig())
+    assert terms["border"].item() == pytest.approx(math.log(2) + 1 - 5 / 13, rel=1e-6)
+    assert terms["contact"].item() == pytest.approx(math.log(2) + 1 - 1 / 9, rel=1e-6)
+    focal = instance_terms(logits, border, contact, valid, torch.ones(1), LossConfig(instance_loss="focal_dice"))
+    assert focal["border"].item() == pytest.approx(0.25 * math.log(2) + 1 - 5 / 13, rel=1e-6)  # (1/2)^2 ln 2
+
+
+@pytest.mark.parametrize("instance_loss", ["bce_dice", "focal_dice"])
+def test_perfect_instance_maps_cost_nothing(instance_loss):
+    border, contact, valid = instance_case()
+    contact[0, 3, 0] = 1.0
+    logits = (torch.stack([border, contact], 1) * 2 - 1) * 40.0
+    terms = instance_terms(logits, border, contact, valid, torch.ones(1), LossConfig(instance_loss=instance_loss))
+    assert terms["border"].item() < 1e-6 and terms["contact"].item() < 1e-6
+
+
+def test_contact_is_masked_by_instance_ok_and_both_by_the_ignore_region():
+    out = fake_outputs()
+    out[INSTANCE] = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+    target, ignore = batch_targets()  # labels 8x8: the stride-2 logits are upsampled to them
+    border = (target > 0).float()
+    contact = torch.zeros_like(target)
+    contact[:, 5, 2:6] = 1.0
+    ok = torch.tensor([1.0, 0.0])  # the second chip's ids came from the mask: its contact is unknown
+    lc = LossConfig(border_weight=0.5, contact_weight=2.0)
+    total, terms = supervised_loss(out, target, ignore, None, lc, border=border, contact=contact, instance_ok=ok)
+    assert set(terms) >= {"border", "contact"}
+    assert total.item() == pytest.approx(weighted_total(terms, lc).item(), rel=1e-6)
+    plain, _ = supervised_loss(out, target, ignore, None, lc)
+    assert total.item() == pytest.approx(plain.item() + 0.5 * terms["border"].item() + 2.0 * terms["contact"].item(),
+                                         rel=1e-6)
+    only_first = instance_terms(out[INSTANCE][:1], border[:1], contact[:1], 1 - ignore[:1], ok[:1], lc)["contact"]
+    assert terms["contact"].item() == pytest.approx(only_first.item() / 2, rel=1e-6)  # second chip adds 0
+    terms["contact"].backward()
+    grad = out[INSTANCE].grad
+    assert grad[1, 1].abs().max() == 0 and grad[0, 1].abs().max() > 0 and grad[:, 0].abs().max() == 0
+    full = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    terms = instance_terms(full, border, contact, 1 - ignore, ok, lc)  # logits at the labels' size
+    (terms["border"] + terms["contact"]).backward()
+    assert full.grad[..., 6:].abs().max() == 0 and full.grad[:, 0, :, :6].abs().min() > 0  # ignored columns 6-7
+
+
+def test_instance_terms_need_the_maps_and_soft_labels_have_none():
+    out = fake_outputs(requires_grad=False)
+    out[INSTANCE] = torch.zeros(2, 2, 8, 8)
+    target, ignore = batch_targets()
+    assert "border" not in supervised_loss(out, target, ignore, None, LossConfig())[1]
+    assert set(soft_label_loss(out, target, ignore, LossConfig())[1]) == {"soft_seg", "soft_dice"}

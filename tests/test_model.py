@@ -286,3 +286,62 @@ def test_normalize_and_kwargs_from_cfg():
     assert M.model_kwargs_from_cfg(cfg) == {"model_name": "efficientnet-b2", "pretrained": False}
     assert set(M.build_model("efficientnet-b0").config) == set(M.MODEL_KEYS)
     assert math.isclose(M.build_model("efficientnet-b0", drop_connect_rate=0.3).config["drop_connect_rate"], 0.3)
+
+
+# --------------------------------------------------------------------------------------------------
+# The instance head (border/contact logits)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_instance_head_only_adds_its_output(tmp_path):
+    """Same weights with and without the head: SEG/DICE/CLS/SCALE identical, INSTANCE [N, 2, H/4, W/4] extra."""
+    torch.manual_seed(0)
+    with_head = _randomise_buffers(M.build_model("efficientnet-b0", instance_head=True))
+    plain = M.build_model("efficientnet-b0").eval()
+    weights = with_head.state_dict()
+    assert {k for k in weights if k.startswith("instance_head.")} == {"instance_head.weight", "instance_head.bias"}
+    plain.load_state_dict({k: v for k, v in weights.items() if not k.startswith("instance_head.")})
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        a, b = with_head(x), plain(x)
+    assert set(a) == {*M.OUTPUT_KEYS, M.INSTANCE} and set(b) == set(M.OUTPUT_KEYS)
+    assert all(torch.equal(a[k], b[k]) for k in M.OUTPUT_KEYS)
+    assert a[M.INSTANCE].shape == (2, 2, 16, 24)
+    assert with_head.config["instance_head"] is True and "instance_head" not in plain.config
+
+    path = tmp_path / "head.pth"
+    save_checkpoint(path, with_head)
+    loaded = M.load_model(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(x)[M.INSTANCE], a[M.INSTANCE])
+    # weights in the original pipeline's names keep the head's parameters and are recognised by them
+    seed_named = M.to_seed_names(weights)
+    assert "instance_head.weight" in seed_named and "bce_logit.weight" in seed_named
+    torch.save({"state_dict": seed_named}, tmp_path / "seed_named.pth")
+    inferred = M.load_model(tmp_path / "seed_named.pth")
+    assert inferred.config["instance_head"] is True
+    with torch.no_grad():
+        assert torch.equal(inferred(x)[M.INSTANCE], a[M.INSTANCE])
+
+
+def test_set_instance_head_adds_a_fresh_head_or_drops_it(reference):
+    """A seed checkpoint loads without the head; training adds one and keeps every other weight."""
+    data, path = reference["seed_b1.pt"]
+    net = M.load_model(path)
+    assert "instance_head" not in net.config and M.INSTANCE not in net(data["input"][:1])
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert "fresh" in M.set_instance_head(net, True)
+    assert M.set_instance_head(net, True) is None  # already there: nothing changes
+    after = net.state_dict()
+    assert set(after) - set(before) == {"instance_head.weight", "instance_head.bias"}
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with torch.no_grad():
+        assert net.eval()(data["input"][:1])[M.INSTANCE].shape[1] == 2
+    assert "dropped" in M.set_instance_head(net, False)
+    assert set(net.state_dict()) == set(before) and "instance_head" not in net.config
+
+
+def test_model_kwargs_from_cfg_reads_the_instance_head():
+    cfg = compose_config("train", ["arch=b0"])
+    assert cfg.instance_head is True and M.model_kwargs_from_cfg(cfg)["instance_head"] is True
+    assert M.build_model(**M.model_kwargs_from_cfg(cfg)).config["instance_head"] is True

@@ -50,3 +50,27 @@ def test_overlay_without_image_or_output_is_a_one_line_error(tmp_path):
 
     with pytest.raises(UserError, match="image=<raster> and output=<file.png>"):
         overlay.run(compose_config("overlay", [f"output={tmp_path / 'o.png'}"]))
+
+
+def test_touching_predicted_buildings_get_different_colours_unless_per_instance_is_off(drone, tmp_path):
+    import overlay
+
+    with rasterio.open(drone) as ds:
+        left = gpd.read_file(_box_file(tmp_path / "a.geojson", ds, (300, 600), (100, 300)))
+        right = gpd.read_file(_box_file(tmp_path / "b.geojson", ds, (300, 600), (300, 500)))  # shares a wall
+    both = tmp_path / "pair.geojson"
+    gpd.GeoDataFrame(geometry=[*left.geometry, *right.geometry], crs=left.crs).to_file(both)
+    factor = 400 / 923
+
+    def edge_colours(*extra):
+        cfg = [f"image={drone}", "max_size=400", f"output={tmp_path / 'p.png'}", f"pred={both}", *extra]
+        canvas = cv2.cvtColor(cv2.imread(str(overlay.run(compose_config("overlay", cfg)))), cv2.COLOR_BGR2RGB)
+        row = round(300 * factor)  # the top wall of each building, away from the shared one
+        return [canvas[row, round(c * factor)].astype(int) for c in (200, 400)]
+
+    a, b = edge_colours()
+    assert np.abs(a - overlay.PALETTE[0]).max() < 60 and np.abs(b - overlay.PALETTE[1]).max() < 60
+    assert np.abs(a - b).max() > 100 and overlay.GT_COLOUR not in overlay.PALETTE
+    a, b = edge_colours("per_instance=false")
+    assert np.abs(a - overlay.PRED_COLOUR).max() < 60 and np.abs(b - overlay.PRED_COLOUR).max() < 60
+    assert overlay.instance_colours(10)[8] == overlay.PALETTE[0] and len(set(overlay.instance_colours(8))) == 8

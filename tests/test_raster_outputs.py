@@ -89,3 +89,34 @@ def test_nodata_goes_into_an_internal_mask_of_both_cogs_and_probability_0_stays_
             assert (ds.crs, ds.transform) == (crs, transform) and ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
             assert ds.read(1)[valid].max() == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif", "p.tif"]  # no .msk side files
+
+
+def test_instance_maps_go_to_their_own_2_band_raster_and_to_the_polygonizer(tmp_path):
+    from rasterio.transform import from_origin
+
+    from lib.segmentation import BORDER, CONTACT
+
+    class Collect:
+        def __init__(self):
+            self.calls = []
+
+        def add(self, row, mask, prob_u8, col, border_u8=None, contact_u8=None):
+            self.calls.append((row, col, border_u8, contact_u8))
+
+    profile = {**_profile(), "crs": "EPSG:32632", "transform": from_origin(500000, 4000000, 0.5, 0.5)}
+    poly = Collect()
+    with SceneWriter(tmp_path / "p.tif", tmp_path / "m.tif", profile, cog=True, polygonizer=poly,
+                     instance_path=tmp_path / "i.tif") as w:
+        for row in (0, 20):
+            maps = {BUILDING: torch.full((20, 60), 0.9), BORDER: torch.full((20, 60), row / 40),
+                    CONTACT: torch.full((20, 60), 0.2)}
+            w.add(Block(row, maps, np.ones((20, 60), bool)))
+        w.commit()
+    with rasterio.open(tmp_path / "i.tif") as ds:
+        assert (ds.count, ds.crs.to_epsg(), ds.transform) == (2, 32632, profile["transform"])
+        assert ds.read(1)[0, 0] == 0 and ds.read(1)[30, 0] == 128 and (ds.read(2) == 51).all()
+        assert ds.descriptions == ("building border probability (0-255)", "building contact probability (0-255)")
+    assert [(r, c) for r, c, *_ in poly.calls] == [(0, 0), (20, 0)] and (poly.calls[1][2] == 128).all()
+    with pytest.raises(ValueError, match="border_u8"), SceneWriter(
+            tmp_path / "p2.tif", tmp_path / "m2.tif", profile, cog=False, instance_path=tmp_path / "i2.tif") as w:
+        w.add(Block(0, {BUILDING: torch.full((20, 60), 0.9)}, np.ones((20, 60), bool)))

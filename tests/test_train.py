@@ -5,9 +5,11 @@ minutes on two cores. Real chips come from ../shared/data/kampala through datase
 (conftest's `chips`) where only the mechanics matter. Exact resume and DDP parity: test_trainer.py.
 """
 
+import csv
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -141,8 +143,10 @@ def test_original_command_lines_train_and_last_checkpoint_rebuilds_alone(name, k
 
 @pytest.mark.slow
 def test_short_cpu_training_on_kampala_lowers_val_loss_and_raises_jaccard(kampala_chips, tmp_path):
-    """The default from-scratch recipe (auto max_lr, one-cycle, BatchNorm momentum 0.1) on 60 small steps."""
+    """The default from-scratch recipe (auto max_lr, one-cycle, BatchNorm momentum 0.1) on 60 small steps,
+    without the instance head: its border/contact terms are part of val_loss and need longer runs to fall."""
     cfg = compose_config("train", [f"data_dir={kampala_chips}", "arch=b0", "pretrained=false", "ref_scale=0.3",
+                                   "instance_head=false",
                                    "width=128", "batch_size=4", "max_steps=60", "augment=light", "num_workers=0",
                                    "threads=1", "progress=false", "val_batch_size=16", f"output_dir={tmp_path / 'run'}"])
     s = train.prepare(cfg)
@@ -200,6 +204,8 @@ def test_model_init_and_load_state_take_weights_and_moments(chips, tmp_path):
     ("fold=5", "no validation chips"),
     ("batch_size=50", "lower batch_size"),
     ("precision=fp8", "precision"),
+    ("select_by=aggregate", "segmentation chooses best.pth by polygon_f1 or jaccard"),
+    ("instance_loss=l2", "instance_loss=l2: use bce_dice or focal_dice"),
 ])
 def test_bad_inputs_are_one_line_user_errors(override, match, chips, tmp_path):
     (tmp_path / "empty").mkdir()
@@ -218,15 +224,77 @@ def test_cli_prints_one_line_error_and_exits_2(tmp_path):
 
 
 @pytest.mark.slow
-def test_model_init_from_an_original_pipeline_checkpoint(shared, chips, tmp_path):
+def test_model_init_from_an_original_pipeline_checkpoint(shared, chips, tmp_path, capsys):
     """The seed's checkpoint layout ({"state_dict": ...} with its parameter names) initialises training."""
     ref = torch.load(shared / "reference" / "seed_b1.pt", weights_only=True)
     path = tmp_path / "m40000.pth"
     torch.save({"state_dict": {k: v.float() for k, v in ref["state_dict"].items()}}, path)
-    net = train.create_model(compose_config("train", ["pretrained=false", f"model={path}"]))
+    net = train.create_model(compose_config("train", ["pretrained=false", f"model={path}", "instance_head=false"]))
     expected = load_model(path)
     assert net.config == expected.config
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), expected.state_dict().values()))
+    net = train.create_model(compose_config("train", ["pretrained=false", f"model={path}"]))  # instance_head=true
+    assert net.config == {**expected.config, "instance_head": True}  # only the head is new
+    assert capsys.readouterr().out.count("freshly initialised instance head") == 1
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), expected.state_dict().values()))
     with pytest.raises(UserError, match="no optimizer state"):
         train.prepare(compose_config("train", [*TINY, "arch=b1", f"data_dir={chips}", "max_steps=1", f"model={path}",
                                                "load_state=1", f"output_dir={tmp_path / 'run'}"]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Polygon scores and select_by
+# --------------------------------------------------------------------------------------------------
+
+
+def two_touching_buildings():
+    """A 32x32 chip: two 8x8 buildings sharing an edge (ids 1, 2), the model's probability, border map."""
+    ids = np.zeros((32, 32), np.int32)
+    ids[8:16, 4:12], ids[8:16, 12:20] = 1, 2
+    prob = (ids > 0).astype(np.float32) * 0.9
+    border = np.zeros((32, 32), np.float32)
+    border[8:16, 11:13] = 1.0  # the shared edge
+    return torch.from_numpy(ids), torch.from_numpy(prob), torch.from_numpy(np.stack([border, np.zeros_like(border)]))
+
+
+def test_chip_polygon_counts_split_touching_buildings_with_the_instance_head():
+    ids, prob, maps = two_touching_buildings()
+    assert train.chip_polygon_counts(prob, maps, ids, float("nan")) == (2, 0, 0)
+    # without the head: one blob (IoU 0.5 with each building, not above it): 1 false positive, 2 misses
+    assert train.chip_polygon_counts(prob, None, ids, float("nan")) == (0, 1, 2)
+    # min_area (4 m^2) is 44 px at 0.3 m/px: the 64-px buildings stay; 100 px at 0.2 m/px: they are left out
+    assert train.chip_polygon_counts(prob, maps, ids, 0.3) == (2, 0, 0)
+    assert train.chip_polygon_counts(prob, maps, ids, 0.2) == (0, 0, 0)
+    assert train.polygon_scores(2, 1, 2) == pytest.approx(
+        {"val_polygon_f1": 4 / 7, "val_polygon_precision": 2 / 3, "val_polygon_recall": 0.5})
+    assert train.polygon_scores(0, 0, 0)["val_polygon_f1"] == 1.0 and train.polygon_scores(0, 0, 3)["val_polygon_precision"] == 0.0
+
+
+def test_select_by_picks_the_metric_and_breaks_polygon_f1_ties_by_jaccard():
+    task = train.SegmentationTask(compose_config("train"))
+    assert (task.select_metric, task.tie_metric) == ("val_polygon_f1", "val_jaccard")
+    assert trainer.best_key(task) == "best_polygon_f1"
+    jac = train.SegmentationTask(compose_config("train", ["select_by=jaccard"]))
+    assert (jac.select_metric, jac.tie_metric) == ("val_jaccard", None)
+    s = SimpleNamespace(task=task, best=0.5, best_step=10,
+                        history=[{"step": 10, "val_polygon_f1": 0.5, "val_jaccard": 0.6}])
+    assert trainer.is_better(s, {"val_polygon_f1": 0.6, "val_jaccard": 0.1})
+    assert trainer.is_better(s, {"val_polygon_f1": 0.5, "val_jaccard": 0.7})
+    assert not trainer.is_better(s, {"val_polygon_f1": 0.5, "val_jaccard": 0.6})
+    assert not trainer.is_better(s, {"val_polygon_f1": 0.4, "val_jaccard": 0.9})
+
+
+@pytest.mark.slow
+def test_short_training_logs_polygon_scores_and_selects_best_by_polygon_f1(chips, tmp_path):
+    out = tmp_path / "run"
+    result = train.run(compose_config("train", [*TINY, f"data_dir={chips}", "max_steps=3", "val_every=1",
+                                                "select_by=polygon_f1", f"output_dir={out}"]))
+    with (out / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and all(0.0 <= float(r["val_polygon_f1"]) <= 1.0 for r in rows)
+    assert {"val_polygon_precision", "val_polygon_recall"} <= set(rows[0])
+    best = max(result["history"], key=lambda h: (h["val_polygon_f1"], h["val_jaccard"], -h["step"]))
+    ckpt = load_checkpoint(out / "best.pth")
+    assert ckpt["step"] == best["step"] == result["best_step"]
+    assert ckpt["metrics"]["best_polygon_f1"] == best["val_polygon_f1"]
+    assert ckpt["model_config"]["instance_head"] is True

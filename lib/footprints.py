@@ -70,12 +70,7 @@ class Polygonizer:
         self._band = 0  # first row of the band being handed over: every row above it is complete
 
     def add(self, row_off: int, mask: np.ndarray, prob_u8: np.ndarray | None = None, col_off: int = 0) -> None:
-        if row_off < self._band:
-            raise ValueError(f"block at row {row_off} after the band at row {self._band}: blocks must come in "
-                             "row order")
-        if row_off > self._band:
-            self._close_seams(row_off)
-            self._band = row_off
+        self._next_block(row_off)
         h, w = mask.shape
         if h == 0 or w == 0 or not mask.any():
             return
@@ -95,6 +90,15 @@ class Polygonizer:
             piece = Piece(shapely.geometry.shape(geom), int(counts[label]), float(sums[label]))
             (self.open if touches[label] else finished).append(piece)
         self._emit(finished)
+
+    def _next_block(self, row_off: int) -> None:
+        """A block at `row_off` arrives: the first of a new band closes the seams above it."""
+        if row_off < self._band:
+            raise ValueError(f"block at row {row_off} after the band at row {self._band}: blocks must come in "
+                             "row order")
+        if row_off > self._band:
+            self._close_seams(row_off)
+            self._band = row_off
 
     def finish(self) -> list[Piece]:
         """Merge the pieces still kept aside; return every footprint not already handed to the sink."""

@@ -20,7 +20,7 @@ import shapely
 from affine import Affine
 from rasterio.features import shapes
 
-from lib.footprints import Piece
+from lib.footprints import Piece, Polygonizer
 
 
 def label_instances(prob, border, contact, *, threshold: float, seed_threshold: float,
@@ -123,7 +123,7 @@ class _Part:
         return out
 
 
-class InstancePolygonizer:
+class InstancePolygonizer(Polygonizer):
     """`lib.footprints.Polygonizer` for instances: one `Piece` per building, whatever the blocks.
 
     Blocks come in the same order (bands of rows top to bottom, a band's column blocks left to right).
@@ -136,22 +136,14 @@ class InstancePolygonizer:
     """
 
     def __init__(self, height: int, width: int, sink=None, *, seed_threshold: float, seed_min_px: int):
-        self.height, self.width = height, width
-        self.sink = sink
+        super().__init__(height, width, sink)
         self.seed_threshold, self.seed_min_px = seed_threshold, seed_min_px
-        self.done: list[Piece] = []
-        self.open: list[_Part] = []
-        self._band = 0  # first row of the band being handed over: every row above it is complete
+        self.open: list[_Part] = []  # kept blobs as raster crops (Polygonizer keeps polygons)
         self._channels: int | None = None  # 1: probability only; 3: with border and contact
 
     def add(self, row_off: int, mask: np.ndarray, prob_u8: np.ndarray | None = None, col_off: int = 0,
             border_u8: np.ndarray | None = None, contact_u8: np.ndarray | None = None) -> None:
-        if row_off < self._band:
-            raise ValueError(f"block at row {row_off} after the band at row {self._band}: blocks must come in "
-                             "row order")
-        if row_off > self._band:
-            self._close_seams(row_off)
-            self._band = row_off
+        self._next_block(row_off)
         mask = np.asarray(mask, bool)
         maps = self._stack(mask.shape, prob_u8, border_u8, contact_u8)
         h, w = mask.shape
@@ -170,12 +162,6 @@ class InstancePolygonizer:
         complete = mask & ~touches[cc] if touches.any() else mask
         self._emit(self._pieces(complete, maps, row_off, col_off))
 
-    def finish(self) -> list[Piece]:
-        """Join and label the blobs still kept aside; return every footprint not already handed to the sink."""
-        self._close_seams(self.height + 1)
-        pieces, self.done = self.done, []
-        return pieces
-
     def _stack(self, shape, prob_u8, border_u8, contact_u8) -> np.ndarray:
         """The block's maps as uint8 [C, h, w] (no probability: 255; one of border/contact missing: 0)."""
         channels = 1 if border_u8 is None and contact_u8 is None else 3
@@ -192,14 +178,6 @@ class InstancePolygonizer:
         border, contact = (maps[1], maps[2]) if len(maps) == 3 else (None, None)
         labels = _instances(mask, maps[0], border, contact, self.seed_threshold, self.seed_min_px)
         return instance_pieces(labels, maps[0], row_off, col_off)
-
-    def _emit(self, pieces: list[Piece]) -> None:
-        if not pieces:
-            return
-        if self.sink is None:
-            self.done.extend(pieces)
-        else:
-            self.sink.add(pieces)
 
     def _close_seams(self, row: int) -> None:
         """Join the kept blobs that meet; label and finish those that end above `row` (no later block

@@ -37,7 +37,7 @@ from rasterio.windows import Window
 from lib import geo_io
 from lib.files import AbortOnError, atomic_path, write_json
 from lib.image_sources import ImageInput
-from lib.raster_outputs import quantize, to_u8
+from lib.raster_outputs import DRAFT_ZLEVEL, quantize, to_u8
 from lib.segmentation import BORDER, BUILDING, CONTACT
 from lib.tiling import SceneStats
 from lib.windows import window_offsets, windows_touching
@@ -151,7 +151,7 @@ class BandWriter(AbortOnError):
         tmp = self._atomic.__enter__()
         profile = {"driver": "GTiff", "width": width, "height": band[1] - band[0], "count": 5 if instance else 3,
                    "dtype": "uint8",
-                   "tiled": True, "blockxsize": 512, "blockysize": 512, "compress": "deflate"}
+                   "tiled": True, "blockxsize": 512, "blockysize": 512, "compress": "deflate", "zlevel": DRAFT_ZLEVEL}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             self._ds = rasterio.open(tmp, "w", **profile)

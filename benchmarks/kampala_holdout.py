@@ -8,7 +8,7 @@
 The scene (3072 x 2048 px, 7.46 cm, 108 OpenStreetMap footprints) is cut at column `--split` (2048):
 columns left of it are prepared (`dataset.py`, one chip per building) and trained on with the
 documented CPU budget (EfficientNet-b0 from scratch, 400 steps, 256 px crops, batch 8, max_lr 1e-3);
-the right part (1024 x 2048 px, the buildings whose centroid lies there, clipped to it) is never seen
+the right part (1024 x 2048 px, with every building that reaches into it, clipped to it) is never seen
 in training or model selection. `inference.py` runs there with its defaults and `evaluate.py` scores
 the footprints (SpaceNet polygon F1 at IoU 0.5, pixel Jaccard, vertices per polygon, right-angle
 share, building count). One JSON line with the figures, the commands and the CPU is printed and
@@ -70,10 +70,7 @@ def split_scene(work: Path, split: int) -> dict[str, Path]:
             with rasterio.open(out, "w", **profile) as dst:
                 dst.write(ds.read(window=win))
             box = shapely.box(*bounds(win, ds.transform))
-            if name == "train":
-                keep = labels[labels.intersects(box)].copy()
-            else:
-                keep = labels[labels.centroid.within(box)].copy()
+            keep = labels[labels.intersects(box)].copy()  # every building seen in the part, clipped to it
             keep["geometry"] = keep.geometry.intersection(box)
             keep = keep[~keep.geometry.is_empty]
             target = paths["train_dir"] / "kampala_train.geojson" if name == "train" else paths["test_truth"]

@@ -4,6 +4,9 @@
     python benchmarks/kampala_holdout.py --work outputs/holdout_noinst --tag no_instances \\
         --train instance_head=false                                                  # a variant
     python benchmarks/kampala_holdout.py --work outputs/holdout --skip-train         # re-score a trained run
+    python find_hyperparameters.py mode=postprocess model=outputs/holdout/train_default/best.pth \
+        data_dir=outputs/holdout/chips                                               # tune on its validation chips
+    python benchmarks/kampala_holdout.py --work outputs/holdout --tag tuned --run train_default --skip-train
 
 The scene (3072 x 2048 px, 7.46 cm, 108 OpenStreetMap footprints) is cut at column `--split` (2048):
 columns left of it are prepared (`dataset.py`, one chip per building) and trained on with the
@@ -98,12 +101,14 @@ def main() -> None:
     ap.add_argument("--train", nargs="*", default=[], help="extra train.py overrides")
     ap.add_argument("--infer", nargs="*", default=[], help="extra inference.py overrides")
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--run", default=None, help="training run to score (default: train_<tag>), e.g. after tuning")
     args = ap.parse_args()
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     py, log = sys.executable, work / f"{args.tag}.log"
     paths = split_scene(work, args.split)
-    chips, run_dir, pred = work / "chips", work / f"train_{args.tag}", work / f"pred_{args.tag}"
+    chips, pred = work / "chips", work / f"pred_{args.tag}"
+    run_dir = work / (args.run or f"train_{args.tag}")
     cmds = {
         "dataset": [py, "dataset.py", f"base_dir={paths['train_dir']}", f"out_dir={chips}", "progress=false"],
         "train": [py, "train.py", f"data_dir={chips}", *TRAIN, f"output_dir={run_dir}", "progress=false",

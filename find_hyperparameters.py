@@ -7,7 +7,7 @@ point task's detection thresholds.
     python find_hyperparameters.py task=points model=<ckpt or list> data_dir=<prepared folder or scenes>
         [labels=<xView3 CSV>] [scenes=[a,b] | fold=0 num_folds=7] [shore_root=<dir>] [metric=loc_fscore]
     python find_hyperparameters.py mode=postprocess model=<ckpt or list> [data_dir=<chips> | images=<tif>
-        labels=<geojson>] [metric=jaccard] [inference_args={width:672}]        # footprint post-processing
+        labels=<geojson>] [metric=jaccard] ['inference_args={width:672}']        # footprint post-processing
 
 Search (the original pipeline's method): every trial trains `steps_per_trial` steps with max_lr and
 weight_decay drawn log-uniformly (TPE sampler), reports the validation loss `reports_per_trial` times and
@@ -56,6 +56,7 @@ import datetime
 import math
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -452,7 +453,11 @@ def inference_config(cfg, paths: list[str]):
 
     icfg = compose_config("inference", [])
     icfg = OmegaConf.create(OmegaConf.to_container(icfg, resolve=True))
-    for key, value in (cfg.inference_args or {}).items():
+    given = cfg.inference_args
+    if given is not None and not isinstance(given, Mapping):
+        raise UserError(f"inference_args={given}: give a mapping in quotes, e.g. 'inference_args={{width:672,flip:3}}' "
+                        "(unquoted, the shell splits the braces)")
+    for key, value in (given or {}).items():
         if key not in icfg:
             raise UserError(f"inference_args: {key} is not an inference.py option")
         icfg[key] = value

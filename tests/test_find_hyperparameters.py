@@ -428,3 +428,5 @@ def test_postprocess_bad_settings_are_user_errors(tmp_path, seg_ckpt):
         fh.run(_post_cfg(chips_dir, seg_ckpt, f"images={tmp_path / 'x.tif'}"), models=[Roofs()])
     with pytest.raises(UserError, match="inference_args: nope"):
         fh.run(_post_cfg(chips_dir, seg_ckpt, args="{nope:1}"), models=[Roofs()])
+    with pytest.raises(UserError, match="give a mapping in quotes"):  # what an unquoted {a:1,b:2} becomes in bash
+        fh.run(_post_cfg(chips_dir, seg_ckpt, args="width:128"), models=[Roofs()])

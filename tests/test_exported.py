@@ -42,15 +42,20 @@ class Tiny(nn.Module):
         return {M.SEG: seg, M.CLS: seg.mean((2, 3))}
 
 
+def _saved(nets, folder, stem: str) -> list:
+    """Each network saved as <folder>/<stem><i>.pth (the source checkpoints of an export)."""
+    sources = [folder / f"{stem}{i}.pth" for i in range(len(nets))]
+    for path, net in zip(sources, nets):
+        save_checkpoint(path, net)
+    return sources
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A tiny ensemble (2 models x 3 TTA), its source files, and both graphs written beside them."""
     tmp = tmp_path_factory.mktemp("tiny")
     nets = [Tiny(0).eval(), Tiny(1).eval()]
-    sources = []
-    for i, net in enumerate(nets):
-        sources.append(tmp / f"tiny{i}.pth")
-        save_checkpoint(sources[-1], net)
+    sources = _saved(nets, tmp, "tiny")
     ensemble = E.EnsembleTTA(nets, ["none", "hflip", "transpose_vflip"])
     graphs = E.export_checked(ensemble, E.FORMATS, sources, 64, batch_size=1)
     paths = {}
@@ -293,10 +298,7 @@ def test_ensembles_of_models_with_the_head_export_the_instance_output(tmp_path):
     from lib.segmentation import has_instance_head
 
     nets = [TinyWithHead(0).eval(), TinyWithHead(1).eval()]
-    sources = []
-    for i, net in enumerate(nets):
-        sources.append(tmp_path / f"head{i}.pth")
-        save_checkpoint(sources[-1], net)
+    sources = _saved(nets, tmp_path, "head")
     ensemble = E.EnsembleTTA(nets, ["none", "hflip", "transpose"])
     assert ensemble.output_names == ("seg_prob", "cls_prob", "instance_prob")
     x = torch.randn(2, 3, 64, 96)

@@ -15,7 +15,8 @@ the right part (1024 x 2048 px, with every building that reaches into it, clippe
 in training or model selection. `inference.py` runs there with its defaults and `evaluate.py` scores
 the footprints (SpaceNet polygon F1 at IoU 0.5, pixel Jaccard, vertices per polygon, right-angle
 share, building count). One JSON line with the figures, the commands and the CPU is printed and
-written to `<work>/<tag>.json`. Training takes ~20 minutes on a quiet 2-core CPU.
+written to `<work>/<tag>.json`. Training dominates the time: 53 and 70 minutes on a 2-core CPU shared
+with other jobs (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations

@@ -363,12 +363,9 @@ def area_px(area_m2: float, gsd: float) -> float:
 def predicted_instances(prob: np.ndarray, maps: np.ndarray | None, gsd: float) -> np.ndarray:
     """Instance labels of one chip with lib.postprocess DEFAULTS: watershed from the instance head's seeds
     (lib.instances.label_instances), or 4-connected components of the mask for a model without the head."""
-    if maps is None:
-        from skimage.measure import label
-
-        return label(prob >= POSTPROCESS["threshold"], connectivity=1).astype(np.int32)
+    border, contact = (None, None) if maps is None else (maps[0], maps[1])
     seed_min_px = max(1, round(area_px(POSTPROCESS["seed_min_area"], gsd)))
-    return label_instances(prob, maps[0], maps[1], threshold=POSTPROCESS["threshold"],
+    return label_instances(prob, border, contact, threshold=POSTPROCESS["threshold"],
                            seed_threshold=POSTPROCESS["seed_threshold"], seed_min_px=seed_min_px)
 
 

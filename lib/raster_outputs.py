@@ -50,14 +50,20 @@ def quantize(prob: torch.Tensor, valid: np.ndarray, threshold: float) -> tuple[n
 
     Nodata pixels are never building, whatever the threshold.
     """
-    prob_u8 = (prob.clamp(0, 1) * 255.0).round().to(torch.uint8)
     mask = (prob >= threshold) & torch.from_numpy(np.ascontiguousarray(valid)).to(prob.device)
-    return prob_u8.cpu().numpy(), mask.cpu().numpy()
+    return to_u8(prob), mask.cpu().numpy()
 
 
 def to_u8(prob: torch.Tensor) -> np.ndarray:
-    """Probability (0..1, any device) -> uint8 0-255 map, quantised as `quantize` does it."""
+    """Probability (0..1, any device) -> uint8 0-255 map (every map is written in these units)."""
     return (prob.clamp(0, 1) * 255.0).round().to(torch.uint8).cpu().numpy()
+
+
+def instance_u8(block) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """A block's border and contact maps as uint8 (None, None for models without the instance head)."""
+    if BORDER not in block.maps:
+        return None, None
+    return to_u8(block.maps[BORDER]), to_u8(block.maps[CONTACT])
 
 
 DRAFT_ZLEVEL = 1  # DEFLATE level of files that are rewritten (COG, torchrun bands): several times faster than 6
@@ -113,8 +119,7 @@ class SceneWriter(AbortOnError):
     def add(self, block) -> None:
         """Sink for the tiling engine: quantise a finished block's building map at `threshold` and write it."""
         prob_u8, mask = quantize(block.maps[BUILDING], block.valid, self.threshold)
-        border_u8 = to_u8(block.maps[BORDER]) if BORDER in block.maps else None
-        contact_u8 = to_u8(block.maps[CONTACT]) if CONTACT in block.maps else None
+        border_u8, contact_u8 = instance_u8(block)
         self.write(block.row_off, prob_u8, mask, block.col_off, valid=block.valid, border_u8=border_u8,
                    contact_u8=contact_u8)
 

@@ -37,8 +37,8 @@ from rasterio.windows import Window
 from lib import geo_io
 from lib.files import AbortOnError, atomic_path, write_json
 from lib.image_sources import ImageInput
-from lib.raster_outputs import DRAFT_ZLEVEL, quantize, to_u8
-from lib.segmentation import BORDER, BUILDING, CONTACT
+from lib.raster_outputs import DRAFT_ZLEVEL, instance_u8, quantize
+from lib.segmentation import BUILDING
 from lib.tiling import SceneStats
 from lib.windows import window_offsets, windows_touching
 
@@ -163,7 +163,7 @@ class BandWriter(AbortOnError):
         h, w = prob_u8.shape
         layers = [prob_u8, mask.astype(np.uint8), block.valid.astype(np.uint8)]
         if self.instance:
-            layers += [to_u8(block.maps[BORDER]), to_u8(block.maps[CONTACT])]
+            layers += list(instance_u8(block))
         data = np.stack(layers)
         with geo_io.GDAL_LOCK:  # the engine's reader threads use GDAL at the same time
             self._ds.write(data, window=Window(block.col_off, block.row_off - self.band[0], w, h))

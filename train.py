@@ -45,6 +45,7 @@ from lib.losses import INSTANCE_LOSSES, LossConfig, soft_label_loss, soft_to_har
 from lib.metrics import prf, score_polygons
 from lib.model_contract import INSTANCE, check_input_multiple
 from lib.postprocess import DEFAULTS as POSTPROCESS
+from lib.raster_outputs import seed_min_px
 from lib.trainer import Session, autocast, to_device
 from model import DICE, MODEL_KEYS, SEG, build_model, load_model, model_kwargs_from_cfg, set_instance_head
 from optim import build_one_cycle
@@ -364,9 +365,10 @@ def predicted_instances(prob: np.ndarray, maps: np.ndarray | None, gsd: float) -
     """Instance labels of one chip with lib.postprocess DEFAULTS: watershed from the instance head's seeds
     (lib.instances.label_instances), or 4-connected components of the mask for a model without the head."""
     border, contact = (None, None) if maps is None else (maps[0], maps[1])
-    seed_min_px = max(1, round(area_px(POSTPROCESS["seed_min_area"], gsd)))
+    known = gsd if math.isfinite(gsd) and gsd > 0 else None
     return label_instances(prob, border, contact, threshold=POSTPROCESS["threshold"],
-                           seed_threshold=POSTPROCESS["seed_threshold"], seed_min_px=seed_min_px)
+                           seed_threshold=POSTPROCESS["seed_threshold"],
+                           seed_min_px=seed_min_px(POSTPROCESS["seed_min_area"], known))  # as inference converts it
 
 
 def label_polygons(labels: np.ndarray) -> tuple[list, np.ndarray]:

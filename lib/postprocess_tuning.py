@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import shapely
 
-from lib import footprints, metrics
+from lib import footprints, metrics, raster_outputs
 from lib.errors import UserError
 from lib.postprocess import DEFAULTS
 
@@ -156,7 +156,7 @@ def _score(samples: list[Sample], found: list[_Footprints], min_area: float, opt
 
 def seed_min_px(sample: Sample, seed_min_area: float) -> int:
     """`seed_min_area` (ground units, px without) as a pixel count, at least 1."""
-    return max(1, math.ceil(float(seed_min_area) / max(pixel_area(sample), 1e-12) - 1e-9))
+    return raster_outputs.seed_min_px(seed_min_area, math.sqrt(max(pixel_area(sample), 1e-24)))  # as inference
 
 
 def _pair(samples, threshold, seed_threshold, options) -> list[_Footprints]:

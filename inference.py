@@ -23,6 +23,7 @@ recorded as failed and skipped; the run then exits with status 1 and a summary.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -36,10 +37,10 @@ import rasterio
 import circlenet  # noqa: F401  (registers CircleNet checkpoints with model.load_models)
 import model as model_lib
 from lib import footprints, geo_io, postprocess, provenance, run_folder, scene_bands, stac_outputs
+from lib.backends import choose_backend
 from lib.cli import VERSION, cli, progress_bar
-from lib.devices import cpu_has_native_bf16, resolve_device
+from lib.devices import resolve_device
 from lib.errors import UserError, one_line
-from lib.exported import onnxruntime_models
 from lib.files import copy_file, file_sha256
 from lib.image_sources import ImageInput, RasterSource, check_images, default_data_dir, list_images
 from lib.raster_outputs import SceneWriter, footprint_polygonizer, raster_profile
@@ -47,7 +48,6 @@ from lib.segmentation import BUILDING, BUILDING_PRESENT, SegmentationDecoder, ha
 from lib.tiling import Engine, model_gsd
 from lib.tta import TTA_NAMES, seed_tta_name
 
-BACKENDS = ("auto", "torch", "onnxruntime")
 # torchrun: ranks wait at a barrier while the others finish their bands and merge a city's outputs
 # (COGs, footprints) -- minutes to hours for the largest mosaics, not a hang
 RANKS_TIMEOUT = timedelta(hours=12)
@@ -87,12 +87,14 @@ def model_list(value) -> list[str]:
 _plain = provenance.plain
 
 
-def build_engine(cfg, models=None, device=None) -> tuple[Engine, list[dict]]:
+def build_engine(cfg, models=None, device=None, d=None) -> tuple[Engine, list[dict]]:
     """Models + TTA/width plan from the config; returns the engine and one record per model.
 
     A model's record (path, sha256, config, meta, backend, an export's built-in TTA, the GSD it saw in
     training and where that comes from) is taken from the loaded model, before `choose_backend` may
-    swap it for an ONNX Runtime copy; the engine gets the GSDs explicitly for the same reason.
+    swap it for an ONNX Runtime or OpenVINO copy (lib.backends; `backend=auto` times the candidates, and
+    the trial is returned in the first record as "backend_trial"); the engine gets the GSDs explicitly
+    for the same reason. `d`: torchrun's Dist, so that rank 0 alone runs the trial.
     """
     paths = model_list(cfg.model)
     overrides = {k: cfg[k] for k in model_lib.ARCH_OVERRIDES}
@@ -103,8 +105,11 @@ def build_engine(cfg, models=None, device=None) -> tuple[Engine, list[dict]]:
     records = [model_record(p, m) for p, m in zip(paths, models)]
     mode = postprocess.instance_mode(cfg.instances)
     heads = [mode != "false" and has_instance_head(m) for m in models]
+    precision, trial = cfg.precision, None
     if loaded:
-        models = choose_backend(cfg, models, paths, device, keep_heads=any(heads))
+        ids = [f"{r['sha256']}:{json.dumps(r['config'], sort_keys=True, default=str)}" for r in records]
+        chosen = choose_backend(cfg, models, paths, device, ids, keep_heads=any(heads), d=d)
+        models, precision, trial = chosen.models, chosen.precision, chosen.trial
         heads = [h and has_instance_head(m) for h, m in zip(heads, models)]  # an ONNX copy may lack it
     instance = mode != "false" and all(heads)
     if mode == "true" or (mode == "auto" and any(heads) and not instance):
@@ -120,13 +125,14 @@ def build_engine(cfg, models=None, device=None) -> tuple[Engine, list[dict]]:
 
         torch.backends.cudnn.benchmark = True
     eng = Engine(models, widths=widths, tta=tta, tile_size=cfg.tile_size, overlap=cfg.overlap,
-                 batch_size=cfg.batch_size, device=device, precision=cfg.precision,
+                 batch_size=cfg.batch_size, device=device, precision=precision,
                  scale_factor=cfg.scale_factor, match_gsd=cfg.match_gsd, num_workers=cfg.num_workers,
                  progress=cfg.progress, model_gsds=[r["model_gsd"] for r in records],
                  decoder=SegmentationDecoder(instance=instance))
-    if all(eng.exported) and cfg.precision in ("bf16", "fp16"):
-        print(f"warning: precision={cfg.precision} has no effect on exported graphs and ONNX Runtime; "
-              "they run in fp32 (recorded as such)", file=sys.stderr)
+    records[0]["backend_trial"] = trial
+    if all(eng.exported) and cfg.precision in ("bf16", "fp16") and eng.precision_used == "fp32":
+        print(f"warning: precision={cfg.precision} has no effect on exported graphs run by ONNX Runtime or "
+              "TorchScript; they run in fp32 (recorded as such)", file=sys.stderr)
     return eng, records
 
 
@@ -138,40 +144,7 @@ def model_record(path, net) -> dict:
             "meta": meta, "export_tta": provenance.export_tta(config), "model_gsd": gsd, "model_gsd_source": source}
 
 
-def choose_backend(cfg, models: list, paths: list[str], device, keep_heads: bool = False) -> list:
-    """`backend=auto`: ONNX Runtime on CPU for fp32 (about 2-4x faster than eager PyTorch on CPUs without
-    AMX, measured on b1 at 672 px), PyTorch elsewhere (CUDA AMP, bf16/fp16 autocast). An automatic export
-    that fails falls back to PyTorch with a warning; an explicit `backend=onnxruntime` fails loudly.
-    `keep_heads`: models with the instance head stay on PyTorch under `auto` when their ONNX copies lack it."""
-    backend = str(cfg.backend)
-    if backend not in BACKENDS:
-        raise UserError(f"backend={backend}: choose {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
-    if backend == "auto":
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError:
-            return models
-        if device.type != "cpu" or cfg.precision in ("bf16", "fp16") or (
-                cfg.precision == "auto" and cpu_has_native_bf16()):
-            return models
-    if backend == "torch":
-        return models
-    try:
-        exported = onnxruntime_models(models, paths, cfg.onnx_cache)
-        if backend == "auto" and keep_heads and not all(has_instance_head(m) for m in exported):
-            return models  # the instance maps only come from PyTorch for these models
-        return exported
-    except (RuntimeError, ValueError, OSError, UserError) as err:
-        if backend == "onnxruntime":
-            raise
-        print(f"warning: ONNX Runtime unavailable for these models ({one_line(err, 120)}); "
-              "using PyTorch", file=sys.stderr)
-        return models
-
-
 def _jsonable(obj):
-    import json
-
     try:
         json.dumps(obj)
         return obj
@@ -197,6 +170,7 @@ def run_settings(cfg, eng: Engine, records: list[dict]) -> dict:
         "min_area": post.min_area, "simplify": cfg.simplify, "seed_threshold": post.seed_threshold,
         "seed_min_area": post.seed_min_area, "postprocess_source": source,
         "instances": "on" if provenance.instances_on(eng) else "off",
+        "backend_trial": records[0].get("backend_trial"),
     }
 
 
@@ -386,7 +360,7 @@ def run(cfg, models=None) -> dict:
     try:
         if not d.main:
             cfg.progress = False  # one bar (rank 0's) rather than interleaved ones
-        eng, records = build_engine(cfg, models, device)
+        eng, records = build_engine(cfg, models, device, d)
         info = run_settings(cfg, eng, records)
         done = previous_records(output_dir)
         # whole images and bands of large scenes, shared among ranks (lib.scene_bands)

@@ -1,17 +1,20 @@
-"""Inference benchmark: one batched TTA run against the original one-run-per-TTA way, precision, memory.
+"""Inference benchmark: inference.py's defaults and each backend against the seed's loop; pipeline vs
+model-only; precision; memory.
 
-    python benchmarks/bench_inference.py                          # full: 16 tiles of 1024 px, b1 at 672
-    python benchmarks/bench_inference.py --tiles 4 --size 512 --width 320 --memory-width 128   # quick
+    python benchmarks/bench_inference.py                          # full: 16 tiles of 1024 px, b0 at 672
+    python benchmarks/bench_inference.py --tiles 4 --size 512 --width 320 --skip memory   # quick
 
-Figures printed (each against a baseline measured in the same process, same model and tiles):
-1. 5-way TTA (none, hflip, vflip, hvflip, transpose) over generated tiles with one b1 model (random
-   weights, pretrained=False): `inference.py` as one run (windows read and resized once, TTA batched,
-   every output written; defaults, i.e. ONNX Runtime on CPU, and again with backend=torch) against the original
-   pipeline's way, emulated in-process: one run per TTA with batch 1, each run loading the model,
-   re-reading and resizing every image and writing its maps, then averaging the five runs' maps.
-   Process start-up of the original's five separate processes is *not* counted (flatters the
-   baseline). Wall and CPU time are both shown: on a shared machine CPU time is the steadier one.
-2. Model-only forward throughput (the same batches of TTA inputs, no I/O) against pipeline throughput.
+Figures printed (each against a baseline measured in the same run, same model and tiles):
+1. 5-way TTA (none, hflip, vflip, hvflip, transpose) over generated tiles with one b0 model (random
+   weights, pretrained=False). The baseline is the seed's loop, emulated in this process: one run per TTA
+   with batch 1 in fp32, each run loading the model, re-reading and resizing every image and writing its
+   maps, then averaging the five runs' maps (no process start-up: that flatters the baseline). Against it,
+   `python inference.py` as a user runs it, each a fresh process: the defaults (backend=auto,
+   precision=auto) with an empty cache, so the one-off backend trial and ONNX export are inside its time
+   (and printed apart), the defaults again with the trial cached, and every backend/precision this machine
+   offers forced. Wall and CPU time are both shown: on a shared machine CPU time is the steadier one.
+2. Model-only throughput (the engine's own model call on the same batches of TTA inputs, with the backend
+   and precision the defaults chose, no I/O) against the whole pipeline's.
 3. Precision: fp32 (NCHW), fp32 channels_last, bf16 autocast + channels_last: forward time and how many
    mask pixels agree with fp32. On CPUs without native bf16 (no AMX / AVX512-BF16) bf16 is emulated
    and measured at a small size only.
@@ -45,11 +48,10 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+from lib.backend_trial import describe
 from lib.checkpoints import save_checkpoint
 from lib.cli import compose_config
 from lib.devices import cpu_has_native_bf16
-from lib.exported import onnxruntime_models
-from lib.run_folder import output_paths
 from lib.tta import tta_forward, tta_inverse
 
 TTA = ["none", "hflip", "vflip", "hvflip", "transpose"]
@@ -83,24 +85,47 @@ def make_big_scene(path: Path, size: int, block: int = 1024) -> Path:
 # The two ways
 # ----------------------------------------------------------------------------------------------
 
-def ours(tiles_dir: Path, ckpt: Path, out: Path, size: int, width: int, batch_size: int, device: str,
-         extra: tuple[str, ...] = ()) -> tuple[float, float]:
-    import inference
+def ours(tiles_dir: Path, ckpt: Path, out: Path, args, cache: Path, extra: tuple[str, ...] = ()) -> dict:
+    """`python inference.py` as a user runs it (a fresh process: start-up and imports included), with the
+    run's defaults except the tiling and TTA of the comparison; `cache` is its BUILDINGS_CACHE (exports and
+    backend trials). Wall and CPU seconds of the process, and its run.json's backend trial."""
+    cmd = [sys.executable, "inference.py", f"data_dir={tiles_dir}", f"model={ckpt}", f"output_dir={out}",
+           f"tile_size={args.size}", f"width={args.width}", f"tta=[{','.join(TTA)}]", "progress=false",
+           f"device={args.device}", f"num_threads={args.threads}", *extra]
+    env = {**os.environ, "BUILDINGS_CACHE": str(cache)}
+    start, before = time.perf_counter(), os.times()
+    res = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True)
+    wall, after = time.perf_counter() - start, os.times()
+    if res.returncode:
+        raise SystemExit(f"inference.py failed: {res.stderr.strip().splitlines()[-1:]}")
+    run = json.loads((out / "run.json").read_text())
+    image = next(iter(run["images"].values()))
+    return {"wall": wall, "cpu": (after.children_user - before.children_user) + (after.children_system
+                                                                               - before.children_system),
+            "trial": run.get("backend_trial"), "backend": image.get("backend") or run.get("backend"),
+            "precision": image.get("precision")}
 
-    cfg = compose_config("inference", [
-        f"data_dir={tiles_dir}", f"model={ckpt}", f"output_dir={out}", f"tile_size={size}", f"width={width}",
-        f"tta=[{','.join(TTA)}]", f"batch_size={batch_size}", "progress=false", f"device={device}", "precision=fp32",
-        *extra])
-    start, cpu = time.perf_counter(), time.process_time()
-    inference.run(cfg)
-    return time.perf_counter() - start, time.process_time() - cpu
 
+def tta_runs(work: Path, ckpt: Path, tiles: list[Path], args, device) -> dict:
+    """The seed loop, inference.py's defaults with a cold and a warm cache, and each backend forced."""
+    from lib.backend_trial import candidates
 
-def export_onnx(ckpt: Path, cache: Path) -> float:
-    """backend=onnxruntime's one-off export of the checkpoint into the cache (timed apart from the run)."""
-    start = time.perf_counter()
-    onnxruntime_models([M.load_model(ckpt)], [ckpt], cache)
-    return time.perf_counter() - start
+    images = work / "tiles" / "images"
+    forced = [] if "backends" in args.skip else [
+        (f"backend={c.backend} precision={c.precision}", (f"backend={c.backend}", f"precision={c.precision}"))
+        for c in candidates(device)]
+    runs: dict[str, list] = {}
+    for r in range(args.repeats):  # alternate, so load from other processes hits every way alike
+        if device.type == "cpu":
+            wall, cpu = original_way(tiles, ckpt, work / f"original{r}", args.width)
+            runs.setdefault("seed loop", []).append({"wall": wall, "cpu": cpu})
+        cold = work / f"cache{r}"
+        shutil.rmtree(cold, ignore_errors=True)
+        runs.setdefault("defaults, cold cache", []).append(ours(images, ckpt, work / f"cold{r}", args, cold))
+        runs.setdefault("defaults, warm cache", []).append(ours(images, ckpt, work / f"warm{r}", args, cold))
+        for i, (label, extra) in enumerate(forced):
+            runs.setdefault(label, []).append(ours(images, ckpt, work / f"forced{r}_{i}", args, cold, extra))
+    return {k: min(v, key=lambda x: x["wall"]) for k, v in runs.items()}
 
 
 def original_way(tiles: list[Path], ckpt: Path, out: Path, width: int, threshold: float = 0.5) -> float:
@@ -135,33 +160,50 @@ def original_way(tiles: list[Path], ckpt: Path, out: Path, width: int, threshold
 # ----------------------------------------------------------------------------------------------
 # Model-only and precision
 
-def pipeline_vs_model(ckpt: Path, tiles: list[Path], out: Path, args, device) -> tuple[float, float]:
+def pipeline_vs_model(ckpt: Path, tiles: list[Path], out: Path, args, device) -> tuple[float, float, str]:
     """Inputs/s of the whole per-image pipeline (read, resize, TTA, model, blend, write) and of the model
-    alone on the same batches, measured alternately tile by tile so that both see the same machine load."""
+    alone on the same batches (the engine's own model call, so the same backend and precision), measured
+    alternately tile by tile so that both see the same machine load. The backend is what the defaults
+    chose (the trial cached by section 1, or a new one)."""
     import inference
 
+    os.environ["BUILDINGS_CACHE"] = str(out.parent / "cache0")
     cfg = compose_config("inference", [f"model={ckpt}", f"output_dir={out}", f"tile_size={args.size}",
                                        f"width={args.width}", f"tta=[{','.join(TTA)}]", f"batch_size={args.batch_size}",
-                                       "progress=false", f"device={device}", "precision=fp32", "overwrite=true"])
-    eng, _ = inference.build_engine(cfg, [M.load_model(ckpt)], device=device)
-    net = eng.models[0]
+                                       "progress=false", f"device={device}", "overwrite=true"])
+    eng, records = inference.build_engine(cfg, device=device)
+    net, exported = eng.models[0], eng.exported[0]
     per_call = max(1, args.batch_size // len(TTA)) * len(TTA)
-    x = torch.randn(per_call, 3, args.width, args.width, device=device).contiguous(memory_format=torch.channels_last)
-    time_forward(net, x, repeats=1)  # warm-up of both paths
-    inference.predict_image(eng, inference.ImageInput(tiles[0].stem, tiles[0]),
-                            output_paths(out, "warmup", "none"), cfg, {})
+    x = torch.randn(per_call, 3, args.width, args.width, device=device)
+    x = x.contiguous() if eng.is_onnx[0] else x.contiguous(memory_format=torch.channels_last)
+
+    def model_only(calls: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            eng._forward(net, x, exported)
+        _sync(device)
+        return time.perf_counter() - start
+
+    def pipeline(tile: Path) -> None:
+        summary = {"predicted": 0, "skipped": 0, "empty": [], "failed": []}
+        inference.predict_images(eng, [inference.ImageInput(tile.stem, tile)], cfg, inference.run_settings(
+            cfg, eng, records), {}, out / "run.json", records, summary)
+        assert summary["predicted"] == 1, summary
+
+    model_only(1)  # warm-up of both paths
+    pipeline(tiles[0])
     t_pipe = t_fwd = 0.0
     inputs = 0
     for tile in tiles:
         start = time.perf_counter()
-        paths = output_paths(out, tile.stem, "gpkg")
-        inference.predict_image(eng, inference.ImageInput(tile.stem, tile), paths, cfg, {})
+        pipeline(tile)
         _sync(device)
         t_pipe += time.perf_counter() - start
         calls = math.ceil(eng.stats.windows * len(TTA) / per_call)
         inputs += eng.stats.windows * len(TTA)
-        t_fwd += time_forward(net, x, repeats=calls, warmup=False)[0] * calls
-    return inputs / t_fwd, inputs / t_pipe
+        t_fwd += model_only(calls)
+    return inputs / t_fwd, inputs / t_pipe, f"{records[0]['backend']} {eng.precision_used}"
 
 # ----------------------------------------------------------------------------------------------
 
@@ -264,7 +306,7 @@ def main() -> None:
     ap.add_argument("--precision-batch", type=int, default=4)
     ap.add_argument("--memory-sizes", type=int, nargs="*", default=[2048, 8192])
     ap.add_argument("--memory-width", type=int, default=None, help="model width for the memory runs (default width)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["tta", "onnx", "precision", "memory"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["tta", "backends", "pipeline", "precision", "memory"])
     ap.add_argument("--workdir", default=None)
     # internal: one memory measurement in a fresh process
     ap.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
@@ -295,31 +337,26 @@ def main() -> None:
     if "tta" not in args.skip:
         print(f"\n[1] 5-way TTA, {args.tiles} tiles of {args.size}^2, {args.model_name} at width {args.width}"
               + (f", best of {args.repeats} alternating runs" if args.repeats > 1 else ""))
-        cache = work / "onnx"
-        t_export = export_onnx(ckpt, cache) if device.type == "cpu" and "onnx" not in args.skip else None
-        runs: dict[str, list] = {"ours": [], "original": [], "torch": []}
-        for r in range(args.repeats):  # alternate, so load from other processes hits every way alike
-            runs["ours"].append(ours(work / "tiles" / "images", ckpt, work / f"ours{r}", args.size, args.width,
-                                     args.batch_size, str(device), extra=(f"onnx_cache={cache}",)))
-            if device.type == "cpu":
-                runs["original"].append(original_way(tiles, ckpt, work / f"original{r}", args.width))
-                runs["torch"].append(ours(work / "tiles" / "images", ckpt, work / f"torch{r}", args.size, args.width,
-                                          args.batch_size, str(device), extra=("backend=torch",)))
-        best = {k: (min(t[0] for t in v), min(t[1] for t in v)) for k, v in runs.items() if v}
-        labels = {"ours": "ours (one run, defaults)", "torch": "ours, backend=torch",
-                  "original": "original (run per TTA, batch 1)"}
-        for k, (wall, cpu) in best.items():
-            ratio = (f"  -> {best['original'][0] / wall:5.2f} x wall {best['original'][1] / cpu:5.2f} x CPU"
-                     if "original" in best and k != "original" else "")
-            print(f"  {labels[k]:32s} {wall:8.1f} s wall {cpu:8.1f} s CPU  {args.tiles / wall:6.3f} tiles/s{ratio}")
-        if t_export is not None:
-            print(f"  (defaults on CPU = backend auto -> ONNX Runtime; its one-off export, cached per checkpoint: "
-                  f"{t_export:.1f} s, not counted; target >= 2x on CPU)")
-        results.update({f"{k}_s": v[0] for k, v in best.items()}, **{f"{k}_cpu_s": v[1] for k, v in best.items()},
-                       export_s=t_export)
-        fwd_tp, pipe_tp = pipeline_vs_model(ckpt, tiles, work / "pipe", args, device)
-        print(f"\n[2] model-only forward {fwd_tp:6.3f} inputs/s vs pipeline {pipe_tp:6.3f} inputs/s "
-              f"-> pipeline at {100 * pipe_tp / fwd_tp:5.1f} % of model-only (target >= 90 % on GPU; "
+        results["runs"] = runs = tta_runs(work, ckpt, tiles, args, device)
+        base = runs.get("seed loop")
+        for label, r in runs.items():
+            ratio = "" if label == "seed loop" or not base else (
+                f"  -> {base['wall'] / r['wall']:5.2f} x wall {base['cpu'] / r['cpu']:5.2f} x CPU")
+            how = f"  [{r['backend']} {r['precision']}]" if "backend" in r else ""
+            print(f"  {label:38s} {r['wall']:7.1f} s wall {r['cpu']:7.1f} s CPU{ratio}{how}")
+        cold = runs["defaults, cold cache"].get("trial")
+        if cold:
+            rest = runs["defaults, cold cache"]["wall"] - cold["trial_s"] - cold["export_s"]
+            print(f"  cold cache: the one-off trial ({cold['trial_s']:.1f} s) and ONNX export ({cold['export_s']:.1f} s) "
+                  f"are inside its time; without them {rest:.1f} s")
+            print("  " + describe(cold))
+        print("  (the seed loop runs in this process, so it pays no start-up; every other line is a fresh "
+              "`python inference.py` process; target: defaults >= 2x the seed loop)")
+
+    if "pipeline" not in args.skip:
+        fwd_tp, pipe_tp, how = pipeline_vs_model(ckpt, tiles, work / "pipe", args, device)
+        print(f"\n[2] {how}: model-only {fwd_tp:6.3f} inputs/s vs pipeline {pipe_tp:6.3f} inputs/s "
+              f"-> pipeline at {100 * pipe_tp / fwd_tp:5.1f} % of model-only (target >= 90 %; "
               "measured tile by tile, alternating)")
         results.update(model_only_inputs_per_s=fwd_tp, pipeline_inputs_per_s=pipe_tp)
 

@@ -41,9 +41,9 @@ def plain(value):
 
 
 def backend_of(model) -> str:
-    """Where a model runs: onnxruntime, torchscript (an exported TorchScript file) or torch."""
+    """Where a model runs: onnxruntime, openvino, torchscript (an exported TorchScript file) or torch."""
     fmt = getattr(model, "format", "")
-    return fmt if fmt == "torchscript" else "onnxruntime" if fmt == "onnx" else "torch"
+    return fmt if fmt in ("torchscript", "openvino") else "onnxruntime" if fmt == "onnx" else "torch"
 
 
 def export_tta(config: dict | None) -> list[str] | None:

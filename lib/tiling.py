@@ -147,7 +147,7 @@ def model_gsd(meta: dict | None) -> tuple[float | None, str | None]:
 
 def is_exported(model) -> bool:
     """An exported graph (ONNX Runtime or TorchScript): run as exported, in fp32."""
-    return getattr(model, "format", "") in ("onnx", "torchscript") or bool(
+    return getattr(model, "format", "") in ("onnx", "torchscript", "openvino") or bool(
         (getattr(model, "config", None) or {}).get("exported"))
 
 
@@ -193,7 +193,7 @@ class Engine:
         if self.channels_last:
             self.models = [m.to(memory_format=torch.channels_last) for m in self.models]
         # graphs run outside PyTorch (ONNX Runtime) take plain NCHW arrays
-        self.is_onnx = [getattr(m, "format", "") == "onnx" for m in self.models]
+        self.is_onnx = [getattr(m, "format", "") in ("onnx", "openvino") for m in self.models]
         self.exported = [is_exported(m) for m in self.models]
         # the GSD each model saw in training; given by callers that swap models for exported copies
         self.model_gsds = list(model_gsds) if model_gsds is not None else [
@@ -259,7 +259,7 @@ class Engine:
         if self._used:
             return "+".join(sorted(self._used))
         if all(self.exported):
-            return "fp32"
+            return "+".join(sorted({getattr(m, "precision", "fp32") for m in self.models}))
         return self.precision_name
 
     # ----- model calls ----------------------------------------------------------------------------
@@ -271,12 +271,13 @@ class Engine:
 
     def _forward(self, model, x: torch.Tensor, exported: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         if exported:
-            dtype = None  # autocast cannot reach inside an exported graph
+            dtype = None  # autocast cannot reach inside an exported graph; OpenVINO's has its own precision
+            self._used.add(getattr(model, "precision", "fp32"))
         else:
             if self._dtype == "auto":
                 self._resolve_auto(model, x[: self.batch_size])
             dtype = self._dtype
-        self._used.add(_DTYPE_NAMES[dtype])
+            self._used.add(_DTYPE_NAMES[dtype])
         outs = [self._run_model(model, chunk, dtype) for chunk in x.split(self.batch_size)]
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 

@@ -1,6 +1,7 @@
 """Shared fixtures: the real data beside the checkout and a small generated demo scene."""
 
 import os
+import tempfile
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ sys.path.insert(0, str(REPO))
 from lib.cli import shared_dir
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# exports and backend trials of the tests' throw-away models go to a private cache, not the user's
+os.environ.setdefault("BUILDINGS_CACHE", tempfile.mkdtemp(prefix="buildings-test-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -174,10 +174,11 @@ def test_onnxruntime_backend_matches_torch_and_is_cached(drone, checkpoints, tmp
     import inference
 
     cache = tmp_path / "cache"
-    for out, backend in (("o1", "onnxruntime"), ("o2", "auto")):  # auto: ONNX Runtime for fp32 on this CPU
+    for out, backend in (("o1", "onnxruntime"), ("o2", "auto")):  # auto: the fastest fp32 path by a trial
         run = inference.run(infer_cfg(drone, checkpoints["b0"], tmp_path / out, "tta=[none,transpose]",
                                       f"backend={backend}", f"onnx_cache={cache}", "precision=fp32"))
         assert run["models"][0]["sha256"] == file_sha256(checkpoints["b0"])
+    assert run["backend_trial"]["choice"].endswith("fp32") and "torch fp32" in run["backend_trial"]["figures"]
     assert len(list(cache.glob("*.onnx"))) == 1  # exported once, reused by the second run
     bf16 = inference.run(infer_cfg(drone, checkpoints["b0"], tmp_path / "o3", "backend=onnxruntime",
                                    f"onnx_cache={cache}", "precision=bf16"))

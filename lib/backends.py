@@ -1,0 +1,163 @@
+"""Which runtime runs the models of an inference run: `backend=auto|torch|onnxruntime|openvino`.
+
+- `torch`: the models as loaded; `precision=auto` is resolved on the first batch by the engine
+  (reduced precision where native and agreeing with fp32), as it always was.
+- `onnxruntime` / `openvino`: the checkpoints exported once to ONNX (cached, lib.exported) and run by
+  that runtime; OpenVINO also runs bf16 where the CPU has it.
+- `auto`: every candidate this machine allows (lib.backend_trial.candidates) is built and timed on one
+  batch at the run's width, and the fastest that agrees with fp32 runs the job. The trial is cached per
+  machine, packages, models and width; under torchrun rank 0 decides and the others follow.
+
+A candidate that cannot be built under `auto` (an export that fails its check, a runtime that cannot
+compile the graph) is left out with one warning; an explicit backend fails loudly instead.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lib import backend_trial
+from lib.backend_trial import Candidate
+from lib.errors import UserError, one_line
+from lib.exported import onnxruntime_models
+from lib.segmentation import has_instance_head
+
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+
+
+@dataclass
+class Chosen:
+    models: list
+    precision: str                 # what the engine is told (torch candidates: their precision)
+    trial: dict | None = None      # the timed trial (or its cached copy) under backend=auto
+    notes: list[str] = field(default_factory=list)
+
+
+def _is_format(models: list, fmt: str) -> bool:
+    return bool(models) and all(getattr(m, "format", "") == fmt for m in models)
+
+
+class _Builder:
+    """Builds a candidate's models from the loaded ones, exporting to ONNX at most once."""
+
+    def __init__(self, models: list, paths: list[str], onnx_cache):
+        self.models, self.paths, self.onnx_cache = models, paths, onnx_cache
+        self._onnx = None
+        self.export_s = 0.0
+
+    def onnx(self) -> list:
+        if self._onnx is None:
+            start = time.perf_counter()
+            self._onnx = onnxruntime_models(self.models, self.paths, self.onnx_cache)
+            self.export_s = time.perf_counter() - start
+        return self._onnx
+
+    def build(self, cand: Candidate) -> list:
+        if cand.backend == "torch":
+            return self.models
+        if cand.backend == "onnxruntime":
+            return self.onnx()
+        from lib.openvino_backend import openvino_models
+
+        return openvino_models(self.onnx(), cand.precision)
+
+
+def _check_installed(backend: str) -> None:
+    if backend in ("onnxruntime", "openvino"):
+        try:
+            __import__(backend)
+        except ImportError:
+            raise UserError(f"backend={backend} needs the optional package: pip install {backend}") from None
+
+
+def choose_backend(cfg, models: list, paths: list[str], device, model_ids: list[str],
+                   keep_heads: bool = False, d=None) -> Chosen:
+    """The models the engine runs and the precision it is told; see the module docstring.
+
+    `keep_heads`: the instance maps are wanted, so a candidate whose copies lack the head is dropped.
+    `model_ids` (sha256 + configuration of each model) key the trial cache; `d` is torchrun's Dist.
+    """
+    backend, precision = str(cfg.backend), str(cfg.precision)
+    if backend not in BACKENDS:
+        raise UserError(f"backend={backend}: choose {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
+    _check_installed(backend)
+    if backend == "torch" or _is_format(models, "torchscript") or any(
+            getattr(m, "format", "") == "torchscript" for m in models):
+        return Chosen(models, precision)
+    onnx_files = _is_format(models, "onnx")
+    if backend == "onnxruntime":  # fp32 whatever `precision` says (autocast cannot reach it; the engine warns)
+        cands = [Candidate("onnxruntime", "fp32")]
+    else:
+        cands = backend_trial.candidates(device, backend, precision, exported_onnx=onnx_files)
+    if not cands:
+        if backend == "openvino":
+            raise UserError(f"backend=openvino precision={precision}: OpenVINO runs fp32, and bf16 on CPUs with "
+                            "native bf16 (AVX512-BF16/AMX)")
+        return Chosen(models, precision)  # e.g. fp16 on a CPU: PyTorch autocast, as asked
+    builder = _Builder(models, paths, cfg.onnx_cache)
+    if len(cands) == 1:
+        built = builder.build(cands[0])
+        return Chosen(built, _engine_precision(cands[0], precision))
+    width = max(_flat(cfg.widths) if cfg.widths is not None else [int(cfg.width)])
+    key = backend_trial.trial_key(device, model_ids, width, keep_heads, [c.name for c in cands])
+    cache_file = backend_trial.default_cache_file() if cfg.trial_cache is None else Path(cfg.trial_cache)
+    record = _decide(builder, cands, key, cache_file, width, models, keep_heads, backend, device, d)
+    choice = backend_trial.parse_choice(record["choice"])
+    chosen = builder.build(choice)
+    print(backend_trial.describe(record), file=sys.stderr)
+    return Chosen(chosen, _engine_precision(choice, precision), trial=record)
+
+
+def _flat(widths) -> list[int]:
+    out = []
+    for w in widths if isinstance(widths, (list, tuple)) else [widths]:
+        out += _flat(w) if isinstance(w, (list, tuple)) else [int(w)]
+    return out
+
+
+def _engine_precision(cand: Candidate, requested: str) -> str:
+    """Torch candidates tell the engine their precision; exported graphs carry theirs (`.precision`)."""
+    return cand.precision if cand.backend == "torch" else requested
+
+
+def _decide(builder: _Builder, cands: list, key: dict, cache_file, width: int, models: list, keep_heads: bool,
+            backend: str, device, d) -> dict:
+    """The trial record: from the cache, from rank 0 under torchrun, or by timing the candidates now."""
+    if d is not None and d.enabled:
+        from lib.distributed import broadcast_object
+
+        record = _trial_or_cached(builder, cands, key, cache_file, width, models, keep_heads, backend, device) \
+            if d.main else None
+        return broadcast_object(record, d)
+    return _trial_or_cached(builder, cands, key, cache_file, width, models, keep_heads, backend, device)
+
+
+def _trial_or_cached(builder, cands, key, cache_file, width, models, keep_heads, backend, device) -> dict:
+    record = backend_trial.cached_trial(cache_file, key)
+    if record is not None:
+        return {**{k: v for k, v in record.items() if k != "key"}, "cached": True, "cache": str(cache_file)}
+    built = {}
+    for cand in cands:
+        try:
+            ms = builder.build(cand)
+        except (RuntimeError, ValueError, OSError, UserError) as err:
+            if backend != "auto":
+                raise
+            print(f"warning: {cand.name} unavailable for these models ({one_line(err, 120)}); not tried",
+                  file=sys.stderr)
+            continue
+        if keep_heads and not all(has_instance_head(m) for m in ms):
+            continue  # the instance maps would be lost on this path
+        built[cand] = ms
+    from lib.segmentation import SegmentationDecoder
+
+    decoder = SegmentationDecoder(instance=keep_heads)
+    channels = int(getattr(models[0], "in_channels", None) or (getattr(models[0], "config", None) or {}).get(
+        "in_channels", 3))
+    _, record = backend_trial.run_trial(built, width, channels, decoder, device)
+    record["export_s"] = round(builder.export_s, 2)
+    stored = backend_trial.store_trial(cache_file, key, record)
+    return {**record, "cached": False, "cache": str(cache_file) if stored else None}

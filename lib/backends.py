@@ -19,10 +19,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from lib import backend_trial
 from lib.backend_trial import Candidate
 from lib.errors import UserError, one_line
-from lib.exported import onnxruntime_models
+from lib.exported import ExportedModel, load_exported, onnx_exports
 from lib.segmentation import has_instance_head
 
 BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
@@ -43,26 +45,33 @@ def _is_format(models: list, fmt: str) -> bool:
 class _Builder:
     """Builds a candidate's models from the loaded ones, exporting to ONNX at most once."""
 
-    def __init__(self, models: list, paths: list[str], onnx_cache):
-        self.models, self.paths, self.onnx_cache = models, paths, onnx_cache
-        self._onnx = None
+    def __init__(self, models: list, paths: list[str], onnx_cache, device):
+        self.models, self.paths, self.onnx_cache, self.device = models, paths, onnx_cache, device
+        self._files = None
+        self._built: dict[Candidate, list] = {}
         self.export_s = 0.0
 
-    def onnx(self) -> list:
-        if self._onnx is None:
+    def onnx_files(self) -> list:
+        if self._files is None:
             start = time.perf_counter()
-            self._onnx = onnxruntime_models(self.models, self.paths, self.onnx_cache)
+            self._files = onnx_exports(self.models, self.paths, self.onnx_cache)
             self.export_s = time.perf_counter() - start
-        return self._onnx
+        return self._files
 
     def build(self, cand: Candidate) -> list:
-        if cand.backend == "torch":
-            return self.models
+        """The candidate's models, built once (the trial's copy is the one the run uses)."""
+        if cand not in self._built:
+            self._built[cand] = self._build(cand)
+        return self._built[cand]
+
+    def _build(self, cand: Candidate) -> list:
+        if cand.backend == "torch":  # as the engine runs them: on the device, channels-last
+            return [m.eval().to(self.device, memory_format=torch.channels_last) for m in self.models]
         if cand.backend == "onnxruntime":
-            return self.onnx()
+            return [f if isinstance(f, ExportedModel) else load_exported(f) for f in self.onnx_files()]
         from lib.openvino_backend import openvino_models
 
-        return openvino_models(self.onnx(), cand.precision)
+        return openvino_models(self.onnx_files(), cand.precision)
 
 
 def _check_installed(backend: str) -> None:
@@ -97,7 +106,7 @@ def choose_backend(cfg, models: list, paths: list[str], device, model_ids: list[
             raise UserError(f"backend=openvino precision={precision}: OpenVINO runs fp32, and bf16 on CPUs with "
                             "native bf16 (AVX512-BF16/AMX)")
         return Chosen(models, precision)  # e.g. fp16 on a CPU: PyTorch autocast, as asked
-    builder = _Builder(models, paths, cfg.onnx_cache)
+    builder = _Builder(models, paths, cfg.onnx_cache, device)
     if len(cands) == 1:
         built = builder.build(cands[0])
         return Chosen(built, _engine_precision(cands[0], precision))

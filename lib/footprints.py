@@ -16,6 +16,7 @@ ring starts at may depend on them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import tempfile
@@ -199,11 +200,28 @@ def ground_geometries(geoms, transform, crs, metric=None) -> np.ndarray:
     geoms = _to_crs_coords(np.asarray(geoms, dtype=object), transform)
     if crs is None or len(geoms) == 0:
         return geoms
+    if metric is None and _is_utm(crs):
+        return geoms  # already the local metric CRS: skip estimating and reprojecting (per image, it adds up)
     world = gpd.GeoSeries(geoms, crs=crs)
     try:
         return world.to_crs(metric or world.estimate_utm_crs()).values
     except (RuntimeError, ValueError, CRSError):
         return geoms
+
+
+@functools.lru_cache(maxsize=64)
+def _utm_crs(wkt: str) -> bool:
+    from pyproj import CRS
+
+    try:
+        return CRS.from_user_input(wkt).utm_zone is not None
+    except CRSError:
+        return False
+
+
+def _is_utm(crs) -> bool:
+    """Whether `crs` is a UTM zone (its metres are the local ground metres this module measures in)."""
+    return _utm_crs(crs.to_wkt() if hasattr(crs, "to_wkt") else str(crs))
 
 
 def metric_crs(geoms, transform, crs):

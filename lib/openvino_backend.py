@@ -89,11 +89,12 @@ class OpenVinoModel(ExportedModel):
         return f"{self.path}, OpenVINO {self.precision}"
 
 
-def openvino_models(onnx_models: list, precision: str) -> list[OpenVinoModel]:
-    """The ONNX Runtime copies of the models (lib.exported.onnxruntime_models) compiled by OpenVINO."""
+def openvino_models(onnx_files: list, precision: str) -> list[OpenVinoModel]:
+    """The models' ONNX files (lib.exported.onnx_exports: paths, or ONNX models given as such) compiled
+    by OpenVINO."""
     out = []
-    for m in onnx_models:
-        if getattr(m, "format", "") != "onnx":
+    for m in onnx_files:
+        if not isinstance(m, Path) and getattr(m, "format", "") != "onnx":
             raise UserError(f"{getattr(m, 'path', m)}: OpenVINO runs ONNX files only; use backend=torch")
-        out.append(OpenVinoModel(m.path, precision))
+        out.append(OpenVinoModel(m if isinstance(m, Path) else m.path, precision))
     return out

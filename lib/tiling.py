@@ -62,6 +62,7 @@ from lib.windows import BLEND_FLOOR, CARRY_RAM_BYTES, OUT_COLS, BlendSweep, bala
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+WRITE_AHEAD = 1  # blocks handed to the sink and not yet written, besides the one being computed
 AGREEMENT_MIN = 0.995  # reduced precision must reproduce fp32 (decoder.agreement) on this share
 
 
@@ -497,10 +498,26 @@ class Engine:
 
     def predict_into(self, src, sink, rows: tuple[int, int] | None = None) -> SceneStats:
         """Hand every finished block of the scene (or of `rows`) to `sink.add(block)` (the task's writer);
-        return the stats."""
-        for block in self.predict(src, rows):
-            sink.add(block)
-            del block  # not held while the next block is computed
+        return the stats.
+
+        The sink runs in one worker thread, in block order, while the model computes the next block
+        (writing, polygonizing and watershed cost as much as a third of the model's time per block, and
+        the runtimes release the GIL); at most WRITE_AHEAD blocks are in its hands, and an error in the sink is
+        raised here. Blocks are fresh tensors (lib.windows), so the sweep never changes one being written.
+        """
+        with ThreadPoolExecutor(1, thread_name_prefix="sink") as pool:
+            waiting: deque = deque()
+            try:
+                for block in self.predict(src, rows):
+                    while len(waiting) >= WRITE_AHEAD:
+                        waiting.popleft().result()
+                    waiting.append(pool.submit(sink.add, block))
+                    del block  # not held while the next block is computed
+                while waiting:
+                    waiting.popleft().result()
+            finally:
+                for f in waiting:
+                    f.cancel()
         return self.stats
 
     def predict_array(self, rgb: np.ndarray, valid: np.ndarray | None = None, gsd: float | None = None,

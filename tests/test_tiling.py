@@ -14,9 +14,9 @@ from lib.errors import UserError
 from lib.image_sources import ArraySource, RasterSource
 from lib.raster_outputs import SceneWriter, raster_profile
 from lib.segmentation import BUILDING, BUILDING_PRESENT
-from lib.tiling import AGREEMENT_MIN, Engine, build_passes, model_gsd
+from lib.tiling import AGREEMENT_MIN, WRITE_AHEAD, Engine, build_passes, model_gsd
 from lib.tta import TTA_NAMES
-from lib.windows import blend_weights_1d, weight_sums, window_offsets, windows_touching
+from lib.windows import OUT_COLS, blend_weights_1d, weight_sums, window_offsets, windows_touching
 
 torch.set_num_threads(1)
 
@@ -349,5 +349,7 @@ def test_memory_does_not_grow_with_scene_width(height):
         figures.append((eng.stats.accumulator_shape, eng.stats.accumulator_bytes, peak))
     (shape_a, bytes_a, peak_a), (shape_b, bytes_b, peak_b) = figures
     assert shape_a == shape_b and shape_a[0] == 256 and shape_a[1] <= 3 * 2048, figures
-    assert bytes_b <= 1.05 * bytes_a and peak_b <= 1.15 * peak_a, figures
+    # the sink's thread may hold WRITE_AHEAD more blocks (their valid masks: one byte a pixel) in a long scene
+    in_flight = WRITE_AHEAD * shape_a[0] * OUT_COLS
+    assert bytes_b <= 1.05 * bytes_a and peak_b <= 1.15 * peak_a + in_flight, figures
     assert bytes_b < 256 * 32768 * 4 / 2, figures  # far below one window-high strip of the scene

@@ -29,6 +29,8 @@ import os
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -201,53 +203,71 @@ def predict_image(eng: Engine, image: ImageInput, cfg, record: dict, bands: list
     windows per rank) and returned, and its provenance is what the GeoTIFF tags and the STAC item
     say. `bands` (rows of a scene split among ranks): merge their finished partial files instead.
     """
+    return start_image(eng, image, cfg, record, bands, rank)()
+
+
+def start_image(eng: Engine, image: ImageInput, cfg, record: dict, bands: list | str | None = None,
+                rank: int = 0):
+    """`predict_image` in two halves: this call runs the model over the image (or replays its bands) and
+    returns the other half, a function that finishes the outputs (the polygons' last blocks, COGs, tags,
+    STAC item) and returns the record. `predict_images` calls it in a worker thread while the model runs
+    on the next image, so a scene's last writes cost the model no time. Until it has run, the outputs
+    are temporary files; an error in either half leaves nothing."""
     start = time.perf_counter()
     output_dir = Path(cfg.output_dir)
     settings = record["settings"]  # post-processing as resolved for this image (lib.provenance)
     instance = settings["instances"] == "on"
     paths = run_folder.output_paths(output_dir, image.stem, cfg.vector_format, instance)
     metas = None if bands is None else _band_records(output_dir, image, bands, record["fingerprint"])
-    with geo_io.gdal_env(), open_source(image.path, cfg) as src:
+    with geo_io.gdal_env(), ExitStack() as stack:
+        src = stack.enter_context(open_source(image.path, cfg))
         ds = src.ds
         georef = geo_io.is_georeferenced(ds)
         profile = raster_profile(ds, georef)
-        vectors = footprints.FootprintWriter(paths["geojson"], ds.transform if georef else None,
-                                             ds.crs if georef else None, provenance.with_postprocess(cfg, settings))
+        vectors = stack.enter_context(footprints.FootprintWriter(
+            paths["geojson"], ds.transform if georef else None, ds.crs if georef else None,
+            provenance.with_postprocess(cfg, settings)))
         poly = footprint_polygonizer(ds.height, ds.width, vectors, instance=instance,
                                      seed_threshold=settings["seed_threshold"],
                                      seed_min_area=settings["seed_min_area"], gsd=src.gsd if georef else None)
-        with vectors, SceneWriter(paths["probability"], paths["mask"], profile, None, cog=cfg.cog,
-                                  polygonizer=poly, threshold=settings["threshold"], nodata_mask=True,
-                                  instance_path=paths.get("instance")) as writer:
-            if metas is None:
-                stats = eng.predict_into(src, writer)
-                record["precision"] = eng.precision_used  # `auto` is resolved on the first batch
-                record["ranks"] = {str(rank): stats.windows}
-            else:  # the same blocks, in the same order, as a single-process run
-                stats = scene_bands.replay(output_dir, image.stem, metas, writer)
-                record["precision"] = scene_bands.precision_of(metas)
-                record["ranks"] = scene_bands.windows_per_rank(metas)
+        writer = stack.enter_context(SceneWriter(paths["probability"], paths["mask"], profile, None, cog=cfg.cog,
+                                                 polygonizer=poly, threshold=settings["threshold"],
+                                                 nodata_mask=True, instance_path=paths.get("instance")))
+        if metas is None:
+            stats = eng.predict_into(src, writer)
+            record["precision"] = eng.precision_used  # `auto` is resolved on the first batch
+            record["ranks"] = {str(rank): stats.windows}
+        else:  # the same blocks, in the same order, as a single-process run
+            stats = scene_bands.replay(output_dir, image.stem, metas, writer)
+            record["precision"] = scene_bands.precision_of(metas)
+            record["ranks"] = scene_bands.windows_per_rank(metas)
+        rest = stack.pop_all()  # the writers and the source stay open for `finish`
+
+    def finish() -> dict:
+        with geo_io.gdal_env(), rest:
             poly.finish()
             buildings = vectors.close()
             writer.tags = {k: str(v) for k, v in provenance.geotiff_tags(record).items()}
             writer.commit()
+            cls_prob = stats.scores[BUILDING_PRESENT]
+            record.update({
+                "height": ds.height, "width": ds.width, "crs": ds.crs.to_string() if georef else None,
+                "gsd": src.gsd, "windows": stats.windows, "skipped_nodata_windows": stats.skipped,
+                "cls_prob": None if math.isnan(cls_prob) else round(cls_prob, 5),
+                "max_prob": round(stats.map_max[BUILDING], 5), "buildings": buildings,
+            })
+            grid = {"bounds": ds.bounds, "crs": ds.crs, "transform": ds.transform,
+                    "shape": [ds.height, ds.width]} if georef else None
         if not instance:  # left by an earlier run with the instance head: not this image's output now
             run_folder.instance_map(output_dir, image.stem).unlink(missing_ok=True)
-        cls_prob = stats.scores[BUILDING_PRESENT]
-        record.update({
-            "height": ds.height, "width": ds.width, "crs": ds.crs.to_string() if georef else None,
-            "gsd": src.gsd, "windows": stats.windows, "skipped_nodata_windows": stats.skipped,
-            "cls_prob": None if math.isnan(cls_prob) else round(cls_prob, 5),
-            "max_prob": round(stats.map_max[BUILDING], 5), "buildings": buildings,
-        })
-        grid = {"bounds": ds.bounds, "crs": ds.crs, "transform": ds.transform,
-                "shape": [ds.height, ds.width]} if georef else None
-    item = stac_outputs.scene_item(image.stem, paths, grid, provenance.stac_properties(record), cog=cfg.cog,
-                                   source=image.path)
-    stac_outputs.write_item(output_dir, item)
-    scene_bands.remove_bands(output_dir, image.stem)  # merged, or left by an interrupted split run
-    record["seconds"] = round(time.perf_counter() - start, 3)
-    return record
+        item = stac_outputs.scene_item(image.stem, paths, grid, provenance.stac_properties(record), cog=cfg.cog,
+                                       source=image.path)
+        stac_outputs.write_item(output_dir, item)
+        scene_bands.remove_bands(output_dir, image.stem)  # merged, or left by an interrupted split run
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        return record
+
+    return finish
 
 
 def _band_records(output_dir: Path, image: ImageInput, bands: list, fingerprint: str) -> list[dict]:
@@ -432,39 +452,14 @@ def _failed(image: ImageInput, message: str, output_dir: Path, cfg) -> dict:
 def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done: dict, progress_path: Path,
                    models: list[dict], summary: dict, rank: int = 0, bands: dict | None = None) -> None:
     """Predict, skip (finished with the same settings) or set aside (unreadable) each of `images`,
-    recording each in `done` and `progress_path` and counting it in `summary`. `bands`: stem -> the
-    rows of a scene split among ranks, merged from their partial files (or why a band failed)."""
+    recording each in `done` and `progress_path` (in the images' order) and counting it in `summary`.
+    An image's outputs are finished in a worker thread while the model runs on the next one
+    (`start_image`). `bands`: stem -> the rows of a scene split among ranks, merged from their partial
+    files (or why a band failed)."""
     bands = bands or {}
     output_dir = Path(cfg.output_dir)
-    for image in progress_bar(images, disable=not cfg.progress or len(images) < 2, unit="image"):
-        name = image.path.name
-        try:
-            gsd = image_gsd(image.path)
-            settings = provenance.image_settings(cfg, eng, models, image.path, gsd)
-            old = done.get(image.stem)
-            reason = "overwrite=true" if cfg.overwrite else run_folder.rerun_reason(
-                old, settings, outputs_of(output_dir, image.stem, cfg, settings))
-            if reason is None:
-                summary["skipped"] += 1
-                record = old
-                print(f"{name}: finished with the same settings; skipped")
-            else:
-                if reason != run_folder.NEW and (old or cfg.overwrite):
-                    print(f"recomputing {name}: {reason}")
-                record = {"path": str(image.path.resolve()), "status": run_folder.STATUS_DONE,
-                          "fingerprint": run_folder.fingerprint(settings), "settings": settings,
-                          "models": [{k: m[k] for k in ("path", "sha256", "backend", "export_tta", "model_gsd",
-                                                        "model_gsd_source")} for m in models]}
-                record = predict_image(eng, image, cfg, record, bands.get(image.stem), rank)
-                summary["predicted"] += 1
-                print(f"{name}: {provenance.describe_scale(eng, models, gsd)}; precision {record['precision']}; "
-                      f"{record['buildings']} buildings; {record['seconds']:.1f} s")
-        except (UserError, rasterio.errors.RasterioError) as err:
-            message = str(err) if isinstance(err, UserError) else \
-                f"{image.path}: not a readable raster ({one_line(err)})"
-            print(f"error: {message}", file=sys.stderr)
-            record = _failed(image, message, output_dir, cfg)
-            summary["failed"].append(image.stem)
+
+    def settle(image: ImageInput, record: dict) -> None:
         if cfg.mine_empty and "max_prob" in record:
             record["empty"] = is_empty(record, cfg.empty_threshold)
             if record["empty"]:
@@ -476,6 +471,56 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
         if cfg.debug:
             print(f"{image.stem}: {record}")
         _write_run(progress_path, info, done)
+
+    def failure(image: ImageInput, err: Exception) -> dict:
+        message = str(err) if isinstance(err, UserError) else f"{image.path}: not a readable raster ({one_line(err)})"
+        print(f"error: {message}", file=sys.stderr)
+        summary["failed"].append(image.stem)
+        return _failed(image, message, output_dir, cfg)
+
+    def finished(image: ImageInput, gsd, job) -> None:
+        try:
+            record = job.result()
+            summary["predicted"] += 1
+            print(f"{image.path.name}: {provenance.describe_scale(eng, models, gsd)}; precision "
+                  f"{record['precision']}; {record['buildings']} buildings; {record['seconds']:.1f} s")
+        except (UserError, rasterio.errors.RasterioError) as err:
+            record = failure(image, err)
+        settle(image, record)
+
+    pending = None  # (image, gsd, future) whose outputs the worker is finishing
+    with ThreadPoolExecutor(1, thread_name_prefix="finish") as pool:
+        for image in progress_bar(images, disable=not cfg.progress or len(images) < 2, unit="image"):
+            try:
+                gsd = image_gsd(image.path)
+                settings = provenance.image_settings(cfg, eng, models, image.path, gsd)
+                old = done.get(image.stem)
+                reason = "overwrite=true" if cfg.overwrite else run_folder.rerun_reason(
+                    old, settings, outputs_of(output_dir, image.stem, cfg, settings))
+                if reason is None:
+                    record = old
+                    summary["skipped"] += 1
+                    print(f"{image.path.name}: finished with the same settings; skipped")
+                else:
+                    if reason != run_folder.NEW and (old or cfg.overwrite):
+                        print(f"recomputing {image.path.name}: {reason}")
+                    record = {"path": str(image.path.resolve()), "status": run_folder.STATUS_DONE,
+                              "fingerprint": run_folder.fingerprint(settings), "settings": settings,
+                              "models": [{k: m[k] for k in ("path", "sha256", "backend", "export_tta", "model_gsd",
+                                                            "model_gsd_source")} for m in models]}
+                    finish = start_image(eng, image, cfg, record, bands.get(image.stem), rank)
+                    if pending:
+                        finished(*pending)
+                    pending = (image, gsd, pool.submit(finish))
+                    continue
+            except (UserError, rasterio.errors.RasterioError) as err:
+                record = failure(image, err)
+            if pending:  # run.json keeps the images' order
+                finished(*pending)
+                pending = None
+            settle(image, record)
+        if pending:
+            finished(*pending)
 
 
 def _write_run(path: Path, info: dict, done: dict) -> None:

@@ -121,10 +121,14 @@ def choose_backend(cfg, models: list, paths: list[str], device, model_ids: list[
 
 
 def _flat(widths) -> list[int]:
-    out = []
-    for w in widths if isinstance(widths, (list, tuple)) else [widths]:
-        out += _flat(w) if isinstance(w, (list, tuple)) else [int(w)]
-    return out
+    """Every width of `widths` (a number, a list, or a list of lists per model; Hydra's or plain)."""
+    from omegaconf import OmegaConf
+
+    if OmegaConf.is_config(widths):
+        widths = OmegaConf.to_object(widths)
+    if not isinstance(widths, (list, tuple)):
+        return [int(widths)]
+    return [w for item in widths for w in _flat(item)]
 
 
 def _engine_precision(cand: Candidate, requested: str) -> str:

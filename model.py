@@ -63,6 +63,8 @@ MODEL_KEYS = ("model_name", "in_channels", "use_context_block", "use_mish", "use
 ARCH_OVERRIDES = ("model_name", "use_mish", "use_context_block", "use_attention")
 DECODER_CHANNELS = 64
 INSTANCE_HEAD = "instance_head"  # build/config key and parameter prefix of the optional border/contact head
+DECODER_NORM = "decoder_norm"  # build/config key: groupnorm (the seed's, default) | none (arch=light)
+DECODER_NORMS = ("groupnorm", "none")
 ASPP_RATES = (4, 8, 12)
 
 
@@ -187,12 +189,15 @@ def _efficientnet(model_name: str, pretrained: bool):
 
 
 class ConvGNUp(nn.Module):
-    """3x3 conv (no bias) -> GroupNorm(32) -> ReLU -> bilinear x2: one step toward stride 4."""
+    """3x3 conv (no bias) -> GroupNorm(32) -> ReLU -> bilinear x2: one step toward stride 4.
 
-    def __init__(self, channels: int, groups: int = 32):
+    `norm=False` (decoder_norm=none): a 3x3 conv with bias -> ReLU, the plain FPN block of arch=light.
+    """
+
+    def __init__(self, channels: int, groups: int = 32, norm: bool = True):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
-        self.gn = nn.GroupNorm(groups, channels)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=not norm)
+        self.gn = nn.GroupNorm(groups, channels) if norm else nn.Identity()
 
     def forward(self, x):
         x = F.relu(self.gn(self.conv(x)))
@@ -250,13 +255,14 @@ class FPNDecoder(nn.Module):
 
     def __init__(self, encoder_channels: list[int], channels: int = DECODER_CHANNELS, *,
                  use_context_block: bool = False, use_mish: bool = False, use_attention: bool = True,
-                 use_ASPP: bool = True, context_hidden: int = 8, fuse_context: bool = False):
+                 use_ASPP: bool = True, context_hidden: int = 8, fuse_context: bool = False,
+                 norm: bool = True):
         super().__init__()
         # deepest first, as the top-down pass consumes them
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in reversed(encoder_channels))
         self.branches = nn.ModuleList([
-            nn.Sequential(ConvGNUp(channels), ConvGNUp(channels)),  # stride 16 -> 4
-            nn.Sequential(ConvGNUp(channels)),  # stride 8 -> 4
+            nn.Sequential(ConvGNUp(channels, norm=norm), ConvGNUp(channels, norm=norm)),  # stride 16 -> 4
+            nn.Sequential(ConvGNUp(channels, norm=norm)),  # stride 8 -> 4
             nn.Conv2d(channels, channels, 3, padding=1),  # stride 4
         ])
         merged = channels * len(self.branches)
@@ -325,6 +331,7 @@ class EfficientFPN(nn.Module):
             use_ASPP=config["use_ASPP"],
             context_hidden=config.get("context_hidden", 8),
             fuse_context=config.get("fuse_context", False),
+            norm=config.get(DECODER_NORM, "groupnorm") == "groupnorm",  # absent from older configs
         )
         self.seg_head = nn.Conv2d(DECODER_CHANNELS, 2, 1)
         self.dice_head = nn.Conv2d(DECODER_CHANNELS, 1, 1, bias=False)
@@ -369,10 +376,11 @@ def set_instance_head(net: EfficientFPN, on: bool) -> str | None:
 def build_model(model_name: str = "efficientnet-b1", *, pretrained: bool = False, in_channels: int = 3,
                 use_context_block: bool = False, use_mish: bool = False, use_attention: bool = True,
                 use_ASPP: bool = True, drop_connect_rate: float = 0.2, instance_head: bool = False,
-                **layout) -> EfficientFPN:
+                decoder_norm: str = "groupnorm", **layout) -> EfficientFPN:
     """Build the network; defaults are the original pipeline's (b1, attention and ASPP on, no instance head).
 
-    `instance_head` is stored in the config only when on, so head-less configs are exactly the old ones.
+    `instance_head` is stored in the config only when on, and `decoder_norm` only when not the seed's
+    groupnorm, so the seed architecture's configs are exactly the old ones.
 
     `layout` takes only the internal keys `context_hidden`/`fuse_context` that `load_model` uses to
     rebuild the original pipeline's non-b2 context models; new models never need them.
@@ -384,6 +392,8 @@ def build_model(model_name: str = "efficientnet-b1", *, pretrained: bool = False
         raise UserError(f"in_channels={in_channels}: must be at least 1")
     if not 0.0 <= float(drop_connect_rate) < 1.0:
         raise UserError(f"drop_connect_rate={drop_connect_rate}: must be in [0, 1)")
+    if decoder_norm not in DECODER_NORMS:
+        raise UserError(f"decoder_norm={decoder_norm}: use {' or '.join(DECODER_NORMS)}")
     config = {
         "model_name": str(model_name),
         "in_channels": int(in_channels),
@@ -398,13 +408,16 @@ def build_model(model_name: str = "efficientnet-b1", *, pretrained: bool = False
         config["fuse_context"] = bool(layout.get("fuse_context", False))
     if instance_head:
         config[INSTANCE_HEAD] = True
+    if decoder_norm != "groupnorm":
+        config[DECODER_NORM] = str(decoder_norm)
     return EfficientFPN(config, pretrained=pretrained)
 
 
 def model_kwargs_from_cfg(cfg) -> dict:
-    """`build_model` keyword arguments from a flat Hydra config (MODEL_KEYS, instance_head, pretrained), None = unset."""
+    """`build_model` keyword arguments from a flat Hydra config (MODEL_KEYS, instance_head, decoder_norm,
+    pretrained), None = unset."""
     out = {}
-    for key in (*MODEL_KEYS, INSTANCE_HEAD, "pretrained"):
+    for key in (*MODEL_KEYS, INSTANCE_HEAD, DECODER_NORM, "pretrained"):
         try:
             value = cfg.get(key)
         except Exception:  # noqa: BLE001 - struct configs without the key
@@ -417,9 +430,10 @@ def model_kwargs_from_cfg(cfg) -> dict:
 def infer_config(state_dict: dict, path, overrides: dict) -> dict:
     """Architecture of a checkpoint that does not describe itself, from its (our-named) keys and shapes.
 
-    Encoder from the stem/head widths and block count, context block, ASPP, attention and the instance
-    head from the keys present. Only Mish in the fusion conv without a context block is invisible in the weights: it comes
-    from `use_mish` (default off). With a context block the original pipeline always used Mish there.
+    Encoder from the stem/head widths and block count, context block, ASPP, attention, the decoder's
+    GroupNorm and the instance head from the keys present. Only Mish in the fusion conv without a context
+    block is invisible in the weights: it comes from `use_mish` (default off). With a context block the
+    original pipeline always used Mish there.
     """
     from efficientnet_pytorch.model import VALID_MODELS
 
@@ -462,6 +476,8 @@ def infer_config(state_dict: dict, path, overrides: dict) -> dict:
             config["context_hidden"], config["fuse_context"] = hidden, fuse_ctx
     if f"{INSTANCE_HEAD}.weight" in state_dict:
         config[INSTANCE_HEAD] = True
+    if "decoder.branches.0.0.gn.weight" not in state_dict:
+        config[DECODER_NORM] = "none"
     return config
 
 

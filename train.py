@@ -3,6 +3,7 @@
     python train.py batch_size=5 data_dir=<chips> max_lr=0.0002 weight_decay=6.3e-7 fold=0 model_name=efficientnet-b1
     python train.py ... model_name=efficientnet-b2 use_mish=True use_context_block=True
     python train.py ... drop_connect_rate=0.5 soft_labels_dir=<soft labels>       # self-training (Noisy Student)
+    python train.py data_dir=<chips> arch=light pretrained=false                  # lighter network, new CPU training
     python train.py resume=outputs/train/<run>/last.pth                           # exact continuation
     torchrun --nproc_per_node=4 train.py ...                                      # data parallel
     python train.py task=points data_dir=<prepared SAR> model_name=efficientnet-b4 width=1024  # CircleNet points
@@ -47,7 +48,8 @@ from lib.model_contract import INSTANCE, check_input_multiple
 from lib.postprocess import DEFAULTS as POSTPROCESS
 from lib.raster_outputs import seed_min_px
 from lib.trainer import Session, autocast, to_device
-from model import DICE, MODEL_KEYS, SEG, build_model, load_model, model_kwargs_from_cfg, set_instance_head
+from lib.val_cadence import parse_val_every
+from model import DECODER_NORM, DICE, MODEL_KEYS, SEG, build_model, load_model, model_kwargs_from_cfg, set_instance_head
 from optim import build_one_cycle
 
 # Keys a resumed run may change; every other key comes from the checkpoint so the run continues exactly.
@@ -74,6 +76,10 @@ def arch_slug(cfg) -> str:
         slug += "_context"
     if cfg.use_mish:
         slug += "_mish"
+    if not cfg.use_ASPP:
+        slug += "_noaspp"
+    if cfg.decoder_norm == "none":
+        slug += "_nogn"
     return slug
 
 
@@ -108,6 +114,7 @@ def check_config(cfg) -> None:
         raise UserError("num_epochs and max_steps are both unset; give at least one")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise UserError(f"precision={cfg.precision}: use auto, fp32, bf16 or fp16")
+    parse_val_every(cfg.val_every)  # a one-line UserError for anything but auto, N, "Ns" or null
     if cfg.lr_scaling not in ("none", "linear", "sqrt"):
         raise UserError(f"lr_scaling={cfg.lr_scaling}: use none, linear or sqrt")
     band = list(cfg.soft_band)
@@ -212,9 +219,11 @@ def create_model(cfg) -> torch.nn.Module:
     # Our checkpoints describe themselves; the original pipeline's cannot tell use_mish without a context block.
     net = load_model(cfg.model, drop_connect_rate=arch.get("drop_connect_rate"),
                      **({} if ours else {"use_mish": arch.get("use_mish")}))
-    differ = [k for k in arch if k != "drop_connect_rate" and k in net.config and net.config[k] != arch[k]]
+    arch[DECODER_NORM] = cfg.decoder_norm
+    stored = {DECODER_NORM: "groupnorm", **net.config}  # decoder_norm is stored only when not the seed's
+    differ = [k for k in arch if k != "drop_connect_rate" and k in stored and stored[k] != arch[k]]
     if differ:
-        have = " ".join(f"{k}={net.config[k]}" for k in differ)
+        have = " ".join(f"{k}={stored[k]}" for k in differ)
         want = " ".join(f"{k}={arch[k]}" for k in differ)
         raise UserError(f"{cfg.model}: the checkpoint is {have} but the training config asks for {want}; "
                         f"add `{have}` to the command line")

@@ -1,35 +1,39 @@
-"""Training throughput: images/s of train.py's step for fp32 vs mixed precision, and the data-loading share.
+"""Training throughput: steps/s of train.py's step per arch preset x precision, the loader's share, workers x threads.
 
-    python benchmarks/bench_train.py                                   # b1, 512 px, batch 8, on the GPU if any
-    python benchmarks/bench_train.py --steps 3 --size 256 --batch 2 --threads 2      # a quick CPU run
+    python benchmarks/bench_train.py --data-dir <chips>                                  # b0, light; 10 steps each
+    python benchmarks/bench_train.py --data-dir <chips> --steps 3 --size 256 --batch 8    # quick, the Kampala run's shape
 
-For each precision it times `lib.trainer.train_step` (forward, losses, backward, optimiser) twice:
-- model only: one batch kept on the device, so the figure is the compute ceiling;
-- pipeline: batches from the segmentation task's real DataLoader (chips, augmentations, workers, pinned memory),
-  measuring how long each step waits for its batch. The share of step time spent waiting is what the
-  loader costs; near 0 % means it never starves the device.
-The ratio printed is each precision's model-only images/s over fp32's, measured in the same process.
-fp16 and bf16 run on CUDA; on CPU bf16 runs only where the CPU has native bf16 kernels (AMX / AVX-512 BF16;
-elsewhere it is emulated and ~25x slower than fp32, see --force-bf16), fp16 is skipped.
+Every figure times `lib.trainer.train_step` (forward, losses, backward, optimiser) of the segmentation task:
+- model: one batch kept on the device -- the compute ceiling of the preset and precision;
+- pipeline: batches from the task's real DataLoader (chips, augmentations, `--workers` workers). The loader's
+  share is 1 - model / pipeline step time: what loading costs, by making the step wait or by taking the cores
+  (on a 2-core CPU the workers compete with the model's threads); "wait" is the part spent waiting.
+Ratios are against the first preset (b0) in fp32, measured in the same run. bf16 runs on CUDA and on CPUs
+with native bf16 kernels (AVX512-BF16 / AMX); elsewhere it is emulated and far slower, so it is skipped.
+Then, for the fastest preset and precision, the pipeline is timed for num_workers 0/1/2 x torch threads 1/2
+(on CPU): the figures behind train.yaml's num_workers default. Precisions are explicit here, so no
+precision=auto trial runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
+from kampala_holdout import cpu_name
 
 import train
 from lib import trainer
 from lib.cli import compose_config
-from lib.devices import resolve_device
+from lib.devices import cpu_has_native_bf16, resolve_device
 
 
 def sync(device: torch.device) -> None:
@@ -37,22 +41,26 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def session(args, precision: str):
-    overrides = [f"model_name=efficientnet-{args.model}", "pretrained=false", f"width={args.size}",
-                 f"batch_size={args.batch}", f"num_workers={args.workers}", f"precision={precision}",
-                 f"max_steps={2 * (args.warmup + args.steps) + 2}", "progress=false", f"device={args.device}",
-                 "output_dir=outputs/bench_train", f"augment={args.augment}", "num_folds=2"]
+def session(args, preset: str, precision: str, workers: int, threads: int | None):
+    overrides = [f"arch={preset}", "pretrained=false", f"width={args.size}", f"batch_size={args.batch}",
+                 f"num_workers={workers}", f"precision={precision}", f"max_steps={2 * (args.warmup + args.steps) + 2}",
+                 "progress=false", f"device={args.device}", "output_dir=outputs/bench_train", "num_folds=2"]
     if args.data_dir:
         overrides.append(f"data_dir={args.data_dir}")
-    if args.threads:
-        overrides.append(f"threads={args.threads}")
+    if threads:
+        overrides.append(f"threads={threads}")
     return train.prepare(compose_config("train", overrides))
 
 
-def measure(s, steps: int, warmup: int, fixed: tuple | None):
-    """Seconds per step and seconds per step spent waiting for data (0 for a fixed on-device batch)."""
+def measure(s, steps: int, warmup: int, fixed=None) -> tuple[float, float]:
+    """Seconds per step and seconds per step spent waiting for data (0 for a fixed on-device batch).
+
+    A fixed batch gives the median step (the compute ceiling, robust to a busy moment on the machine); the
+    loader gives the mean (waits come in bursts once the prefetched batches are used up).
+    """
     it = s.task.train_batches(s) if fixed is None else None
     total = wait = 0.0
+    times = []
     for i in range(warmup + steps):
         sync(s.device)
         t0 = time.perf_counter()
@@ -61,76 +69,99 @@ def measure(s, steps: int, warmup: int, fixed: tuple | None):
         t1 = time.perf_counter()
         trainer.train_step(s, batch)
         sync(s.device)
-        t2 = time.perf_counter()
         if i >= warmup:
-            total += t2 - t0
-            wait += t1 - t0
-    return total / steps, wait / steps
+            times.append(time.perf_counter() - t0)
+            total, wait = total + times[-1], wait + t1 - t0
+    return (total / steps if fixed is None else statistics.median(times)), wait / steps
 
 
-def cpu_bf16() -> bool:
-    """Whether this CPU has native bf16 kernels (AMX / AVX-512 BF16); without them bf16 is emulated, ~25x slower."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+def precisions(device: torch.device, asked: list[str]) -> list[str]:
+    """The asked precisions that run natively here (fp16 only on CUDA, bf16 where the hardware has it)."""
+    native = {"fp32": True, "fp16": device.type == "cuda",
+              "bf16": torch.cuda.is_bf16_supported() if device.type == "cuda" else
+              device.type == "cpu" and cpu_has_native_bf16()}
+    return [p for p in asked if native.get(p)]
 
 
-def precisions(device: torch.device, asked: list[str], force: bool = False) -> list[str]:
-    out = []
-    for p in asked:
-        if p == "fp16" and device.type != "cuda":
-            continue
-        if p == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            continue
-        if p == "bf16" and device.type == "cpu" and not (force or cpu_bf16()):
-            print("skipping bf16: this CPU has no native bf16 kernels (use --force-bf16 to time it anyway)")
-            continue
-        out.append(p)
-    return out
+def preset_rows(args, device) -> list[dict]:
+    rows, base = [], None
+    for preset in args.presets.split(","):
+        for p in precisions(device, args.precision.split(",")):
+            s = session(args, preset, p, args.workers, args.threads)
+            batch = next(s.task.train_batches(s))
+            model_s, _ = measure(s, args.steps, args.warmup, batch)
+            pipe_s, wait_s = measure(s, args.steps, args.warmup)
+            row = {"preset": preset, "precision": p, "model_steps_s": 1 / model_s, "pipeline_steps_s": 1 / pipe_s,
+                   "loader_share": max(0.0, 1 - model_s / pipe_s), "data_wait_share": wait_s / pipe_s}
+            base = base or row
+            row["model_vs_b0_fp32"] = row["model_steps_s"] / base["model_steps_s"]
+            row["pipeline_vs_b0_fp32"] = row["pipeline_steps_s"] / base["pipeline_steps_s"]
+            rows.append(row)
+            print_row(args, row)
+    return rows
 
 
-def main(argv=None) -> list[dict]:
+def loader_grid(args, best: dict, device) -> list[dict]:
+    """Pipeline steps/s of the fastest preset x precision for num_workers 0/1/2 x torch threads 1/2."""
+    rows = []
+    for workers in (0, 1, 2):
+        for threads in ((1, 2) if device.type == "cpu" else (None,)):
+            s = session(args, best["preset"], best["precision"], workers, threads)
+            pipe_s, wait_s = measure(s, args.steps, args.warmup)
+            rows.append({"workers": workers, "threads": threads, "pipeline_steps_s": 1 / pipe_s,
+                         "data_wait_share": wait_s / pipe_s})
+            r = rows[-1]
+            print(f"  workers {workers}  threads {threads}  {r['pipeline_steps_s']:6.3f} steps/s "
+                  f"{args.batch * r['pipeline_steps_s']:6.2f} img/s  data wait {100 * r['data_wait_share']:5.1f}%",
+                  flush=True)
+            del s
+    return rows
+
+
+def print_row(args, r: dict) -> None:
+    print(f"{r['preset']:>7} {r['precision']:>5} {r['model_steps_s']:8.3f} {args.batch * r['model_steps_s']:8.2f} "
+          f"{r['pipeline_steps_s']:8.3f} {args.batch * r['pipeline_steps_s']:8.2f} {100 * r['loader_share']:6.1f}% "
+          f"{100 * r['data_wait_share']:5.1f}% "
+          f"{r['model_vs_b0_fp32']:7.2f}x {r['pipeline_vs_b0_fp32']:7.2f}x", flush=True)
+
+
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="b1", help="EfficientNet size: b0..b7")
-    parser.add_argument("--size", type=int, default=512, help="training crop (width) in pixels")
+    parser.add_argument("--presets", default="b0,light", help="arch presets (config/arch/), the first is the baseline")
+    parser.add_argument("--precision", default="fp32,bf16,fp16", help="comma-separated; non-native ones are skipped")
+    parser.add_argument("--size", type=int, default=256, help="training crop (width) in pixels")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each measurement")
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
+    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: train.yaml's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--precision", default="fp32,bf16,fp16", help="comma-separated; unavailable ones are skipped")
-    parser.add_argument("--force-bf16", action="store_true", help="time bf16 even on CPUs without native bf16")
-    parser.add_argument("--augment", default="seed", choices=["seed", "light"])
     parser.add_argument("--data-dir", default=None, help="training chips (default: the built-in demo chips)")
+    parser.add_argument("--no-grid", action="store_true", help="skip the workers x threads measurement")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-
-    results = []
-    base = None
+    warnings.filterwarnings("ignore", message="all .* chips come from one scene")  # expected on one-scene chips
+    if args.workers is None:
+        args.workers = int(compose_config("train").num_workers)
     device = resolve_device(args.device)
-    for p in precisions(device, ["fp32", *[q for q in args.precision.split(",") if q != "fp32"]], args.force_bf16):
-        s = session(args, p)
-        batch = next(s.task.train_batches(s))
-        model_step, _ = measure(s, args.steps, args.warmup, batch)
-        pipe_step, pipe_wait = measure(s, args.steps, args.warmup, None)
-        row = {"precision": p, "model_img_s": args.batch / model_step, "pipeline_img_s": args.batch / pipe_step,
-               "data_wait_share": pipe_wait / pipe_step}
-        base = base or row["model_img_s"]
-        row["speedup_vs_fp32"] = row["model_img_s"] / base
-        results.append(row)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
-    print(f"train step, efficientnet-{args.model} FPN, {args.size}x{args.size}, batch {args.batch}, "
-          f"{args.workers} workers, device {device} ({name}), torch threads {torch.get_num_threads()}")
-    print(f"{'precision':>9} {'model img/s':>12} {'pipeline img/s':>15} {'data wait':>10} {'vs fp32':>8}")
-    for r in results:
-        print(f"{r['precision']:>9} {r['model_img_s']:12.2f} {r['pipeline_img_s']:15.2f} "
-              f"{100 * r['data_wait_share']:9.1f}% {r['speedup_vs_fp32']:7.2f}x")
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
+    print(f"train step, {args.size}x{args.size}, batch {args.batch}, {args.steps} steps after {args.warmup}; "
+          f"device {device} ({where}); torch {torch.__version__}, {torch.get_num_threads()} threads; native bf16: "
+          f"{cpu_has_native_bf16() if device.type == 'cpu' else device.type == 'cuda'}")
+    base = f"vs {args.presets.split(',')[0]} fp32"
+    print(f"{'preset':>7} {'prec':>5} {'model':>8} {'img/s':>8} {'pipeline':>8} {'img/s':>8} {'loader':>7} {'wait':>6} "
+          f"{'model':>8} {'pipeline':>8}\n{'':>7} {'':>5} {'steps/s':>8} {'':>8} {'steps/s':>8} {'':>8} {'share':>7} "
+          f"{'':>6} {base:>17}   ({args.workers} workers)", flush=True)
+    rows = preset_rows(args, device)
+    grid = []
+    if not args.no_grid:
+        best = max(rows, key=lambda r: r["model_steps_s"])
+        print(f"loader: {best['preset']} {best['precision']}, pipeline for num_workers x torch threads", flush=True)
+        grid = loader_grid(args, best, device)
+    result = {"args": vars(args), "device": str(device), "name": where, "presets": rows, "loader": grid}
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "device": str(device), "name": name,
-                                               "results": results}, indent=2))
-    return results
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":

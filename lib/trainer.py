@@ -2,19 +2,22 @@
 
 A task (building segmentation today, point detection later) plugs in through the `Task` protocol:
 it builds its data, model and optimiser, yields its batches, computes its loss and its validation
-metrics. Everything else lives here once: mixed precision, DDP glue (wrapping, BatchNorm buffers
-shared before scoring, one all-reduce of the loss terms per step), the checkpoint cadence
-(last/best/m<step>.pth), the run folder's logs (lib.run_log) and exact resume.
+metrics. Everything else lives here once: mixed precision (precision=auto's first-batch trial on CPUs
+with native bf16: lib.amp_trial), DDP glue (wrapping, BatchNorm buffers shared before scoring, one
+all-reduce of the loss terms per step), when to validate (lib.val_cadence, fed the seconds measured
+here), the checkpoint cadence (last/best/m<step>.pth), the run folder's logs (lib.run_log) and exact resume.
 
 Exactness: a training checkpoint (last.pth, m<step>.pth) holds the model, optimiser, scheduler, scaler,
-step and every process's RNG states; a task whose batches are a function of (seed, step) -- see
-dataset.EpochBatches -- therefore continues after SIGKILL with the same losses, bit for bit on CPU.
+step, the validation plan and every process's RNG states; a task whose batches are a function of
+(seed, step) -- see dataset.EpochBatches -- therefore continues after SIGKILL with the same losses, bit
+for bit on CPU.
 best.pth is lean (weights, config, meta and scores): what inference and `model=` need.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import random
 import time
@@ -29,11 +32,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
+from lib import amp_trial
 from lib.checkpoints import load_checkpoint, save_checkpoint
 from lib.cli import progress_bar
-from lib.distributed import Dist, all_reduce, gather_object
+from lib.distributed import Dist, all_reduce, broadcast_object, gather_object
 from lib.errors import UserError
 from lib.run_log import RunLog
+from lib.val_cadence import Cadence
 
 
 class DivergedError(UserError):
@@ -85,6 +90,9 @@ class Session:
     best_step: int = 0
     history: list = field(default_factory=list)
     cache: dict = field(default_factory=dict)  # the task's reusable objects (e.g. its validation loader)
+    cadence: Cadence | None = None  # when to validate (lib.val_cadence)
+    precision_trial: dict | None = None  # precision=auto's trial record (lib.amp_trial); None: no trial
+    trial_due: bool = False  # the trial runs on the first batch of fit()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -93,7 +101,8 @@ class Session:
 
 
 def autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
-    """Mixed-precision dtype: auto = bf16 on CUDA when supported, else fp16 on CUDA, fp32 elsewhere."""
+    """Mixed-precision dtype: auto = bf16 on CUDA when supported, else fp16 on CUDA, fp32 elsewhere
+    (until lib.amp_trial's trial on a CPU with native bf16 says otherwise)."""
     p = cfg.precision
     if p == "auto":
         if device.type != "cuda":
@@ -212,7 +221,9 @@ def prepare(cfg, task: Task, d: Dist, device: torch.device) -> Session:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         model = torch.compile(model)
-    s = Session(cfg, task, d, device, data, net, model, optimizer, scheduler, scaler, amp, total, per_epoch)
+    s = Session(cfg, task, d, device, data, net, model, optimizer, scheduler, scaler, amp, total, per_epoch,
+                cadence=Cadence.from_config(cfg.val_every, per_epoch, total),
+                trial_due=amp_trial.trial_wanted(cfg, device))
     if cfg.resume:
         restore(s, load_checkpoint(cfg.resume))
     else:
@@ -263,6 +274,10 @@ def restore(s: Session, ckpt: dict) -> None:
     metrics = ckpt.get("metrics") or {}
     s.best, s.best_step = float(metrics.get(best_key(s.task), -math.inf)), int(metrics.get("best_step", 0))
     s.history = list(metrics.get("history", []))
+    s.cadence.load(ckpt.get("val_cadence"))
+    s.precision_trial = (ckpt.get("meta") or {}).get("precision_trial")
+    if s.precision_trial and s.cfg.precision == "auto":  # the run's trial decided; no new trial on resume
+        s.autocast_dtype = amp_trial.DTYPES[s.precision_trial["chosen"]]
     states = (ckpt.get("rng") or {}).get("ranks") or []
     if len(states) == s.d.world:
         set_rng_state(states[s.d.rank])
@@ -349,10 +364,14 @@ def save(s: Session, path: Path, rng: dict | None) -> None:
     state = {}
     if rng is not None:
         state = {"optimizer": s.optimizer.state_dict(), "scheduler": s.scheduler.state_dict(),
-                 "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None, "rng": rng}
+                 "scaler": s.scaler.state_dict() if s.scaler.is_enabled() else None, "rng": rng,
+                 "val_cadence": s.cadence.state()}
         metrics["history"] = s.history[-1000:]
+    meta = s.task.checkpoint_meta(s)
+    if s.precision_trial:
+        meta = {**meta, "precision_trial": s.precision_trial}
     save_checkpoint(path, s.net, **state, step=s.step, epoch=s.step / max(s.per_epoch, 1), metrics=metrics,
-                    train_config=OmegaConf.to_container(s.cfg, resolve=True), meta=s.task.checkpoint_meta(s))
+                    train_config=OmegaConf.to_container(s.cfg, resolve=True), meta=meta)
 
 
 def checkpoint(s: Session, names: list[str]) -> None:
@@ -404,23 +423,56 @@ def is_better(s: Session, metrics: dict) -> bool:
     return metrics[tie] > best_row.get(tie, math.inf)
 
 
+@dataclass
+class _Clock:
+    """Training seconds and steps since the cadence was last planned; seconds of the last validation's checkpoints."""
+    train_s: float = 0.0
+    steps: int = 0
+    write_s: float = 0.0
+
+
+def _replan(s: Session, log: RunLog, bar, clock: _Clock, val_s: float | None) -> None:
+    """Adaptive validation cadence: plan from rank 0's timings, the same on every rank; one line when it changes."""
+    step_s = clock.train_s / max(clock.steps, 1)
+    changed = s.cadence.plan(s.step, step_s, val_s)
+    s.cadence.every, s.cadence.next_step, changed = broadcast_object((s.cadence.every, s.cadence.next_step, changed),
+                                                                     s.d)
+    if changed and log.enabled:
+        bar.write(s.cadence.describe(step_s, val_s))
+    clock.train_s, clock.steps = 0.0, 0
+
+
+def _first_batch_trial(s: Session, inputs: Iterator) -> Iterator:
+    """precision=auto on a CPU with native bf16: lib.amp_trial decides on the first batch, which the first step
+    then uses (the trial leaves the run's trajectory unchanged)."""
+    first = next(inputs)
+    s.precision_trial, s.trial_due = amp_trial.choose(s, first), False
+    if s.d.main:
+        print(amp_trial.describe(s.precision_trial), flush=True)
+    return itertools.chain([first], inputs)
+
+
 def fit(s: Session, on_validation: Callable[[Session, dict], None] | None = None, write: bool = True) -> dict:
     """Run the training loop to `total_steps`, validating, logging and checkpointing on schedule.
 
     `on_validation(session, metrics)` is called after every validation (hyper-parameter search hooks
     in here; it may raise to stop the run). `write=False` keeps everything in memory (no files).
+    Validation follows `s.cadence` (lib.val_cadence); its adaptive modes are fed the seconds measured here
+    (the first step of a session, with its start-up costs, is not counted).
     """
     cfg, d = s.cfg, s.d
     log = RunLog(Path(cfg.output_dir), s.task.metric_names, write and d.main, s.task.metric_labels)
     log.open(OmegaConf.to_yaml(s.cfg), s.step)
     set_train_mode(s.net, cfg)
     inputs = s.task.train_batches(s)
-    val_every = cfg.val_every or s.per_epoch
+    if s.trial_due:
+        inputs = _first_batch_trial(s, inputs)
     bar = progress_bar(total=s.total_steps, initial=s.step, disable=not (d.main and cfg.progress),
                        dynamic_ncols=True, desc="train", unit="step")
-    running, count, started, smooth = 0.0, 0, time.time(), None
+    running, count, started, smooth, clock, first = 0.0, 0, time.time(), None, _Clock(), s.step + 1
     try:
         while s.step < s.total_steps:
+            t0 = time.perf_counter()
             terms = train_step(s, next(inputs))
             running, count = running + terms["loss"], count + 1
             smooth = terms["loss"] if smooth is None else 0.9 * smooth + 0.1 * terms["loss"]
@@ -430,16 +482,25 @@ def fit(s: Session, on_validation: Callable[[Session, dict], None] | None = None
             bar.update(1)
             if s.step % int(cfg.log_every) == 0:
                 log.scalars("train", {**terms, "lr": lr}, s.step)
-            names = []
-            if is_due(s.step, val_every, s.total_steps):
+            if s.step > first:
+                clock.train_s, clock.steps = clock.train_s + time.perf_counter() - t0, clock.steps + 1
+            names, validated = [], s.cadence.due(s.step)
+            if validated:
+                t1 = time.perf_counter()
                 names = _after_validation(s, log, bar, lr, (running, count), started, on_validation)
                 running, count = 0.0, 0
+                if s.cadence.adaptive and s.step < s.total_steps:
+                    _replan(s, log, bar, clock, time.perf_counter() - t1 + clock.write_s)
+            elif s.cadence.probe_due(s.step):
+                _replan(s, log, bar, clock, None)
             if is_due(s.step, cfg.save_every, s.total_steps) and "last.pth" not in names:
                 names.append("last.pth")
             if cfg.keep_every and s.step % int(cfg.keep_every) == 0:
                 names.append(f"m{s.step}.pth")
             if names and write:  # same decision on every rank: all of them join the RNG gather
+                t2 = time.perf_counter()
                 checkpoint(s, names)
+                clock.write_s = time.perf_counter() - t2 if validated else clock.write_s
     finally:
         bar.close()
         log.close()

@@ -12,8 +12,8 @@ if [ "${DEMO_TASK:-segmentation}" = points ]; then exec scripts/demo_points.sh; 
 scripts/setup_env.sh
 export OUT=${OUT:-outputs/demo}
 export PREP_SCALES=${PREP_SCALES:-1}
-export B1_ARGS=${B1_ARGS:-"model_name=efficientnet-b0 pretrained=false max_steps=150 width=128 batch_size=8 val_every=75 num_workers=1"}
-export B2_ARGS=${B2_ARGS:-"model_name=efficientnet-b0 pretrained=false max_steps=100 width=128 batch_size=8 val_every=50 num_workers=1"}
+export B1_ARGS=${B1_ARGS:-"model_name=efficientnet-b0 pretrained=false max_steps=150 width=128 batch_size=8 val_every=75 num_workers=1 precision=fp32"}
+export B2_ARGS=${B2_ARGS:-"model_name=efficientnet-b0 pretrained=false max_steps=100 width=128 batch_size=8 val_every=50 num_workers=1 precision=fp32"}
 export B1_WIDTH=${B1_WIDTH:-512} B2_WIDTH=${B2_WIDTH:-448}
 export INFER_ARGS=${INFER_ARGS:-"tile_size=512 overlap=64 precision=fp32"}
 export SOFT_CHIP_SIZE=${SOFT_CHIP_SIZE:-256}

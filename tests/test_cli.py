@@ -86,7 +86,7 @@ def test_arch_group_selection_still_works(name):
 
 
 def test_unknown_group_option_lists_the_choices():
-    with pytest.raises(UserError, match=r"^unknown arch 'b9' for train\.py \(choose from b0, b1, b2, b2_context_mish\)$"):
+    with pytest.raises(UserError, match=r"^unknown arch 'b9' for train\.py \(choose from b0, b1, b2, b2_context_mish, light\)$"):
         compose_config("train", ["arch=b9"])
 
 

@@ -81,7 +81,7 @@ def test_presets_build_the_original_architectures(reference, preset, count, refe
     assert set(M.from_seed_names(original)) == set(model.state_dict())
 
 
-@pytest.mark.parametrize("preset", ["b0", "b2", "b2_context_mish"])
+@pytest.mark.parametrize("preset", ["b0", "b2", "b2_context_mish", "light"])
 def test_save_load_round_trip_gives_identical_outputs(tmp_path, preset):
     kwargs = M.model_kwargs_from_cfg(compose_config(None, [f"+arch={preset}"]))
     model = _randomise_buffers(M.build_model(**kwargs))
@@ -345,3 +345,28 @@ def test_model_kwargs_from_cfg_reads_the_instance_head():
     cfg = compose_config("train", ["arch=b0"])
     assert cfg.instance_head is True and M.model_kwargs_from_cfg(cfg)["instance_head"] is True
     assert M.build_model(**M.model_kwargs_from_cfg(cfg)).config["instance_head"] is True
+
+
+def test_light_preset_is_a_plain_fpn_head_whose_weights_tell_its_architecture():
+    """arch=light: b0, no ASPP, no GroupNorm in the upsampling blocks, instance head kept; a checkpoint
+    without its config (weights only) is rebuilt as the same network, and the seed's infer as before."""
+    cfg = compose_config(None, ["+arch=light"])
+    net = M.build_model(**M.model_kwargs_from_cfg(cfg), instance_head=True)
+    assert net.config[M.DECODER_NORM] == "none" and net.config["model_name"] == "efficientnet-b0"
+    assert net.decoder.aspp is None and not any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
+    assert all(isinstance(m.gn, torch.nn.Identity) and m.conv.bias is not None
+               for m in net.modules() if isinstance(m, M.ConvGNUp))
+    seed_like = M.build_model("efficientnet-b0")
+    assert M.DECODER_NORM not in seed_like.config  # the seed architecture's config is exactly the old one
+    assert sum(p.numel() for p in net.parameters()) < 0.85 * sum(p.numel() for p in seed_like.parameters())
+    inferred = M.infer_config(net.state_dict(), "light.pth", {})
+    assert inferred == {**net.config, "drop_connect_rate": 0.2}
+    assert M.DECODER_NORM not in M.infer_config(seed_like.state_dict(), "b0.pth", {})
+    with torch.no_grad():
+        out = net.eval()(torch.randn(1, 3, 64, 64))
+    assert out[M.SEG].shape == (1, 2, 16, 16) and out[M.INSTANCE].shape == (1, 2, 16, 16)
+
+
+def test_unknown_decoder_norm_is_a_one_line_error():
+    with pytest.raises(UserError, match="decoder_norm=batch: use groupnorm or none"):
+        M.build_model("efficientnet-b0", decoder_norm="batch")

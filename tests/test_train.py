@@ -206,6 +206,7 @@ def test_model_init_and_load_state_take_weights_and_moments(chips, tmp_path):
     ("precision=fp8", "precision"),
     ("select_by=aggregate", "segmentation chooses best.pth by polygon_f1 or jaccard"),
     ("instance_loss=l2", "instance_loss=l2: use bce_dice or focal_dice"),
+    ("val_every=10m", "val_every=10m: use auto, a number of steps"),
 ])
 def test_bad_inputs_are_one_line_user_errors(override, match, chips, tmp_path):
     (tmp_path / "empty").mkdir()
@@ -298,3 +299,24 @@ def test_short_training_logs_polygon_scores_and_selects_best_by_polygon_f1(chips
     assert ckpt["step"] == best["step"] == result["best_step"]
     assert ckpt["metrics"]["best_polygon_f1"] == best["val_polygon_f1"]
     assert ckpt["model_config"]["instance_head"] is True
+
+
+@pytest.mark.slow
+def test_light_preset_trains_and_its_checkpoint_rebuilds_alone(chips, tmp_path):
+    """arch=light: a step, a self-describing checkpoint (weights alone infer the same network), a run folder
+    named after the preset, and model=<its checkpoint> only with its own architecture."""
+    from model import DECODER_NORM, infer_config
+
+    out = tmp_path / "light"
+    cfg = compose_config("train", [*TINY, "arch=light", f"data_dir={chips}", "max_steps=1", f"output_dir={out}"])
+    assert train.run_name(cfg) == "light" and train.arch_slug(cfg) == "b0_noaspp_nogn"
+    train.run(cfg)
+    net = load_model(out / "best.pth")
+    assert net.config[DECODER_NORM] == "none" and not net.config["use_ASPP"] and net.config["instance_head"]
+    state = load_checkpoint(out / "best.pth")["state_dict"]
+    assert infer_config(state, "best.pth", {}) == {**net.config, "drop_connect_rate": 0.2}
+    again = train.create_model(compose_config("train", [*TINY, "arch=light", f"model={out / 'best.pth'}"]))
+    assert again.config == net.config
+    with pytest.raises(UserError, match="use_ASPP=False decoder_norm=none") as err:
+        train.create_model(compose_config("train", [*TINY, f"model={out / 'best.pth'}"]))
+    assert "\n" not in str(err.value)

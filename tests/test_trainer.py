@@ -23,8 +23,9 @@ from lib.run_log import metric_fields, truncate_metrics
 from model import load_model
 
 torch.set_num_threads(1)
+# precision=fp32: runs compared with each other must not each take precision=auto's timing-based choice
 TINY = ["arch=b0", "pretrained=false", "width=64", "batch_size=2", "num_workers=0", "threads=1", "progress=false",
-        "augment=light"]
+        "augment=light", "precision=fp32"]
 
 
 def tb_losses(run_dir: Path) -> dict[int, float]:
@@ -264,3 +265,152 @@ def test_progress_bar_is_not_redrawn_every_step_when_stderr_is_a_log(tmp_path, c
     captured = capsys.readouterr()
     assert "step 12:" in captured.out and "step 24:" in captured.out
     assert 2 <= captured.err.count("train:") <= 6  # 24 steps, 2 validations: a handful of draws
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation cadence (lib.val_cadence)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_auto_cadence_keeps_validation_within_ten_percent_of_training():
+    from lib.val_cadence import steps_between, val_share
+
+    assert steps_between(4.1, 2.0) == 19  # 9 x 4.1 / 2.0 = 18.45
+    assert steps_between(2.0, 2.0) == 9 and steps_between(0.01, 10.0) == 1 and steps_between(30.0, 1.0) == 270
+    for val_s, step_s in ((4.1, 2.0), (1.6, 1.05), (0.3, 2.9), (12.0, 0.4)):
+        n = steps_between(val_s, step_s)
+        assert val_share(n, val_s, step_s) <= 0.1 + 1e-12
+        assert n == 1 or val_share(n - 1, val_s, step_s) > 0.1  # the fewest steps that keep the budget
+
+
+def test_val_every_accepts_auto_steps_seconds_and_null():
+    from lib.val_cadence import parse_val_every
+
+    assert parse_val_every("auto") == ("auto", None) and parse_val_every(None) == parse_val_every(0) == ("epoch", None)
+    assert parse_val_every(10) == ("steps", 10) and parse_val_every("10") == ("steps", 10)
+    assert parse_val_every("10s") == ("seconds", 10.0) and parse_val_every("2.5s") == ("seconds", 2.5)
+    for bad in ("0s", "-3s", "10m", "every", 1.5, -2):
+        with pytest.raises(UserError, match=f"val_every={bad}: use auto") as err:
+            parse_val_every(bad)
+        assert "\n" not in str(err.value)
+
+
+def test_cadence_plans_first_at_epoch_end_or_step_50_then_from_the_timings():
+    from lib.val_cadence import Cadence
+
+    assert Cadence.from_config("auto", 200, 1000).next_step == 50
+    c = Cadence.from_config("auto", 6, 400)
+    assert [k for k in range(1, 7) if c.due(k)] == [6]
+    assert c.plan(6, step_s=2.0, val_s=4.1) and (c.every, c.next_step) == (19, 25)
+    assert not c.due(24) and c.due(25) and c.due(400)
+    assert not c.plan(25, 2.0, 3.5) and c.every == 19  # 16 steps would do: not much shorter, the plan stays
+    assert c.plan(44, 2.0, 1.0) and (c.every, c.next_step) == (5, 49)  # much cheaper validation: re-planned
+    assert c.plan(49, 2.0, 5.0) and c.every == 23  # over budget: always re-planned
+    s = Cadence.from_config("10s", 6, 400)
+    assert not s.due(4) and not s.probe_due(4) and s.probe_due(5)
+    s.plan(5, step_s=2.0, val_s=None)
+    assert (s.every, s.next_step) == (5, 6)
+    s.plan(6, step_s=2.0, val_s=3.0)
+    assert (s.every, s.next_step) == (5, 11)
+    fixed = Cadence.from_config(None, 6, 20)
+    assert [k for k in range(1, 21) if fixed.due(k)] == [6, 12, 18, 20]  # null: every epoch, and the last step
+
+
+def test_final_step_always_validates(tmp_path):
+    s = trainer.prepare(line_config(tmp_path / "run", max_steps=10, val_every=4), RegressionTask(), Dist(),
+                        torch.device("cpu"))
+    trainer.fit(s, write=False)
+    assert [h["step"] for h in s.history] == [4, 8, 10]
+
+
+class TickingClock:
+    """lib.trainer's clock, made predictable: every perf_counter() call advances one second."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1.0
+        return self.now
+
+    def time(self):
+        return 0.0
+
+
+def test_auto_cadence_validates_at_epoch_end_then_on_its_plan_and_resumes_it(tmp_path, capsys, monkeypatch):
+    """per_epoch = 40 / 4 = 10: the first validation at step 10; with 1 s steps and a 1 s validation, 9 steps
+    later; then the validation's checkpoint write (1 s) counts too: 2 s -> 18 steps, past the end (30), which
+    validates anyway. Each plan is printed; last.pth stores it and a resumed run continues it."""
+    monkeypatch.setattr(trainer, "time", TickingClock())
+    out = tmp_path / "run"
+    s = trainer.prepare(line_config(out, max_steps=30, val_every="auto", save_every=100, precision="fp32"),
+                        RegressionTask(), Dist(), torch.device("cpu"))
+    trainer.fit(s)
+    assert [h["step"] for h in s.history] == [10, 19, 30]
+    printed = capsys.readouterr().out
+    assert "validation every 9 steps (val 1.0 s, step 1.00 s: 10 % of training)" in printed
+    assert "validation every 18 steps (val 2.0 s, step 1.00 s: 10 % of training)" in printed
+    saved = load_checkpoint(out / "last.pth")["val_cadence"]
+    assert saved == {"every": 18, "next_step": 37}
+    resumed = trainer.prepare(line_config(out, max_steps=30, val_every="auto", resume=out / "last.pth"),
+                              RegressionTask(), Dist(), torch.device("cpu"))
+    assert resumed.cadence.state() == saved
+
+
+# --------------------------------------------------------------------------------------------------
+# precision=auto for training (lib.amp_trial)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_precision_rule_picks_bf16_only_when_it_agrees_and_is_faster():
+    from lib.amp_trial import decide
+
+    fast = {"fp32": 2.0, "bf16": 1.0}
+    assert decide(fast, {"fp32": 1.0, "bf16": 1.01})["chosen"] == "bf16"
+    assert decide(fast, {"fp32": 1.0, "bf16": 1.05})["chosen"] == "fp32"  # 5 % apart: disagrees
+    assert decide(fast, {"fp32": 1.0, "bf16": float("nan")})["chosen"] == "fp32"
+    slow = decide({"fp32": 1.05, "bf16": 1.0}, {"fp32": 1.0, "bf16": 1.0})
+    assert slow["chosen"] == "fp32" and slow["speedup"] == 1.05 and slow["agrees"]
+
+
+def _trial_session(tmp_path, chips, name, precision="auto"):
+    return train.prepare(compose_config("train", [*TINY, f"data_dir={chips}", "max_steps=4", f"precision={precision}",
+                                                  "augment=seed", f"output_dir={tmp_path / name}"]))
+
+
+def test_auto_precision_trial_choosing_fp32_equals_precision_fp32_bit_for_bit(chips, tmp_path, monkeypatch):
+    from lib import amp_trial
+
+    monkeypatch.setattr(amp_trial, "cpu_has_native_bf16", lambda: True)  # a trial on any CPU
+    monkeypatch.setattr(amp_trial, "MIN_SPEEDUP", 1e9)  # ... that bf16 cannot win
+    runs = {}
+    for precision in ("fp32", "auto"):
+        s = _trial_session(tmp_path, chips, precision, precision)
+        assert s.trial_due == (precision == "auto")
+        inputs = s.task.train_batches(s)
+        if s.trial_due:
+            inputs = trainer._first_batch_trial(s, inputs)
+            assert s.precision_trial["chosen"] == "fp32" and s.precision_trial["loss_rel_diff"] < 0.02
+        losses = [trainer.train_step(s, next(inputs))["loss"] for _ in range(3)]
+        runs[precision] = (losses, {k: v.clone() for k, v in s.net.state_dict().items()}, torch.rand(3))
+    assert runs["auto"][0] == runs["fp32"][0]  # losses
+    assert all(torch.equal(runs["auto"][1][k], v) for k, v in runs["fp32"][1].items())  # weights, BN buffers
+    assert torch.equal(runs["auto"][2], runs["fp32"][2])  # the RNG stream
+
+
+def test_auto_precision_records_bf16_and_a_resumed_run_keeps_it_without_a_trial(chips, tmp_path, monkeypatch):
+    from lib import amp_trial
+
+    monkeypatch.setattr(amp_trial, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(amp_trial, "MIN_SPEEDUP", 0.0)  # bf16 wins whenever it agrees
+    s = _trial_session(tmp_path, chips, "run")
+    inputs = trainer._first_batch_trial(s, s.task.train_batches(s))
+    assert s.autocast_dtype == torch.bfloat16 and s.precision_trial["chosen"] == "bf16"
+    trainer.train_step(s, next(inputs))
+    trainer.checkpoint(s, ["last.pth", "best.pth"])
+    for name in ("last.pth", "best.pth"):
+        assert load_checkpoint(tmp_path / "run" / name)["meta"]["precision_trial"] == s.precision_trial
+    resumed = train.prepare(compose_config("train", ["threads=1", "progress=false",
+                                                     f"resume={tmp_path / 'run' / 'last.pth'}"]))
+    assert resumed.autocast_dtype == torch.bfloat16 and not resumed.trial_due
+    assert _trial_session(tmp_path, chips, "explicit", "fp32").trial_due is False  # explicit: no trial

@@ -454,7 +454,7 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
     """Predict, skip (finished with the same settings) or set aside (unreadable) each of `images`,
     recording each in `done` and `progress_path` (in the images' order) and counting it in `summary`.
     An image's outputs are finished in a worker thread while the model runs on the next one
-    (`start_image`). `bands`: stem -> the rows of a scene split among ranks, merged from their partial
+    (`start_image`), and the next image's settings are planned in another meanwhile. `bands`: stem -> the rows of a scene split among ranks, merged from their partial
     files (or why a band failed)."""
     bands = bands or {}
     output_dir = Path(cfg.output_dir)
@@ -488,15 +488,25 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
             record = failure(image, err)
         settle(image, record)
 
+    def plan(image: ImageInput) -> tuple:
+        """The image's GSD, settings, earlier record and why it must be (re)computed (None: skip it)."""
+        gsd = image_gsd(image.path)
+        settings = provenance.image_settings(cfg, eng, models, image.path, gsd)
+        old = done.get(image.stem)
+        reason = "overwrite=true" if cfg.overwrite else run_folder.rerun_reason(
+            old, settings, outputs_of(output_dir, image.stem, cfg, settings))
+        return gsd, settings, old, reason
+
     pending = None  # (image, gsd, future) whose outputs the worker is finishing
-    with ThreadPoolExecutor(1, thread_name_prefix="finish") as pool:
-        for image in progress_bar(images, disable=not cfg.progress or len(images) < 2, unit="image"):
+    # two workers: one finishes the last image's outputs, one plans the next image, both during the model call
+    with ThreadPoolExecutor(1, thread_name_prefix="finish") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="plan") as planner:
+        plans = [planner.submit(plan, images[0])] if images else []
+        for n, image in enumerate(progress_bar(images, disable=not cfg.progress or len(images) < 2, unit="image")):
+            if n + 1 < len(images):
+                plans.append(planner.submit(plan, images[n + 1]))
             try:
-                gsd = image_gsd(image.path)
-                settings = provenance.image_settings(cfg, eng, models, image.path, gsd)
-                old = done.get(image.stem)
-                reason = "overwrite=true" if cfg.overwrite else run_folder.rerun_reason(
-                    old, settings, outputs_of(output_dir, image.stem, cfg, settings))
+                gsd, settings, old, reason = plans[n].result()
                 if reason is None:
                     record = old
                     summary["skipped"] += 1

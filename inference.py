@@ -195,20 +195,14 @@ def image_shape(path: Path) -> tuple[int, int]:
             return ds.height, ds.width
 
 
-def predict_image(eng: Engine, image: ImageInput, cfg, record: dict, bands: list | str | None = None,
-                  rank: int = 0) -> dict:
-    """Predict one image and write its probability map, mask, footprints and STAC item (all or nothing).
-
-    `record` holds the image's settings and fingerprint; it is completed (precision used, figures,
-    windows per rank) and returned, and its provenance is what the GeoTIFF tags and the STAC item
-    say. `bands` (rows of a scene split among ranks): merge their finished partial files instead.
-    """
-    return start_image(eng, image, cfg, record, bands, rank)()
-
-
 def start_image(eng: Engine, image: ImageInput, cfg, record: dict, bands: list | str | None = None,
                 rank: int = 0):
-    """`predict_image` in two halves: this call runs the model over the image (or replays its bands) and
+    """Predict one image and write its probability map, mask, footprints and STAC item (all or nothing),
+    in two halves. `record` holds the image's settings and fingerprint; it is completed (precision used,
+    figures, windows per rank), and its provenance is what the GeoTIFF tags and the STAC item say.
+    `bands` (rows of a scene split among ranks): merge their finished partial files instead.
+
+    This call runs the model over the image (or replays its bands) and
     returns the other half, a function that finishes the outputs (the polygons' last blocks, COGs, tags,
     STAC item) and returns the record. `predict_images` calls it in a worker thread while the model runs
     on the next image, so a scene's last writes cost the model no time. Until it has run, the outputs

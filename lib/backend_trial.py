@@ -28,8 +28,10 @@ import torch
 from lib.cli import VERSION
 from lib.devices import cpu_has_native_bf16
 from lib.errors import UserError
+from lib.exported import onnx_cache_dir
 from lib.files import write_json
 from lib.model_contract import normalize
+from lib.tiling import takes_arrays
 
 AGREEMENT_MIN = 0.995  # share of mask pixels a faster path must reproduce (the engine's precision=auto rule)
 TRIAL_BATCH = 1        # images per timed call: per-image time on a CPU hardly changes with the batch
@@ -48,7 +50,8 @@ class Candidate:
         return f"{self.backend} {self.precision}"
 
 
-def _installed(module: str) -> bool:
+def installed(module: str) -> bool:
+    """Whether an optional runtime (onnxruntime, openvino) imports."""
     try:
         __import__(module)
     except ImportError:
@@ -70,9 +73,9 @@ def candidates(device: torch.device, backend: str = "auto", precision: str = "au
     else:
         native = device.type == "cpu" and cpu_has_native_bf16()
         found = [Candidate("torch", "fp32")] + ([Candidate("torch", "bf16")] if native else [])
-        if device.type == "cpu" and _installed("onnxruntime"):
+        if device.type == "cpu" and installed("onnxruntime"):
             found.append(Candidate("onnxruntime", "fp32"))
-        if device.type == "cpu" and _installed("openvino"):
+        if device.type == "cpu" and installed("openvino"):
             found += [Candidate("openvino", "fp32")] + ([Candidate("openvino", "bf16")] if native else [])
     if exported_onnx:
         found = [c for c in found if c.backend != "torch"]
@@ -116,9 +119,9 @@ def trial_key(device: torch.device, model_ids: list[str], width: int, instance: 
 
 
 def default_cache_file() -> Path:
-    """$BUILDINGS_CACHE/backend_trials.json, else ~/.cache/buildings/backend_trials.json."""
-    root = os.environ.get("BUILDINGS_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "buildings"
-    return Path(root) / "backend_trials.json"
+    """Beside the cached ONNX exports: $BUILDINGS_CACHE/backend_trials.json, else
+    ~/.cache/buildings/backend_trials.json."""
+    return onnx_cache_dir().parent / "backend_trials.json"
 
 
 def _digest(key: dict) -> str:
@@ -168,7 +171,7 @@ def _call(models: list, x: torch.Tensor, precision: str, decoder, device: torch.
     """The decoded maps of every model on x, the way the engine calls them."""
     outs = []
     for m in models:
-        takes_nchw = getattr(m, "format", "") in ("onnx", "openvino")
+        takes_nchw = takes_arrays(m)
         xm = x.contiguous() if takes_nchw else x.contiguous(memory_format=torch.channels_last)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if not takes_nchw else None
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

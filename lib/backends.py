@@ -75,11 +75,8 @@ class _Builder:
 
 
 def _check_installed(backend: str) -> None:
-    if backend in ("onnxruntime", "openvino"):
-        try:
-            __import__(backend)
-        except ImportError:
-            raise UserError(f"backend={backend} needs the optional package: pip install {backend}") from None
+    if backend in ("onnxruntime", "openvino") and not backend_trial.installed(backend):
+        raise UserError(f"backend={backend} needs the optional package: pip install {backend}")
 
 
 def choose_backend(cfg, models: list, paths: list[str], device, model_ids: list[str],
@@ -93,8 +90,7 @@ def choose_backend(cfg, models: list, paths: list[str], device, model_ids: list[
     if backend not in BACKENDS:
         raise UserError(f"backend={backend}: choose {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
     _check_installed(backend)
-    if backend == "torch" or _is_format(models, "torchscript") or any(
-            getattr(m, "format", "") == "torchscript" for m in models):
+    if backend == "torch" or any(getattr(m, "format", "") == "torchscript" for m in models):
         return Chosen(models, precision)
     onnx_files = _is_format(models, "onnx")
     if backend == "onnxruntime":  # fp32 whatever `precision` says (autocast cannot reach it; the engine warns)

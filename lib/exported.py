@@ -297,7 +297,7 @@ def write_exported(path: str | os.PathLike, kind: str, artefact, meta: dict) -> 
 # Running exported files like a model
 # --------------------------------------------------------------------------------------------------
 
-def _check_meta(meta, path: Path) -> dict:
+def check_export_meta(meta, path: Path) -> dict:
     if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
         raise UserError(f"{path}: not exported by this toolkit (no '{META_KEY}' metadata); "
                         "export the checkpoint with export.py")
@@ -403,7 +403,7 @@ class TorchScriptModel(ExportedModel):
             meta = json.loads(extra[META_KEY] or "null")
         except json.JSONDecodeError:
             meta = None
-        super().__init__(path, _check_meta(meta, Path(path)))
+        super().__init__(path, check_export_meta(meta, Path(path)))
         self.module = module.eval()
 
     def probabilities(self, x):
@@ -428,7 +428,7 @@ class OnnxModel(ExportedModel):
             meta = json.loads(session.get_modelmeta().custom_metadata_map.get(META_KEY, "null"))
         except json.JSONDecodeError:
             meta = None
-        super().__init__(path, _check_meta(meta, Path(path)))
+        super().__init__(path, check_export_meta(meta, Path(path)))
         self.session = session
 
     def to(self, *args, **kwargs):

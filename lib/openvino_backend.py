@@ -17,26 +17,9 @@ import numpy as np
 import torch
 
 from lib.errors import UserError, one_line
-from lib.exported import INPUT_NAME, META_KEY, ExportedModel, _check_meta
+from lib.exported import INPUT_NAME, META_KEY, ExportedModel, check_export_meta
 
 HINTS = {"fp32": "f32", "bf16": "bf16"}
-
-
-def available() -> bool:
-    """Whether the optional `openvino` package imports."""
-    try:
-        import openvino  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def openvino_version() -> str | None:
-    try:
-        import openvino
-    except ImportError:
-        return None
-    return str(openvino.__version__).split("-")[0]
 
 
 def _onnx_meta(path: Path) -> dict:
@@ -50,9 +33,9 @@ def _onnx_meta(path: Path) -> dict:
             from None
     props = {p.key: p.value for p in proto.metadata_props}
     try:
-        return _check_meta(json.loads(props.get(META_KEY, "null")), path)
+        return check_export_meta(json.loads(props.get(META_KEY, "null")), path)
     except json.JSONDecodeError:
-        return _check_meta(None, path)
+        return check_export_meta(None, path)
 
 
 class OpenVinoModel(ExportedModel):

@@ -146,6 +146,11 @@ def model_gsd(meta: dict | None) -> tuple[float | None, str | None]:
     return None, None
 
 
+def takes_arrays(model) -> bool:
+    """A graph run outside PyTorch (ONNX Runtime, OpenVINO): it takes plain NCHW arrays."""
+    return getattr(model, "format", "") in ("onnx", "openvino")
+
+
 def is_exported(model) -> bool:
     """An exported graph (ONNX Runtime or TorchScript): run as exported, in fp32."""
     return getattr(model, "format", "") in ("onnx", "torchscript", "openvino") or bool(
@@ -194,7 +199,7 @@ class Engine:
         if self.channels_last:
             self.models = [m.to(memory_format=torch.channels_last) for m in self.models]
         # graphs run outside PyTorch (ONNX Runtime) take plain NCHW arrays
-        self.is_onnx = [getattr(m, "format", "") in ("onnx", "openvino") for m in self.models]
+        self.is_onnx = [takes_arrays(m) for m in self.models]
         self.exported = [is_exported(m) for m in self.models]
         # the GSD each model saw in training; given by callers that swap models for exported copies
         self.model_gsds = list(model_gsds) if model_gsds is not None else [

@@ -33,7 +33,7 @@ import torch
 from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
-from lib import footprints, geo_io, postprocess, provenance, run_folder
+from lib import footprints, geo_io, postprocess, provenance, raster_outputs, run_folder
 from lib.chip_writer import IGNORE_SUFFIX, MASK_SUFFIX
 from lib.cli import VERSION, cli, progress_bar
 from lib.errors import UserError
@@ -166,7 +166,7 @@ def write_ensemble(stem: str, paths: list[Path], out_dir: Path, cfg, tags: dict,
                                  seed_threshold=cfg.seed_threshold, seed_min_area=cfg.seed_min_area, gsd=gsd)
     instance_blocks = average_blocks(instance_paths) if instance_paths else None
     with geo_io.gdal_env(), SceneWriter(out["probability"], out["mask"], profile, tags, cog=cfg.cog,
-                                        polygonizer=poly, nodata_mask=masked,
+                                        cog_level=cfg.cog_level, polygonizer=poly, nodata_mask=masked,
                                         instance_path=out.get("instance")) as writer:
         for row, col, prob, valid in average_bands(paths):
             prob_u8, mask = quantize(prob, valid, cfg.threshold)
@@ -318,6 +318,7 @@ def run(cfg) -> dict:
         out_dir = (base_dir if base_dir is not None else Path(inputs[0]).resolve().parent) / "ensemble"
     runs = find_runs(base_dir, inputs, out_dir)
     footprints.check_inputs(cfg)  # a bad existing= file fails before any map is combined
+    raster_outputs.check_settings(cfg)
     maps = matched_maps(runs)
     images = source_images(runs)
     post, source = provenance.postprocess_of(cfg, None)  # no checkpoint here: as given, else the defaults

@@ -29,6 +29,7 @@ import os
 import sys
 import time
 import warnings
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
@@ -38,7 +39,7 @@ import rasterio
 
 import circlenet  # noqa: F401  (registers CircleNet checkpoints with model.load_models)
 import model as model_lib
-from lib import footprints, geo_io, postprocess, provenance, run_folder, scene_bands, stac_outputs
+from lib import footprints, geo_io, postprocess, provenance, raster_outputs, run_folder, scene_bands, stac_outputs
 from lib.backends import choose_backend
 from lib.cli import VERSION, cli, progress_bar
 from lib.devices import resolve_device
@@ -47,7 +48,7 @@ from lib.files import copy_file, file_sha256
 from lib.image_sources import ImageInput, RasterSource, check_images, default_data_dir, list_images
 from lib.raster_outputs import SceneWriter, footprint_polygonizer, raster_profile
 from lib.segmentation import BUILDING, BUILDING_PRESENT, SegmentationDecoder, has_instance_head
-from lib.tiling import Engine, model_gsd
+from lib.tiling import Engine, model_gsd, wait_quietly
 from lib.tta import TTA_NAMES, seed_tta_name
 
 # torchrun: ranks wait at a barrier while the others finish their bands and merge a city's outputs
@@ -196,7 +197,7 @@ def image_shape(path: Path) -> tuple[int, int]:
 
 
 def start_image(eng: Engine, image: ImageInput, cfg, record: dict, bands: list | str | None = None,
-                rank: int = 0):
+                rank: int = 0, ahead: tuple | None = None):
     """Predict one image and write its probability map, mask, footprints and STAC item (all or nothing),
     in two halves. `record` holds the image's settings and fingerprint; it is completed (precision used,
     figures, windows per rank), and its provenance is what the GeoTIFF tags and the STAC item say.
@@ -214,7 +215,8 @@ def start_image(eng: Engine, image: ImageInput, cfg, record: dict, bands: list |
     paths = run_folder.output_paths(output_dir, image.stem, cfg.vector_format, instance)
     metas = None if bands is None else _band_records(output_dir, image, bands, record["fingerprint"])
     with geo_io.gdal_env(), ExitStack() as stack:
-        src = stack.enter_context(open_source(image.path, cfg))
+        src, first = ahead if ahead is not None else (open_source(image.path, cfg), None)
+        stack.enter_context(src)
         ds = src.ds
         georef = geo_io.is_georeferenced(ds)
         profile = raster_profile(ds, georef)
@@ -225,20 +227,22 @@ def start_image(eng: Engine, image: ImageInput, cfg, record: dict, bands: list |
                                      seed_threshold=settings["seed_threshold"],
                                      seed_min_area=settings["seed_min_area"], gsd=src.gsd if georef else None)
         writer = stack.enter_context(SceneWriter(paths["probability"], paths["mask"], profile, None, cog=cfg.cog,
-                                                 polygonizer=poly, threshold=settings["threshold"],
+                                                 cog_level=cfg.cog_level, polygonizer=poly, threshold=settings["threshold"],
                                                  nodata_mask=True, instance_path=paths.get("instance")))
-        if metas is None:
-            stats = eng.predict_into(src, writer)
+        if metas is None:  # the last blocks are written while the next image's model call runs
+            stats, written = eng.start_into(src, writer, first=first)
+            stack.callback(wait_quietly, written)  # on an error below, before the writers are aborted
             record["precision"] = eng.precision_used  # `auto` is resolved on the first batch
             record["ranks"] = {str(rank): stats.windows}
         else:  # the same blocks, in the same order, as a single-process run
-            stats = scene_bands.replay(output_dir, image.stem, metas, writer)
+            stats, written = scene_bands.replay(output_dir, image.stem, metas, writer), lambda: None
             record["precision"] = scene_bands.precision_of(metas)
             record["ranks"] = scene_bands.windows_per_rank(metas)
         rest = stack.pop_all()  # the writers and the source stay open for `finish`
 
     def finish() -> dict:
         with geo_io.gdal_env(), rest:
+            written()
             poly.finish()
             buildings = vectors.close()
             writer.tags = {k: str(v) for k, v in provenance.geotiff_tags(record).items()}
@@ -370,6 +374,7 @@ def run(cfg, models=None) -> dict:
         torch.set_num_threads(int(cfg.num_threads))
     images, _, failures = check_images(listed, cfg.bands)
     footprints.check_inputs(cfg)  # a bad existing= file fails before any prediction
+    raster_outputs.check_settings(cfg)
     d, device = setup_distributed(cfg.device, RANKS_TIMEOUT)
     try:
         if not d.main:
@@ -443,13 +448,17 @@ def _failed(image: ImageInput, message: str, output_dir: Path, cfg) -> dict:
             "reason": reason.split(" (")[0]}
 
 
+FINISHING = 2  # images whose outputs may still be in the finishing worker's hands while the next one runs
+
+
 def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done: dict, progress_path: Path,
                    models: list[dict], summary: dict, rank: int = 0, bands: dict | None = None) -> None:
     """Predict, skip (finished with the same settings) or set aside (unreadable) each of `images`,
     recording each in `done` and `progress_path` (in the images' order) and counting it in `summary`.
-    An image's outputs are finished in a worker thread while the model runs on the next one
-    (`start_image`), and the next image's settings are planned in another meanwhile. `bands`: stem -> the rows of a scene split among ranks, merged from their partial
-    files (or why a band failed)."""
+    An image's outputs are finished in a worker thread while the model runs on the next ones
+    (`start_image`; at most FINISHING images are in its hands), and the next image's settings are planned
+    and its first window read in another meanwhile. `bands`: stem -> the rows of a scene split among
+    ranks, merged from their partial files (or why a band failed)."""
     bands = bands or {}
     output_dir = Path(cfg.output_dir)
 
@@ -483,16 +492,38 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
         settle(image, record)
 
     def plan(image: ImageInput) -> tuple:
-        """The image's GSD, settings, earlier record and why it must be (re)computed (None: skip it)."""
+        """The image's GSD, settings, earlier record, why it must be (re)computed (None: skip it) and,
+        when it will be, its source opened with the first window read (so the model need not wait)."""
         gsd = image_gsd(image.path)
         settings = provenance.image_settings(cfg, eng, models, image.path, gsd)
         old = done.get(image.stem)
         reason = "overwrite=true" if cfg.overwrite else run_folder.rerun_reason(
             old, settings, outputs_of(output_dir, image.stem, cfg, settings))
-        return gsd, settings, old, reason
+        return gsd, settings, old, reason, (None if reason is None or image.stem in bands else read_ahead(image))
 
-    pending = None  # (image, gsd, future) whose outputs the worker is finishing
-    # two workers: one finishes the last image's outputs, one plans the next image, both during the model call
+    def read_ahead(image: ImageInput) -> tuple:
+        with geo_io.gdal_env():
+            src = open_source(image.path, cfg)
+            try:
+                return src, eng.read_ahead(src)
+            except BaseException:
+                src.close()
+                raise
+
+    # (image, gsd, future finishing its outputs | None, record | None), in the images' order (run.json's)
+    queue: deque = deque()
+
+    def settle_ready(keep: int) -> None:
+        """Settle the leading images whose outputs are finished; wait for them while more than `keep`
+        are queued (so the model never waits for the last image's writes, and memory stays bounded)."""
+        while queue and (len(queue) > keep or queue[0][2] is None or queue[0][2].done()):
+            image, gsd, job, record = queue.popleft()
+            if job is None:
+                settle(image, record)
+            else:
+                finished(image, gsd, job)
+
+    # two workers: one finishes earlier images' outputs, one plans the next image, both during the model call
     with ThreadPoolExecutor(1, thread_name_prefix="finish") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="plan") as planner:
         plans = [planner.submit(plan, images[0])] if images else []
@@ -500,11 +531,11 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
             if n + 1 < len(images):
                 plans.append(planner.submit(plan, images[n + 1]))
             try:
-                gsd, settings, old, reason = plans[n].result()
+                gsd, settings, old, reason, ahead = plans[n].result()
                 if reason is None:
-                    record = old
                     summary["skipped"] += 1
                     print(f"{image.path.name}: finished with the same settings; skipped")
+                    queue.append((image, gsd, None, old))
                 else:
                     if reason != run_folder.NEW and (old or cfg.overwrite):
                         print(f"recomputing {image.path.name}: {reason}")
@@ -512,19 +543,12 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
                               "fingerprint": run_folder.fingerprint(settings), "settings": settings,
                               "models": [{k: m[k] for k in ("path", "sha256", "backend", "export_tta", "model_gsd",
                                                             "model_gsd_source")} for m in models]}
-                    finish = start_image(eng, image, cfg, record, bands.get(image.stem), rank)
-                    if pending:
-                        finished(*pending)
-                    pending = (image, gsd, pool.submit(finish))
-                    continue
+                    finish = start_image(eng, image, cfg, record, bands.get(image.stem), rank, ahead)
+                    queue.append((image, gsd, pool.submit(finish), None))
             except (UserError, rasterio.errors.RasterioError) as err:
-                record = failure(image, err)
-            if pending:  # run.json keeps the images' order
-                finished(*pending)
-                pending = None
-            settle(image, record)
-        if pending:
-            finished(*pending)
+                queue.append((image, None, None, failure(image, err)))
+            settle_ready(keep=FINISHING)
+        settle_ready(keep=0)
 
 
 def _write_run(path: Path, info: dict, done: dict) -> None:

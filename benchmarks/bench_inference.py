@@ -163,12 +163,13 @@ def original_way(tiles: list[Path], ckpt: Path, out: Path, width: int, threshold
 # ----------------------------------------------------------------------------------------------
 # Model-only and precision
 
-def pipeline_vs_model(ckpt: Path, tiles: list[Path], out: Path, args, device) -> tuple[float, float, str]:
+def pipeline_vs_model(ckpt: Path, tiles: list[Path], out: Path, args, device) -> tuple[list, str]:
     """Inputs/s of the whole per-image pipeline (read, resize, TTA, model, blend, write) and of the model
     alone on as many batches (the engine's own model call, so the same backend and precision; half of them
     before the pipeline and half after, so that both see the same machine load). The pipeline is one run
     over all tiles, as a folder is predicted. The backend is what the defaults chose (the trial cached by
-    section 1, or a new one)."""
+    section 1, or a new one). With `--repeats`, the pair is measured that many times in a row:
+    [(model-only inputs/s, pipeline inputs/s)] per repeat."""
     import inference
 
     os.environ["BUILDINGS_CACHE"] = str(out.parent / "cache0")
@@ -181,13 +182,13 @@ def pipeline_vs_model(ckpt: Path, tiles: list[Path], out: Path, args, device) ->
     x = torch.randn(per_call, 3, args.width, args.width, device=device)
     x = x.contiguous() if eng.is_onnx[0] else x.contiguous(memory_format=torch.channels_last)
 
-    def model_only(calls: int) -> float:
+    def model_only(calls: int) -> tuple[float, float]:
         _sync(device)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(calls):
             eng._forward(net, x, exported)
         _sync(device)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - cpu
 
     def pipeline(batch: list[Path]) -> None:
         summary = {"predicted": 0, "skipped": 0, "empty": [], "failed": []}
@@ -200,13 +201,17 @@ def pipeline_vs_model(ckpt: Path, tiles: list[Path], out: Path, args, device) ->
     windows = eng.stats.windows
     inputs = windows * len(TTA) * len(tiles)
     calls = math.ceil(windows * len(TTA) / per_call) * len(tiles)
-    t_fwd = model_only(calls // 2)  # half before and half after the pipeline: both see the same load
-    start = time.perf_counter()
-    pipeline(tiles)  # one folder run, as a user's: each image's outputs are finished during the next
-    _sync(device)
-    t_pipe = time.perf_counter() - start
-    t_fwd += model_only(calls - calls // 2)
-    return inputs / t_fwd, inputs / t_pipe, f"{records[0]['backend']} {eng.precision_used}"
+    ratios = []
+    for _ in range(max(1, args.repeats)):
+        fwd = model_only(calls // 2)  # half before and half after the pipeline: both see the same load
+        start, cpu = time.perf_counter(), time.process_time()
+        pipeline(tiles)  # one folder run, as a user's: each image's outputs are finished during the next
+        _sync(device)
+        pipe = time.perf_counter() - start, time.process_time() - cpu
+        fwd = [a + b for a, b in zip(fwd, model_only(calls - calls // 2))]
+        ratios.append({"model_only_inputs_s": inputs / fwd[0], "pipeline_inputs_s": inputs / pipe[0],
+                       "model_only_cpu_s": fwd[1], "pipeline_cpu_s": pipe[1]})
+    return ratios, f"{records[0]['backend']} {eng.precision_used}"
 
 # ----------------------------------------------------------------------------------------------
 
@@ -357,11 +362,17 @@ def main() -> None:
               "`python inference.py` process; target: defaults >= 2x the seed loop)")
 
     if "pipeline" not in args.skip:
-        fwd_tp, pipe_tp, how = pipeline_vs_model(ckpt, tiles, work / "pipe", args, device)
-        print(f"\n[2] {how}: model-only {fwd_tp:6.3f} inputs/s vs pipeline {pipe_tp:6.3f} inputs/s "
-              f"-> pipeline at {100 * pipe_tp / fwd_tp:5.1f} % of model-only (target >= 90 %; "
-              "one folder run; model-only before and after it)")
-        results.update(model_only_inputs_per_s=fwd_tp, pipeline_inputs_per_s=pipe_tp)
+        pairs, how = pipeline_vs_model(ckpt, tiles, work / "pipe", args, device)
+        shares = sorted(100 * p["pipeline_inputs_s"] / p["model_only_inputs_s"] for p in pairs)
+        print(f"\n[2] {how}: pipeline against model-only (target >= 90 %; each a folder run, with model-only "
+              "before and after it; CPU: the model-only CPU seconds over the pipeline's)")
+        for p in pairs:
+            print(f"  model-only {p['model_only_inputs_s']:6.3f} inputs/s vs pipeline {p['pipeline_inputs_s']:6.3f} "
+                  f"inputs/s -> pipeline at {100 * p['pipeline_inputs_s'] / p['model_only_inputs_s']:5.1f} % of "
+                  f"model-only; CPU {100 * p['model_only_cpu_s'] / p['pipeline_cpu_s']:5.1f} %")
+        if len(pairs) > 1:
+            print(f"    median of {len(pairs)}: {shares[len(shares) // 2]:5.1f} % (range {shares[0]:.1f}-{shares[-1]:.1f} %)")
+        results["pipeline_vs_model"] = pairs
 
     if "precision" not in args.skip:
         native = device.type == "cuda" or cpu_has_native_bf16()

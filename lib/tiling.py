@@ -42,8 +42,8 @@ import itertools
 import math
 import threading
 from collections import deque
-from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import cv2
@@ -333,7 +333,16 @@ class Engine:
             inputs[key] = img
         return k, j, _Item(k, j, valid, inputs)
 
-    def _items(self, src, sweep: BlendSweep, eh, ew, sizes) -> Iterator[tuple[int, int, _Item | None]]:
+    def read_ahead(self, src) -> tuple:
+        """The scene's first window, read and resized now -- e.g. in a worker thread while the model runs
+        on the previous scene, so the model does not wait for it; `predict(src, first=...)` starts with
+        it. Only for whole-scene runs (a band of rows starts elsewhere)."""
+        eh, ew = min(self.tile_size, src.height), min(self.tile_size, src.width)
+        sizes = [self._sizes(p, src.gsd, eh, ew) for p in self.passes]
+        job = (0, 0, 0, 0)
+        return (src, job, eh, ew, tuple(sizes)), self._prepare(src, *job, eh, ew, sizes)
+
+    def _items(self, src, sweep: BlendSweep, eh, ew, sizes, first=None) -> Iterator[tuple[int, int, _Item | None]]:
         """(row index, column index, window or None when all nodata) of the sweep's window rows in
         row-major order, read and resized ahead of the model by `num_workers` threads.
 
@@ -341,7 +350,16 @@ class Engine:
         most a few batches are in flight, so read-ahead memory is bounded.
         """
         jobs = ((k, j, sweep.row_offsets[k], c) for k in sweep.rows for j, c in enumerate(sweep.col_offsets))
+        ready = []  # read_ahead's window, when it is this sweep's first one
+        if first is not None:
+            (source, job, *geometry), item = first
+            head = next(jobs, None)
+            if source is src and head == job and geometry == [eh, ew, tuple(sizes)]:
+                ready.append(item)
+            elif head is not None:
+                jobs = itertools.chain([head], jobs)
         if self.num_workers == 0:
+            yield from ready
             for job in jobs:
                 yield self._prepare(src, *job, eh, ew, sizes)
             return
@@ -360,6 +378,9 @@ class Engine:
         depth = max(2, 2 * self.batch_size)
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="read")
         futures = deque(pool.submit(prepare, job) for job in itertools.islice(jobs, depth))
+        for item in ready:
+            futures.appendleft(Future())
+            futures[0].set_result(item)
         try:
             while futures:
                 item = futures.popleft().result()
@@ -386,6 +407,9 @@ class Engine:
             groups: dict[tuple, list[str]] = {}
             for name in p.tta:  # transforms giving the same shape are batched together
                 groups.setdefault(tuple(tta_forward(x[:1], name).shape), []).append(name)
+            # the pass's TTA maps are summed at the model's resolution and upsampled once: bilinear
+            # interpolation is linear, so this equals upsampling each, at a fifth of the cost for 5-way TTA
+            summed: dict[tuple, torch.Tensor] = {}
             for names in groups.values():
                 xt = torch.cat([tta_forward(x, n) for n in names])
                 nchw = self.is_onnx[p.model] or not self.channels_last
@@ -394,18 +418,22 @@ class Engine:
                 for i, n in enumerate(names):
                     part = tta_inverse(maps[i * k:(i + 1) * k], n)
                     part = tta_inverse_vectors(part, n, self._vector_pairs)
-                    up = F.interpolate(part, size=(ph, pw), mode="bilinear", align_corners=False)
-                    total += up[:, :, :eh, :ew]
+                    shape = tuple(part.shape)
+                    summed[shape] = part.to(torch.float32, copy=True) if shape not in summed else summed[shape].add_(part)
                     s = scores[i * k:(i + 1) * k]
                     known = ~torch.isnan(s).any(0)  # a model without a score's head does not dilute it
                     score_total[:, known] += s[:, known]
                     n_scores += known
+            for part in summed.values():
+                up = F.interpolate(part, size=(ph, pw), mode="bilinear", align_corners=False)
+                total += up[:, :, :eh, :ew]
         n = sum(len(p.tta) for p in self.passes)
         mean_scores = torch.where(n_scores > 0, score_total / n_scores.clamp(min=1), float("nan"))
         return total / n, mean_scores
 
-    def predict(self, src, rows: tuple[int, int] | None = None) -> Iterator[Block]:
+    def predict(self, src, rows: tuple[int, int] | None = None, first=None) -> Iterator[Block]:
         """Yield the scene's maps in finished blocks, top to bottom, covering every row (or `rows`).
+        `first`: the scene's first window from `read_ahead(src)`, if read already.
 
         `rows=(r0, r1)`: only output rows [r0, r1) are produced, by every window that touches them
         (and no other), so they equal the same rows of a whole-scene run. Memory: a few column blocks
@@ -442,7 +470,7 @@ class Engine:
                 pending.clear()
 
         try:
-            for k, j, item in self._items(src, sweep, eh, ew, sizes):
+            for k, j, item in self._items(src, sweep, eh, ew, sizes, first):
                 if k > current:  # a model call never mixes rows of windows: the rows above are complete
                     flush()
                     for row in range(current, k):
@@ -503,27 +531,45 @@ class Engine:
 
     def predict_into(self, src, sink, rows: tuple[int, int] | None = None) -> SceneStats:
         """Hand every finished block of the scene (or of `rows`) to `sink.add(block)` (the task's writer);
-        return the stats.
+        return the stats once the sink has them all."""
+        stats, wait = self.start_into(src, sink, rows)
+        wait()
+        return stats
+
+    def start_into(self, src, sink, rows: tuple[int, int] | None = None,
+                   first=None) -> tuple[SceneStats, Callable[[], None]]:
+        """predict_into in two halves: run the model over the scene and return (stats, wait), where
+        `wait()` returns once the sink has written every block (and raises the sink's error, if any).
 
         The sink runs in one worker thread, in block order, while the model computes the next block
         (writing, polygonizing and watershed cost as much as a third of the model's time per block, and
-        the runtimes release the GIL); at most WRITE_AHEAD blocks are in its hands, and an error in the sink is
-        raised here. Blocks are fresh tensors (lib.windows), so the sweep never changes one being written.
+        the runtimes release the GIL); at most WRITE_AHEAD blocks are in its hands. The last blocks are
+        still being written when this returns, so the caller can start the next scene's model call and
+        `wait()` elsewhere. Blocks are fresh tensors (lib.windows), so the sweep never changes one being
+        written.
         """
-        with ThreadPoolExecutor(1, thread_name_prefix="sink") as pool:
-            waiting: deque = deque()
+        pool = ThreadPoolExecutor(1, thread_name_prefix="sink")
+        waiting: deque = deque()
+
+        def wait() -> None:
             try:
-                for block in self.predict(src, rows):
-                    while len(waiting) >= WRITE_AHEAD:
-                        waiting.popleft().result()
-                    waiting.append(pool.submit(sink.add, block))
-                    del block  # not held while the next block is computed
                 while waiting:
                     waiting.popleft().result()
             finally:
                 for f in waiting:
                     f.cancel()
-        return self.stats
+                pool.shutdown(wait=True)
+
+        try:
+            for block in self.predict(src, rows, first):
+                while len(waiting) >= WRITE_AHEAD:
+                    waiting.popleft().result()
+                waiting.append(pool.submit(sink.add, block))
+                del block  # not held while the next block is computed
+        except BaseException:
+            wait_quietly(wait)
+            raise
+        return self.stats, wait
 
     def predict_array(self, rgb: np.ndarray, valid: np.ndarray | None = None, gsd: float | None = None,
                       name: str | None = None) -> np.ndarray:
@@ -532,6 +578,14 @@ class Engine:
         sink = _ArrayCollector(src.height, src.width, name or self.decoder.maps[0])
         self.predict_into(src, sink)
         return sink.out
+
+
+def wait_quietly(wait: Callable[[], None]) -> None:
+    """Let a sink finish after the model failed: the model's error is the one to report."""
+    try:
+        wait()
+    except Exception:  # noqa: BLE001 - secondary to the error being raised
+        pass
 
 
 def _reflect_pad(img: np.ndarray, dh: int, dw: int) -> np.ndarray:

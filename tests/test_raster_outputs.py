@@ -120,3 +120,29 @@ def test_instance_maps_go_to_their_own_2_band_raster_and_to_the_polygonizer(tmp_
     with pytest.raises(ValueError, match="border_u8"), SceneWriter(
             tmp_path / "p2.tif", tmp_path / "m2.tif", profile, cog=False, instance_path=tmp_path / "i2.tif") as w:
         w.add(Block(0, {BUILDING: torch.full((20, 60), 0.9)}, np.ones((20, 60), bool)))
+
+
+def test_cog_level_trades_size_for_speed_with_the_same_values_and_bad_levels_are_refused(tmp_path, drone):
+    from lib.cli import compose_config
+    from lib.errors import UserError
+    from lib.raster_outputs import check_settings
+
+    with rasterio.open(drone) as ds:
+        profile = raster_profile(ds, True)
+    rng = np.random.default_rng(0)
+    prob = torch.from_numpy(np.clip(rng.normal(0.5, 0.2, (923, 576)), 0, 1).astype(np.float32))
+    sizes, values = {}, {}
+    for level in (1, 9):
+        out = tmp_path / str(level)
+        out.mkdir()
+        with SceneWriter(out / "p.tif", out / "m.tif", profile, cog=True, cog_level=level) as w:
+            w.add(Block(0, {BUILDING: prob}, np.ones((923, 576), bool)))
+            w.commit()
+        sizes[level] = (out / "p.tif").stat().st_size
+        with rasterio.open(out / "p.tif") as ds:
+            values[level] = ds.read(1)
+            assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
+    assert np.array_equal(values[1], values[9]) and sizes[9] < sizes[1]
+    check_settings(compose_config("inference", []))
+    with pytest.raises(UserError, match="cog_level must be 1"):
+        check_settings(compose_config("inference", ["cog_level=0"]))

@@ -14,7 +14,7 @@ from lib.errors import UserError
 from lib.image_sources import ArraySource, RasterSource
 from lib.raster_outputs import SceneWriter, raster_profile
 from lib.segmentation import BUILDING, BUILDING_PRESENT
-from lib.tiling import AGREEMENT_MIN, WRITE_AHEAD, Engine, build_passes, model_gsd
+from lib.tiling import AGREEMENT_MIN, WRITE_AHEAD, Engine, _ArrayCollector, build_passes, model_gsd
 from lib.tta import TTA_NAMES
 from lib.windows import OUT_COLS, blend_weights_1d, weight_sums, window_offsets, windows_touching
 
@@ -353,3 +353,23 @@ def test_memory_does_not_grow_with_scene_width(height):
     in_flight = WRITE_AHEAD * shape_a[0] * OUT_COLS
     assert bytes_b <= 1.05 * bytes_a and peak_b <= 1.15 * peak_a + in_flight, figures
     assert bytes_b < 256 * 32768 * 4 / 2, figures  # far below one window-high strip of the scene
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_first_window_read_ahead_gives_the_same_maps_and_is_used_only_for_its_own_sweep(workers):
+    """inference reads the next scene's first window while the model runs on the previous one."""
+    rgb = gradient_image(200, 260)
+    common = {"widths": [64], "tile_size": 96, "overlap": 32, "batch_size": 4, "num_workers": workers}
+    eng = Engine([PooledBrightnessModel()], tta=list(TTA_NAMES), decoder=TwoHeatmaps(), **common)
+    plain = eng.predict_array(rgb, name="centre")
+    src = ArraySource(rgb)
+    first = eng.read_ahead(src)
+    assert first[1][:2] == (0, 0) and first[1][2] is not None
+    sink = _ArrayCollector(200, 260, "centre")
+    stats, wait = eng.start_into(src, sink, first=first)
+    wait()
+    assert np.array_equal(sink.out, plain) and stats.windows == eng.stats.windows
+    other = ArraySource(gradient_image(150, 100))  # another scene's read-ahead is not taken for this one
+    sink = _ArrayCollector(200, 260, "centre")
+    eng.start_into(src, sink, first=eng.read_ahead(other))[1]()
+    assert np.array_equal(sink.out, plain)

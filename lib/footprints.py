@@ -41,6 +41,9 @@ logging.getLogger("pyogrio").setLevel(logging.WARNING)  # not "Created N records
 
 VECTOR_FORMATS = {"gpkg": ("GPKG", ".gpkg"), "geojson": ("GeoJSON", ".geojson"), "none": None}
 SQUARE_TOLERANCE = 1.5  # px: the least simplification used to find walls when squaring outlines
+# default outline tolerance (`simplify: null`): on the Kampala holdout (7.5 cm) it squared 38 of 45
+# footprints against 29 with 1.5 px, for 15 vertices a footprint instead of 23 (benchmarks/RESULTS.md)
+OUTLINE_TOLERANCE_M = 0.15
 
 
 @dataclass
@@ -136,12 +139,28 @@ def _merge_pieces(pieces: list[Piece]) -> list[Piece]:
     return [Piece(g, a[0], a[1]) for g, a in zip(merged, acc)]
 
 
-def footprints_frame(pieces: list[Piece], transform, crs, *, min_area: float = 0.0, simplify: float = 0.0,
-                     regularize: bool = False, angles: int = 90, first_id: int = 0, metric=None):
+def outline_tolerance_px(simplify: float | None, m_per_px: np.ndarray | None, n: int) -> np.ndarray:
+    """Per-footprint outline tolerance in pixels: `simplify` metres on the ground where the ground scale
+    is known (`m_per_px`), pixels otherwise; None = OUTLINE_TOLERANCE_M, at least 1 px (1 px without a
+    scale). In metres, one setting gives the same outlines from 5 cm drone and 50 cm satellite pixels."""
+    if m_per_px is None:
+        return np.full(n, 1.0 if simplify is None else float(simplify))
+    m = np.asarray(m_per_px, dtype=float)
+    safe = np.where(m > 0, m, 1.0)
+    if simplify is None:
+        return np.where(m > 0, np.maximum(OUTLINE_TOLERANCE_M / safe, 1.0), 1.0)
+    return np.where(m > 0, float(simplify) / safe, float(simplify))
+
+
+def footprints_frame(pieces: list[Piece], transform, crs, *, min_area: float = 0.0, simplify: float | None = None,
+                     regularize: bool = False, angles: int = 90, first_id: int = 0, metric=None,
+                     gsd: float | None = None):
     """GeoDataFrame of footprints in the image CRS (pixel coordinates when there is no CRS).
 
     `min_area` drops small blobs: m^2 of ground when there is a CRS (measured in the local UTM zone,
-    so degrees and metres agree), pixels for plain images. `simplify` is a tolerance in pixels.
+    so degrees and metres agree), pixels for plain images. `simplify` is the outline tolerance
+    (`outline_tolerance_px`): metres when there is a CRS or a `gsd` (m/px, for callers working on a
+    pixel grid of known resolution), pixels otherwise.
     `regularize` squares outlines (lib.regularize, `angles` 90 or 45); the unsquared outline stays
     in the `raw_geometry` column. Columns: `area_px` (mask pixels), `area_m2` (of the written
     outline; None without georeferencing), `mean_prob` (0..1), `confidence` (= mean_prob, for
@@ -157,10 +176,12 @@ def footprints_frame(pieces: list[Piece], transform, crs, *, min_area: float = 0
     scale = _m2_per_px2(raw, transform, crs, metric) if georef and len(raw) else np.ones(len(raw))
     keep = (pixels * scale >= min_area) & (pixels >= 1)
     pieces, raw, scale = [p for p, k in zip(pieces, keep) if k], raw[keep], scale[keep]
-    simple = shapely.simplify(raw, simplify, preserve_topology=True) if simplify and len(raw) else raw
+    m_per_px = np.sqrt(scale) if georef else (np.full(len(raw), float(gsd)) if gsd else None)
+    tolerance = outline_tolerance_px(simplify, m_per_px, len(raw))
+    simple = shapely.simplify(raw, tolerance, preserve_topology=True) if len(raw) and tolerance.any() else raw
     geoms, squared = simple, np.zeros(len(raw), bool)
     if regularize and len(raw):
-        geoms, squared = square_polygons(raw, angles, max(simplify, SQUARE_TOLERANCE))
+        geoms, squared = square_polygons(raw, angles, np.maximum(tolerance, SQUARE_TOLERANCE))
         geoms = np.where(squared, geoms, simple)
     area_m2 = [round(float(a), 3) for a in shapely.area(geoms) * scale] if georef else None
     mean_prob = [round(p.prob_sum / max(p.pixels, 1) / 255.0, 4) for p in pieces]

@@ -115,8 +115,9 @@ def _footprints_of(sample: Sample, labels: np.ndarray, options: dict) -> _Footpr
 
     prob_u8 = np.round(np.clip(sample.prob, 0, 1) * 255).astype(np.uint8)
     pieces = instance_pieces(labels, prob_u8)
-    frame = footprints.footprints_frame(pieces, None, None, min_area=0.0, simplify=float(options["simplify"]),
-                                        regularize=bool(options["regularize"]), angles=int(options["angles"]))
+    frame = footprints.footprints_frame(pieces, None, None, min_area=0.0, simplify=options["simplify"],
+                                        regularize=bool(options["regularize"]), angles=int(options["angles"]),
+                                        gsd=math.sqrt(pixel_area(sample)) if sample.georeferenced else None)
     raw = np.array([p.geom for p in pieces], dtype=object)
     scale = ground_scale(raw, sample, options.get("metric"))
     geoms = np.asarray(frame.geometry.values, dtype=object)

@@ -229,3 +229,16 @@ def test_blocks_out_of_row_order_are_refused():
     poly.add(50, np.ones((50, 100), bool))
     with pytest.raises(ValueError, match="row order"):
         poly.add(0, np.ones((50, 100), bool))
+
+
+def test_the_outline_tolerance_is_in_metres_with_a_ground_scale_and_in_pixels_without():
+    from lib.footprints import OUTLINE_TOLERANCE_M, outline_tolerance_px
+
+    drone, satellite = np.array([0.05]), np.array([0.5])
+    assert outline_tolerance_px(None, drone, 1) == pytest.approx(OUTLINE_TOLERANCE_M / 0.05)
+    assert outline_tolerance_px(None, satellite, 1) == pytest.approx(1.0)  # never under a pixel by default
+    assert outline_tolerance_px(0.3, drone, 1) == pytest.approx(6.0)
+    assert outline_tolerance_px(0.3, satellite, 1) == pytest.approx(0.6)
+    assert outline_tolerance_px(None, None, 2).tolist() == [1.0, 1.0]
+    assert outline_tolerance_px(2.0, None, 1).tolist() == [2.0]  # plain images: pixels
+    assert outline_tolerance_px(0.0, drone, 1).tolist() == [0.0]  # exact pixel outlines

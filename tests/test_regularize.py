@@ -75,3 +75,16 @@ def test_holes_are_squared_with_the_building():
     ring = box(0, 0, 100, 60).difference(box(30, 20, 70, 40))
     sq = regularize.square_polygon(shapely.segmentize(ring, 1.0), 90, 1.5)
     assert len(sq.interiors) == 1 and sq.area == pytest.approx(ring.area, rel=1e-6)
+
+
+def test_where_coarse_walls_are_not_faithful_walls_at_half_the_tolerance_square_it():
+    # a 60 x 30 building with a 10 px notch: at 8 px the notch is simplified away and the outline
+    # misses it (IoU gate); at 4 px the notch becomes two more right-angled corners
+    notched = Polygon([(0, 0), (60, 0), (60, 30), (40, 30), (40, 20), (30, 20), (30, 30), (0, 30)])
+    notched = shapely.affinity.rotate(notched, 17, origin="centroid")
+    assert regularize.square_polygon(notched, 90, 8) is None
+    out, squared = regularize.square_polygons([notched, box(0, 0, 20, 10)], 90, np.array([8.0, 3.0]))
+    assert squared.tolist() == [True, True] and len(out[0].exterior.coords) - 1 == 8
+    assert metrics.outline_stats([out[0]])["right_angle_share"] == 1.0
+    inter = out[0].intersection(notched).area
+    assert inter / (out[0].area + notched.area - inter) >= regularize.MIN_IOU

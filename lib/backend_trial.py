@@ -97,7 +97,11 @@ def cpu_description() -> dict:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {"cpu": name, "cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags]}
+    out = {"cpu": name, "cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags]}
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    if cap:  # the kernels see a smaller instruction set (lib.devices.cpu_has_native_bf16)
+        out["onednn_max_cpu_isa"] = cap
+    return out
 
 
 def _versions() -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 
 from lib.errors import UserError
@@ -23,8 +25,19 @@ def resolve_device(name: str = "auto"):
     return dev
 
 
+# oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below AVX512_CORE_BF16: PyTorch's and OpenVINO's
+# kernels then run bf16 emulated, as on a CPU without it
+_ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
 def cpu_has_native_bf16() -> bool:
-    """AMX or AVX512-BF16: the CPUs on which bf16 arithmetic is faster than fp32 (elsewhere it is emulated)."""
+    """AMX or AVX512-BF16: the CPUs on which bf16 arithmetic is faster than fp32 (elsewhere it is emulated).
+
+    A cap on oneDNN's instruction set (ONEDNN_MAX_CPU_ISA, e.g. AVX512_CORE_VNNI) below bf16 counts as
+    its absence, as it does for the kernels: so a CPU without native bf16 can be measured on one with it."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    if cap in _ISAS_WITHOUT_BF16:
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:

@@ -133,3 +133,16 @@ def test_backend_openvino_without_bf16_says_what_it_runs(monkeypatch, drone, che
         return
     with pytest.raises(UserError, match="OpenVINO runs fp32, and bf16 on CPUs with native bf16"):
         inference.run(infer_cfg(drone, checkpoints["b0"], tmp_path, "backend=openvino", "precision=bf16"))
+
+
+def test_a_onednn_cap_below_bf16_counts_as_a_cpu_without_native_bf16(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA makes PyTorch's and OpenVINO's kernels emulate bf16: no bf16 candidate then."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+    assert not cpu_has_native_bf16()
+    assert all(c.precision == "fp32" for c in backend_trial.candidates(CPU))
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert not cpu_has_native_bf16()
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "ALL")
+    with open("/proc/cpuinfo") as f:
+        flags = f.read()
+    assert cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)

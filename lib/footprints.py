@@ -35,7 +35,7 @@ from lib import existing_buildings
 from lib.errors import UserError
 from lib.files import AbortOnError, atomic_path
 from lib.postprocess import resolve
-from lib.regularize import square_polygons
+from lib.regularize import MIN_IOU, square_polygons
 
 logging.getLogger("pyogrio").setLevel(logging.WARNING)  # not "Created N records" for every file
 
@@ -44,6 +44,9 @@ SQUARE_TOLERANCE = 1.5  # px: the least simplification used to find walls when s
 # default outline tolerance (`simplify: null`): on the Kampala holdout (7.5 cm) it squared 38 of 45
 # footprints against 29 with 1.5 px, for 15 vertices a footprint instead of 23 (benchmarks/RESULTS.md)
 OUTLINE_TOLERANCE_M = 0.15
+# outlines that are not squared are simplified at this fraction of their size (sqrt of the area): a
+# 20 m wide yard the model took for a building gets a handful of vertices instead of dozens
+IRREGULAR_TOLERANCE = 0.05
 
 
 @dataclass
@@ -152,6 +155,17 @@ def outline_tolerance_px(simplify: float | None, m_per_px: np.ndarray | None, n:
     return np.where(m > 0, float(simplify) / safe, float(simplify))
 
 
+def irregular_outlines(raw: np.ndarray, simple: np.ndarray, tolerance: np.ndarray) -> np.ndarray:
+    """Outlines that are not squared (round or irregular shapes) with few vertices too: simplified at
+    IRREGULAR_TOLERANCE of their size (at least `tolerance` px), kept only where they still overlap the
+    mask outline with IoU >= MIN_IOU (else `simple`, the outline at `tolerance`)."""
+    coarse = shapely.simplify(raw, np.maximum(tolerance, IRREGULAR_TOLERANCE * np.sqrt(shapely.area(raw))),
+                              preserve_topology=True)
+    inter = shapely.area(shapely.intersection(coarse, raw))
+    iou = inter / np.maximum(shapely.area(coarse) + shapely.area(raw) - inter, 1e-12)
+    return np.where(shapely.is_valid(coarse) & (iou >= MIN_IOU), coarse, simple)
+
+
 def footprints_frame(pieces: list[Piece], transform, crs, *, min_area: float = 0.0, simplify: float | None = None,
                      regularize: bool = False, angles: int = 90, first_id: int = 0, metric=None,
                      gsd: float | None = None):
@@ -182,7 +196,7 @@ def footprints_frame(pieces: list[Piece], transform, crs, *, min_area: float = 0
     geoms, squared = simple, np.zeros(len(raw), bool)
     if regularize and len(raw):
         geoms, squared = square_polygons(raw, angles, np.maximum(tolerance, SQUARE_TOLERANCE))
-        geoms = np.where(squared, geoms, simple)
+        geoms = np.where(squared, geoms, irregular_outlines(raw, simple, tolerance))
     area_m2 = [round(float(a), 3) for a in shapely.area(geoms) * scale] if georef else None
     mean_prob = [round(p.prob_sum / max(p.pixels, 1) / 255.0, 4) for p in pieces]
     gdf = gpd.GeoDataFrame({"id": np.arange(first_id, first_id + len(pieces)), "area_px": [p.pixels for p in pieces],

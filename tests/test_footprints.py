@@ -242,3 +242,22 @@ def test_the_outline_tolerance_is_in_metres_with_a_ground_scale_and_in_pixels_wi
     assert outline_tolerance_px(None, None, 2).tolist() == [1.0, 1.0]
     assert outline_tolerance_px(2.0, None, 1).tolist() == [2.0]  # plain images: pixels
     assert outline_tolerance_px(0.0, drone, 1).tolist() == [0.0]  # exact pixel outlines
+
+
+def test_outlines_that_are_not_squared_get_few_vertices_while_staying_faithful():
+    from lib.footprints import irregular_outlines
+    from lib.regularize import MIN_IOU
+
+    rng = np.random.default_rng(3)
+    angles = np.linspace(0, 2 * np.pi, 240, endpoint=False)
+    radius = 40 + 6 * np.sin(3 * angles) + rng.normal(0, 0.8, angles.size)  # a lumpy yard, 80 px across
+    blob = shapely.Polygon(np.column_stack([radius * np.cos(angles), radius * np.sin(angles)]))
+    simple = shapely.simplify(blob, 1.0)
+    out = irregular_outlines(np.array([blob]), np.array([simple]), np.array([1.0]))[0]
+    inter = out.intersection(blob).area
+    assert len(out.exterior.coords) < len(simple.exterior.coords) / 2
+    assert inter / (out.area + blob.area - inter) >= MIN_IOU
+    # a thin winding strip (a path taken for a building) would lose its shape: the fine outline stays
+    x = np.arange(0, 300, 3.0)
+    strip = shapely.LineString(np.column_stack([x, 6 * np.sin(x / 4)])).buffer(1.0, quad_segs=2)
+    assert irregular_outlines(np.array([strip]), np.array([strip]), np.array([0.0]))[0].equals(strip)

@@ -41,8 +41,8 @@ logging.getLogger("pyogrio").setLevel(logging.WARNING)  # not "Created N records
 
 VECTOR_FORMATS = {"gpkg": ("GPKG", ".gpkg"), "geojson": ("GeoJSON", ".geojson"), "none": None}
 SQUARE_TOLERANCE = 1.5  # px: the least simplification used to find walls when squaring outlines
-# default outline tolerance (`simplify: null`): on the Kampala holdout (7.5 cm) it squared 38 of 45
-# footprints against 29 with 1.5 px, for 15 vertices a footprint instead of 23 (benchmarks/RESULTS.md)
+# default outline tolerance (`simplify: null`): at 7.5 cm a 1 px tolerance keeps the mask edge's wobble
+# as walls, so most outlines failed the squaring's IoU gate (Kampala holdout, benchmarks/RESULTS.md)
 OUTLINE_TOLERANCE_M = 0.15
 # outlines that are not squared are simplified at this fraction of their size (sqrt of the area): a
 # 20 m wide yard the model took for a building gets a handful of vertices instead of dozens
@@ -158,12 +158,13 @@ def outline_tolerance_px(simplify: float | None, m_per_px: np.ndarray | None, n:
 def irregular_outlines(raw: np.ndarray, simple: np.ndarray, tolerance: np.ndarray) -> np.ndarray:
     """Outlines that are not squared (round or irregular shapes) with few vertices too: simplified at
     IRREGULAR_TOLERANCE of their size (at least `tolerance` px), kept only where they still overlap the
-    mask outline with IoU >= MIN_IOU (else `simple`, the outline at `tolerance`)."""
+    mask outline with IoU >= MIN_IOU (else `simple`, the outline at `tolerance`). A tolerance of 0 (exact
+    pixel outlines asked for) keeps `simple`."""
     coarse = shapely.simplify(raw, np.maximum(tolerance, IRREGULAR_TOLERANCE * np.sqrt(shapely.area(raw))),
                               preserve_topology=True)
     inter = shapely.area(shapely.intersection(coarse, raw))
     iou = inter / np.maximum(shapely.area(coarse) + shapely.area(raw) - inter, 1e-12)
-    return np.where(shapely.is_valid(coarse) & (iou >= MIN_IOU), coarse, simple)
+    return np.where(shapely.is_valid(coarse) & (iou >= MIN_IOU) & (tolerance > 0), coarse, simple)
 
 
 def footprints_frame(pieces: list[Piece], transform, crs, *, min_area: float = 0.0, simplify: float | None = None,

@@ -260,4 +260,5 @@ def test_outlines_that_are_not_squared_get_few_vertices_while_staying_faithful()
     # a thin winding strip (a path taken for a building) would lose its shape: the fine outline stays
     x = np.arange(0, 300, 3.0)
     strip = shapely.LineString(np.column_stack([x, 6 * np.sin(x / 4)])).buffer(1.0, quad_segs=2)
-    assert irregular_outlines(np.array([strip]), np.array([strip]), np.array([0.0]))[0].equals(strip)
+    assert irregular_outlines(np.array([strip]), np.array([strip]), np.array([0.5]))[0].equals(strip)
+    assert irregular_outlines(np.array([blob]), np.array([blob]), np.array([0.0]))[0].equals(blob)  # simplify=0

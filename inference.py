@@ -449,6 +449,7 @@ def _failed(image: ImageInput, message: str, output_dir: Path, cfg) -> dict:
 
 
 FINISHING = 2  # images whose outputs may still be in the finishing worker's hands while the next one runs
+PROGRESS_EVERY_S = 5.0  # the run's progress record is rewritten at most this often (and at the end)
 
 
 def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done: dict, progress_path: Path,
@@ -461,6 +462,14 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
     ranks, merged from their partial files (or why a band failed)."""
     bands = bands or {}
     output_dir = Path(cfg.output_dir)
+    last_write = [-math.inf]
+
+    def save_progress(force: bool = False) -> None:
+        """Rewrite the progress record at most every PROGRESS_EVERY_S: it holds every image of the folder,
+        so one write per image would cost O(images^2). An interrupted run redoes the images finished since."""
+        if force or time.monotonic() - last_write[0] >= PROGRESS_EVERY_S:
+            _write_run(progress_path, info, done)
+            last_write[0] = time.monotonic()
 
     def settle(image: ImageInput, record: dict) -> None:
         if cfg.mine_empty and "max_prob" in record:
@@ -473,7 +482,7 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
         done[image.stem] = record
         if cfg.debug:
             print(f"{image.stem}: {record}")
-        _write_run(progress_path, info, done)
+        save_progress()
 
     def failure(image: ImageInput, err: Exception) -> dict:
         message = str(err) if isinstance(err, UserError) else f"{image.path}: not a readable raster ({one_line(err)})"
@@ -549,6 +558,8 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
                 queue.append((image, None, None, failure(image, err)))
             settle_ready(keep=FINISHING)
         settle_ready(keep=0)
+    if images:
+        save_progress(force=True)
 
 
 def _write_run(path: Path, info: dict, done: dict) -> None:

@@ -3,7 +3,7 @@
 Footprints: a mask raster holding N rectangular buildings (10^4, 5 x 10^4, 10^5; a jittered grid,
 0.3 m/px, UTM) is made band by band -- the whole mask is never in memory -- and fed in the engine's
 blocks (1024 rows x 2048 columns)
-to `Polygonizer` -> `FootprintWriter` with inference's defaults (min_area 4 m^2, simplify 1 px,
+to `Polygonizer` -> `FootprintWriter` with inference's defaults (min_area 4 m^2, simplify 0.15 m but at least 1 px,
 squared outlines, GPKG + EPSG:4326 GeoJSON), in a fresh subprocess per size. Printed: footprints per
 second, the per-building CPU time ratio 10^5 vs 10^4 (1.0 = linear growth) and the peak RSS of each
 run (it grows until footprints are written chunk by chunk, past STREAM_CHUNK, then stays).
@@ -94,7 +94,7 @@ def footprints_child(n: int, out: str) -> None:
 def bench_footprints(sizes: list[int]) -> None:
     from lib import footprints
 
-    print("\n## Streaming footprints (Polygonizer -> FootprintWriter, defaults: min_area 4, simplify 1, squared)")
+    print("\n## Streaming footprints (Polygonizer -> FootprintWriter, defaults: min_area 4 m^2, simplify 0.15 m (at least 1 px), squared)")
     print(f"{'buildings':>9} {'found':>7} {'Mpx':>6} {'seconds':>8} {'CPU s':>7} {'fp/s':>7} {'held':>5} "
           f"{'peak RSS MB':>11}")
     rows = []

@@ -1,6 +1,8 @@
 """Shared fixtures: the real data beside the checkout and a small generated demo scene."""
 
+import atexit
 import os
+import shutil
 import tempfile
 import sys
 from pathlib import Path
@@ -13,8 +15,11 @@ sys.path.insert(0, str(REPO))
 from lib.cli import shared_dir
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
-# exports and backend trials of the tests' throw-away models go to a private cache, not the user's
-os.environ.setdefault("BUILDINGS_CACHE", tempfile.mkdtemp(prefix="buildings-test-cache-"))
+# exports and backend trials of the tests' throw-away models go to a private cache, not the user's,
+# removed when the session ends
+if "BUILDINGS_CACHE" not in os.environ:
+    os.environ["BUILDINGS_CACHE"] = tempfile.mkdtemp(prefix="buildings-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["BUILDINGS_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -553,3 +553,27 @@ def test_buildings_across_window_and_block_seams_come_out_once_each_and_whole(ch
     ious = [max(g.intersection(t).area / g.union(t).area for t in found["whole"].geometry)
             for g in found["seams"].geometry]
     assert min(ious) > 0.98  # the same outline, whichever windows cut it
+
+
+def test_the_progress_record_is_rewritten_at_most_every_few_seconds_and_at_the_end(checkpoints, tmp_path,
+                                                                                   monkeypatch):
+    """run.json holds every image: one rewrite per image would cost O(images^2) on a city's folder."""
+    import inference
+
+    import cv2
+
+    data = tmp_path / "images"
+    data.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(data / f"tile{i}.png"), gradient_image(40, 50))
+    writes = []
+    real = inference._write_run
+    monkeypatch.setattr(inference, "_write_run", lambda path, info, done: (writes.append(len(done)),
+                                                                         real(path, info, done)))
+    monkeypatch.setattr(inference, "PROGRESS_EVERY_S", 3600.0)
+    out = inference.run(infer_cfg(data, checkpoints["empty"], tmp_path / "slow"))
+    assert writes == [1, 3, 3] and len(out["images"]) == 3  # the first image, the end, run()'s final record
+    writes.clear()
+    monkeypatch.setattr(inference, "PROGRESS_EVERY_S", 0.0)
+    inference.run(infer_cfg(data, checkpoints["empty"], tmp_path / "fast"))
+    assert writes == [1, 2, 3, 3, 3]

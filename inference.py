@@ -462,14 +462,15 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
     ranks, merged from their partial files (or why a band failed)."""
     bands = bands or {}
     output_dir = Path(cfg.output_dir)
-    last_write = [-math.inf]
+    last_write = -math.inf
 
     def save_progress(force: bool = False) -> None:
         """Rewrite the progress record at most every PROGRESS_EVERY_S: it holds every image of the folder,
         so one write per image would cost O(images^2). An interrupted run redoes the images finished since."""
-        if force or time.monotonic() - last_write[0] >= PROGRESS_EVERY_S:
+        nonlocal last_write
+        if force or time.monotonic() - last_write >= PROGRESS_EVERY_S:
             _write_run(progress_path, info, done)
-            last_write[0] = time.monotonic()
+            last_write = time.monotonic()
 
     def settle(image: ImageInput, record: dict) -> None:
         if cfg.mine_empty and "max_prob" in record:

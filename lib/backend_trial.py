@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lib.cli import VERSION
-from lib.devices import cpu_has_native_bf16
+from lib.devices import cpu_has_native_bf16, onednn_isa_cap
 from lib.errors import UserError
 from lib.exported import onnx_cache_dir
 from lib.files import write_json
@@ -98,7 +98,7 @@ def cpu_description() -> dict:
     except OSError:
         pass
     out = {"cpu": name, "cores": os.cpu_count(), "flags": [f for f in CPU_FLAGS if f in flags]}
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
+    cap = onednn_isa_cap()
     if cap:  # the kernels see a smaller instruction set (lib.devices.cpu_has_native_bf16)
         out["onednn_max_cpu_isa"] = cap
     return out

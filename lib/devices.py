@@ -30,13 +30,17 @@ def resolve_device(name: str = "auto"):
 _ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
+def onednn_isa_cap() -> str | None:
+    """The cap on oneDNN's instruction set (ONEDNN_MAX_CPU_ISA, or its old name DNNL_MAX_CPU_ISA), if set."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip() or None
+
+
 def cpu_has_native_bf16() -> bool:
     """AMX or AVX512-BF16: the CPUs on which bf16 arithmetic is faster than fp32 (elsewhere it is emulated).
 
     A cap on oneDNN's instruction set (ONEDNN_MAX_CPU_ISA, e.g. AVX512_CORE_VNNI) below bf16 counts as
     its absence, as it does for the kernels: so a CPU without native bf16 can be measured on one with it."""
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
-    if cap in _ISAS_WITHOUT_BF16:
+    if (onednn_isa_cap() or "").upper() in _ISAS_WITHOUT_BF16:
         return False
     try:
         flags = Path("/proc/cpuinfo").read_text()

@@ -43,7 +43,7 @@ import math
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import cv2
@@ -378,10 +378,8 @@ class Engine:
         depth = max(2, 2 * self.batch_size)
         pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="read")
         futures = deque(pool.submit(prepare, job) for job in itertools.islice(jobs, depth))
-        for item in ready:
-            futures.appendleft(Future())
-            futures[0].set_result(item)
         try:
+            yield from ready  # while the threads read the next windows
             while futures:
                 item = futures.popleft().result()
                 job = next(jobs, None)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib.checkpoints import SEED_PREFIXES, exported_kind, from_seed_names, read_checkpoint, to_seed_names  # noqa: F401
+from lib.decoder_blocks import ASPP, ContextBlock, ConvGNUp
 from lib.errors import UserError, one_line
 from lib.exported import load_exported
 
@@ -65,7 +66,6 @@ DECODER_CHANNELS = 64
 INSTANCE_HEAD = "instance_head"  # build/config key and parameter prefix of the optional border/contact head
 DECODER_NORM = "decoder_norm"  # build/config key: groupnorm (the seed's, default) | none (arch=light)
 DECODER_NORMS = ("groupnorm", "none")
-ASPP_RATES = (4, 8, 12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,68 +186,6 @@ def _efficientnet(model_name: str, pretrained: bool):
 # ----------------------------------------------------------------------------------------------
 # Decoder
 # ----------------------------------------------------------------------------------------------
-
-
-class ConvGNUp(nn.Module):
-    """3x3 conv (no bias) -> GroupNorm(32) -> ReLU -> bilinear x2: one step toward stride 4.
-
-    `norm=False` (decoder_norm=none): a 3x3 conv with bias -> ReLU, the plain FPN block of arch=light.
-    """
-
-    def __init__(self, channels: int, groups: int = 32, norm: bool = True):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=not norm)
-        self.gn = nn.GroupNorm(groups, channels) if norm else nn.Identity()
-
-    def forward(self, x):
-        x = F.relu(self.gn(self.conv(x)))
-        return F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
-
-
-class ContextBlock(nn.Module):
-    """GCNet global context block (attention pooling, channel-add fusion)."""
-
-    def __init__(self, channels: int, hidden: int = 8):
-        super().__init__()
-        self.conv_mask = nn.Conv2d(channels, 1, 1)
-        self.channel_add_conv = nn.Sequential(
-            nn.Conv2d(channels, hidden, 1),
-            nn.LayerNorm([hidden, 1, 1]),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, channels, 1),
-        )
-        nn.init.zeros_(self.channel_add_conv[-1].weight)  # starts as the identity, as in GCNet
-        nn.init.zeros_(self.channel_add_conv[-1].bias)
-
-    def forward(self, x):
-        n, c = x.shape[:2]
-        weights = torch.softmax(self.conv_mask(x).reshape(n, 1, -1), dim=2)  # [N, 1, HW]
-        context = torch.bmm(x.reshape(n, c, -1), weights.transpose(1, 2)).reshape(n, c, 1, 1)
-        return x + self.channel_add_conv(context)
-
-
-def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn.Sequential:
-    padding = dilation * (kernel // 2)
-    return nn.Sequential(
-        nn.Conv2d(cin, cout, kernel, padding=padding, dilation=dilation, bias=False),
-        nn.BatchNorm2d(cout),
-        nn.ReLU(inplace=True),
-    )
-
-
-class ASPP(nn.Module):
-    """Atrous spatial pyramid pooling: 1x1, three dilated 3x3 and an image-pooling branch, projected."""
-
-    def __init__(self, channels: int, rates=ASPP_RATES, dropout: float = 0.1):
-        super().__init__()
-        self.convs = nn.ModuleList([_conv_bn_relu(channels, channels)])
-        self.convs.extend(_conv_bn_relu(channels, channels, 3, r) for r in rates)
-        self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(channels, channels))
-        self.project = nn.Sequential(*_conv_bn_relu(channels * (len(rates) + 2), channels), nn.Dropout(dropout))
-
-    def forward(self, x):
-        pooled = self.pool(x).expand(-1, -1, x.shape[2], x.shape[3])
-        return self.project(torch.cat([conv(x) for conv in self.convs] + [pooled], 1))
 
 
 class FPNDecoder(nn.Module):

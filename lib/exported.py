@@ -57,6 +57,7 @@ OUTPUT_NAMES = ("seg_prob", "cls_prob")
 MIN_OPSET = 17
 PROB_EPS = 1e-6  # probabilities are clamped to [eps, 1 - eps] before turning them back into logits
 CHECK_TOLERANCE = 1e-4
+GRAPH_REVISION = 2  # raised when a model's traced computation changes (model.py): cached exports are redone
 ONNX_TRACE_SIZE = 256  # side used to trace the graphs cached for backend=onnxruntime (axes stay dynamic)
 OUTPUTS = {
     "seg_prob": "float32 [N, 1, H/4, W/4]: building probability, mean over models x TTA of softmax(seg)[:, 1] "
@@ -497,7 +498,7 @@ def onnx_cache_dir() -> Path:
     return Path(root) / ("onnx" if os.environ.get("BUILDINGS_CACHE") else "buildings/onnx")
 
 
-def _writable_cache(cache_dir: str | os.PathLike | None) -> Path:
+def writable_cache(cache_dir: str | os.PathLike | None) -> Path:
     """`cache_dir` (default onnx_cache_dir()), or a private temporary folder when it is read-only (CI)."""
     cache = Path(cache_dir) if cache_dir else onnx_cache_dir()
     try:
@@ -521,16 +522,16 @@ def onnxruntime_models(models: Sequence[nn.Module], paths: Sequence[str | os.Pat
 def onnx_exports(models: Sequence[nn.Module], paths: Sequence[str | os.PathLike],
                  cache_dir: str | os.PathLike | None = None) -> list:
     """Each checkpoint's ONNX file, exported once by `export_checked` with no TTA (the engine batches TTA
-    itself) and cached under `cache_dir` by the sha256 of its file and configuration; an already exported
-    model stays as it is. Other runtimes (OpenVINO) compile these files without an ONNX Runtime session."""
-    cache = _writable_cache(cache_dir)
+    itself) and cached under `cache_dir` by the sha256 of its file and configuration, the torch version and
+    GRAPH_REVISION; an already exported model stays as it is. Other runtimes (OpenVINO) compile these files without an ONNX Runtime session."""
+    cache = writable_cache(cache_dir)
     out = []
     for net, path in zip(models, paths):
         if isinstance(net, ExportedModel):
             out.append(net)
             continue
         key = hashlib.sha256((file_sha256(path) + json.dumps(getattr(net, "config", {}), sort_keys=True)
-                              + torch.__version__).encode()).hexdigest()[:24]
+                              + torch.__version__ + f"/graph{GRAPH_REVISION}").encode()).hexdigest()[:24]
         target = cache / f"{Path(path).stem}-{key}.onnx"
         if not target.is_file():
             try:

@@ -370,3 +370,18 @@ def test_light_preset_is_a_plain_fpn_head_whose_weights_tell_its_architecture():
 def test_unknown_decoder_norm_is_a_one_line_error():
     with pytest.raises(UserError, match="decoder_norm=batch: use groupnorm or none"):
         M.build_model("efficientnet-b0", decoder_norm="batch")
+
+
+def test_aspp_projection_without_concatenation_matches_the_original_form():
+    """Outside training ASPP sums per-branch 1x1 convs and adds the pooled branch as a bias; that must be
+    the original projection of the five concatenated branches, on non-trivial BatchNorm statistics."""
+    torch.manual_seed(0)
+    aspp = _randomise_buffers(M.ASPP(48)).eval()
+    x = torch.randn(2, 48, 20, 28)
+    with torch.no_grad():
+        pooled = aspp.pool(x).expand(-1, -1, 20, 28)
+        expected = aspp.project(torch.cat([conv(x) for conv in aspp.convs] + [pooled], 1))
+        got = aspp(x)
+    assert got.shape == expected.shape == (2, 48, 20, 28)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert expected.abs().max() > 0.1  # the comparison is not between two zero maps

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -28,7 +30,7 @@ import torch
 from lib.cli import VERSION
 from lib.devices import cpu_has_native_bf16, onednn_isa_cap
 from lib.errors import UserError
-from lib.exported import onnx_cache_dir
+from lib.exported import GRAPH_REVISION, onnx_cache_dir
 from lib.files import write_json
 from lib.model_contract import normalize
 from lib.tiling import takes_arrays
@@ -51,12 +53,13 @@ class Candidate:
 
 
 def installed(module: str) -> bool:
-    """Whether an optional runtime (onnxruntime, openvino) imports."""
+    """Whether an optional runtime (onnxruntime, openvino) is installed. Found, not imported: importing
+    both costs about 0.3 s of every run's start, and only the chosen one is needed (a broken install then
+    fails when it is built, as one line)."""
     try:
-        __import__(module)
-    except ImportError:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # ValueError: a module set to None in sys.modules
         return False
-    return True
 
 
 def candidates(device: torch.device, backend: str = "auto", precision: str = "auto",
@@ -105,11 +108,11 @@ def cpu_description() -> dict:
 
 
 def _versions() -> dict:
-    out = {"toolkit": VERSION, "torch": torch.__version__}
+    out = {"toolkit": VERSION, "graph": GRAPH_REVISION, "torch": torch.__version__}
     for module in ("onnxruntime", "openvino"):
         try:
-            out[module] = str(__import__(module).__version__)
-        except ImportError:
+            out[module] = importlib.metadata.version(module)
+        except importlib.metadata.PackageNotFoundError:
             out[module] = None
     return out
 

@@ -69,9 +69,9 @@ class _Builder:
             return [m.eval().to(self.device, memory_format=torch.channels_last) for m in self.models]
         if cand.backend == "onnxruntime":
             return [f if isinstance(f, ExportedModel) else load_exported(f) for f in self.onnx_files()]
-        from lib.openvino_backend import openvino_models
+        from lib.openvino_backend import compiled_cache, openvino_models
 
-        return openvino_models(self.onnx_files(), cand.precision)
+        return openvino_models(self.onnx_files(), cand.precision, compiled_cache(self.onnx_cache))
 
 
 def _check_installed(backend: str) -> None:

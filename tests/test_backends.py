@@ -109,6 +109,7 @@ def test_openvino_matches_onnxruntime_and_records_its_precision(drone, checkpoin
                                  *common))
     assert ov["images"]["drone"]["precision"] == "fp32"
     assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 1  # OpenVINO compiles the cached ONNX export
+    assert list((tmp_path / "onnx" / "openvino").rglob("*.blob"))  # ... once: the compiled graph is kept
     a = read(tmp_path / "ort" / "probabilities" / "drone.tif")[0].astype(int)
     b = read(tmp_path / "ov" / "probabilities" / "drone.tif")[0].astype(int)
     assert np.abs(a - b).max() <= 1
@@ -120,6 +121,10 @@ def test_openvino_matches_onnxruntime_and_records_its_precision(drone, checkpoin
         assert low["images"]["drone"]["precision"] == "bf16"
         c = read(tmp_path / "ovb" / "probabilities" / "drone.tif")[0].astype(int)
         assert np.abs(a - c).mean() < 2.0  # bf16 rounding, not a different model
+    again = inference.run(infer_cfg(drone, checkpoints["b0"], tmp_path / "ov2", "backend=openvino", "precision=fp32",
+                                    *common))  # loaded from the compiled-graph cache
+    assert again["images"]["drone"]["precision"] == "fp32"
+    assert np.array_equal(read(tmp_path / "ov2" / "probabilities" / "drone.tif")[0].astype(int), b)
 
 
 def test_backend_openvino_without_bf16_says_what_it_runs(monkeypatch, drone, checkpoints, tmp_path):

@@ -29,6 +29,7 @@ import cv2
 import numpy as np
 import torch
 
+from lib.chip_cache import DecodedChips
 from lib.chip_writer import IGNORE_SUFFIX, INSTANCES_SUFFIX, MASK_SUFFIX, RESOLUTIONS_FILE, write_chips
 from lib.cli import cli, compose_config
 from lib.distributed import Dist
@@ -238,21 +239,31 @@ class ChipDataset:
     and "instance_ok" float32 scalar (1 = ids from the chip's instances file; 0 = from the mask's connected
     components, or no widths given: the contact target is then unknown).
     With `ref_scale` (m/px), chips whose GSD is known are first resized to that GSD, so a model sees
-    buildings at one size whatever the source resolution.
+    buildings at one size whatever the source resolution. With `cache_mb` > 0 the decoded (and rescaled)
+    chips are kept in memory up to that size per process (`DecodedChips`).
     """
     def __init__(self, chips: list[Chip], transform=None, ref_scale: float | None = None, *,
-                 border_m=None, contact_m=None, border_px=None, contact_px=None):
+                 border_m=None, contact_m=None, border_px=None, contact_px=None, cache_mb: float = 0):
         self.chips = list(chips)
         self.transform = transform
         self.ref_scale = float(ref_scale) if ref_scale else None
         self.widths = (border_m, contact_m, border_px, contact_px)
+        self.decoded = DecodedChips(cache_mb) if cache_mb and float(cache_mb) > 0 else None
 
     def __len__(self) -> int:
         return len(self.chips)
 
     def load(self, i: int) -> dict:
         """Raw arrays of chip `i` (uint8 image, mask 0..255, valid 0/255, uint16 instance ids) after GSD
-        rescaling; "instance_ok" says whether the ids came from an instances file."""
+        rescaling; "instance_ok" says whether the ids came from an instances file. Read-only when cached."""
+        raw = self.decoded.get(i) if self.decoded is not None else None
+        if raw is None:
+            raw = self._read(i)
+            if self.decoded is not None:
+                self.decoded.put(i, raw)
+        return raw
+
+    def _read(self, i: int) -> dict:
         chip = self.chips[i]
         image, valid = read_chip_image(chip.image)
         shape = image.shape[:2]
@@ -475,6 +486,7 @@ def load_data(cfg, d: Dist) -> Data:
               "contact targets off -- re-run dataset.py", flush=True)
     width, ref = int(cfg.width), cfg.ref_scale
     widths = {k: cfg[k] for k in ("border_m", "contact_m", "border_px", "contact_px")}
+    widths["cache_mb"] = float(cfg.get("chip_cache_mb") or 0)
 
     def augmenting(items):
         tf = train_transform(width, level=cfg.augment, transpose=bool(cfg.transpose))

@@ -53,7 +53,7 @@ from model import DECODER_NORM, DICE, MODEL_KEYS, SEG, build_model, load_model, 
 from optim import build_one_cycle
 
 # Keys a resumed run may change; every other key comes from the checkpoint so the run continues exactly.
-RUNTIME_KEYS = ("resume", "output_dir", "device", "num_workers", "progress", "log_every", "save_every",
+RUNTIME_KEYS = ("resume", "output_dir", "device", "num_workers", "chip_cache_mb", "progress", "log_every", "save_every",
                 "keep_every", "threads", "data_dir", "soft_labels_dir", "compile")
 # max_lr when the config leaves it unset: the original recipe's value for fine-tuning an ImageNet encoder,
 # a larger one for random initialisation, which tolerates (and needs) bigger steps.

@@ -11,8 +11,8 @@ Every figure times `lib.trainer.train_step` (forward, losses, backward, optimise
 Ratios are against the first preset (b0) in fp32, measured in the same run. bf16 runs on CUDA and on CPUs
 with native bf16 kernels (AVX512-BF16 / AMX); elsewhere it is emulated and far slower, so it is skipped.
 Then, for the fastest preset and precision, the pipeline is timed for num_workers 0/1/2 x torch threads 1/2
-(on CPU): the figures behind train.yaml's num_workers default. Precisions are explicit here, so no
-precision=auto trial runs.
+(on CPU): the figures behind train.yaml's num_workers default. Last, the first preset's pipeline without
+and with the decoded-chip cache (chip_cache_mb). Precisions are explicit here, so no precision=auto trial runs.
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def session(args, preset: str, precision: str, workers: int, threads: int | None):
-    overrides = [f"arch={preset}", "pretrained=false", f"width={args.size}", f"batch_size={args.batch}",
-                 f"num_workers={workers}", f"precision={precision}", f"max_steps={2 * (args.warmup + args.steps) + 2}",
+def session(args, preset: str, precision: str, workers: int, threads: int | None, extra: tuple[str, ...] = (),
+            warmup: int | None = None):
+    steps = 2 * ((args.warmup if warmup is None else warmup) + args.steps) + 2  # the one-cycle schedule's length
+    overrides = [*extra, f"arch={preset}", "pretrained=false", f"width={args.size}", f"batch_size={args.batch}",
+                 f"num_workers={workers}", f"precision={precision}", f"max_steps={steps}",
                  "progress=false", f"device={args.device}", "output_dir=outputs/bench_train", "num_folds=2"]
     if args.data_dir:
         overrides.append(f"data_dir={args.data_dir}")
@@ -118,6 +120,29 @@ def loader_grid(args, best: dict, device) -> list[dict]:
     return rows
 
 
+def cache_rows(args, device) -> list[dict]:
+    """Pipeline steps/s of the first preset at its fastest precision without and with the decoded-chip cache
+    (train.yaml's chip_cache_mb), alternated twice; the cached runs are measured after `--cache-warmup` steps,
+    by when each worker has decoded most chips once, as a run of a few hundred steps is for nearly all of it."""
+    preset, budget = args.presets.split(",")[0], float(compose_config("train").chip_cache_mb)
+    precision = precisions(device, args.precision.split(","))[-1]
+    warm = max(args.warmup, args.cache_warmup)
+    print(f"decoded-chip cache: {preset} {precision}, pipeline after {warm} steps, chip_cache_mb 0 vs {budget:g}",
+          flush=True)
+    rows = []
+    for _ in range(2):
+        for mb in (0, budget):
+            s = session(args, preset, precision, args.workers, args.threads, (f"chip_cache_mb={mb:g}",), warm)
+            pipe_s, wait_s = measure(s, args.steps, warm)
+            rows.append({"chip_cache_mb": mb, "pipeline_steps_s": 1 / pipe_s, "data_wait_share": wait_s / pipe_s})
+            print(f"  chip_cache_mb {mb:>5g}  {1 / pipe_s:6.3f} steps/s  data wait {100 * wait_s / pipe_s:5.1f}%",
+                  flush=True)
+            del s
+    speed = {mb: statistics.median(r["pipeline_steps_s"] for r in rows if r["chip_cache_mb"] == mb) for mb in (0, budget)}
+    print(f"  cache vs none: {speed[budget] / speed[0]:.2f}x (medians)", flush=True)
+    return rows
+
+
 def print_row(args, r: dict) -> None:
     print(f"{r['preset']:>7} {r['precision']:>5} {r['model_steps_s']:8.3f} {args.batch * r['model_steps_s']:8.2f} "
           f"{r['pipeline_steps_s']:8.3f} {args.batch * r['pipeline_steps_s']:8.2f} {100 * r['loader_share']:6.1f}% "
@@ -138,6 +163,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=None, help="training chips (default: the built-in demo chips)")
     parser.add_argument("--no-grid", action="store_true", help="skip the workers x threads measurement")
+    parser.add_argument("--cache-warmup", type=int, default=24, help="untimed steps before the chip-cache measurement")
+    parser.add_argument("--no-cache", action="store_true", help="skip the decoded-chip cache measurement")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="all .* chips come from one scene")  # expected on one-scene chips
@@ -158,7 +185,9 @@ def main(argv=None) -> dict:
         best = max(rows, key=lambda r: r["model_steps_s"])
         print(f"loader: {best['preset']} {best['precision']}, pipeline for num_workers x torch threads", flush=True)
         grid = loader_grid(args, best, device)
-    result = {"args": vars(args), "device": str(device), "name": where, "presets": rows, "loader": grid}
+    cache = [] if args.no_cache else cache_rows(args, device)
+    result = {"args": vars(args), "device": str(device), "name": where, "presets": rows, "loader": grid,
+              "chip_cache": cache}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

@@ -421,6 +421,33 @@ def test_gsd_rescaling_resizes_chips_to_the_reference_scale(chips_dir):
     assert ds.load(3)["image"].shape == (48, 64, 3)  # unknown GSD: unchanged
 
 
+def test_decoded_chips_are_kept_within_the_budget_and_give_the_same_items(chips_dir):
+    """chip_cache_mb: a revisited chip is served from memory (its files may be gone), items equal the
+    uncached ones, the cached arrays are read-only and the least recently used chip goes first."""
+    chips = list_chips(chips_dir)
+    plain = ChipDataset(chips, train_transform(32, level="light"))
+    cached = ChipDataset(chips, train_transform(32, level="light"), cache_mb=1)
+    for ds in (plain, cached):
+        seed_transform(ds.transform, [0, 0, 0, 2])
+    a, b = plain[2], cached[2]
+    for key in ("image", "mask", "ignore", "instances", "border", "contact"):
+        assert torch.equal(a[key], b[key]), key
+    raw = cached.load(2)
+    assert not raw["image"].flags.writeable and cached.decoded.used > 0
+    for path in (chips[2].image, chips[2].mask, chips[2].ignore):
+        path.unlink()
+    assert cached.load(2) is raw  # served from memory: its files are no longer read
+    with pytest.raises(UserError, match="not a readable image"):
+        plain.load(2)
+    size = cached.decoded.used
+    tight = ChipDataset(chips, cache_mb=2.5 * size / 2**20)  # room for two chips
+    tight.load(0), tight.load(3)
+    first = tight.load(0)  # 0 is now the most recent
+    tight.load(1)
+    assert tight.decoded.used <= tight.decoded.budget
+    assert tight.load(0) is first and tight.decoded.get(3) is None
+
+
 def test_train_transform_moves_mask_and_ignore_with_the_image():
     rng = np.random.default_rng(0)
     image = np.zeros((200, 200, 3), np.uint8)

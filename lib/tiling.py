@@ -582,7 +582,7 @@ def wait_quietly(wait: Callable[[], None]) -> None:
     """Let a sink finish after the model failed: the model's error is the one to report."""
     try:
         wait()
-    except Exception:  # noqa: BLE001 - secondary to the error being raised
+    except Exception:  # noqa: BLE001, S110 - secondary to the error being raised
         pass
 
 

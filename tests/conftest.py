@@ -3,8 +3,8 @@
 import atexit
 import os
 import shutil
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest

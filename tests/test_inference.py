@@ -558,9 +558,9 @@ def test_buildings_across_window_and_block_seams_come_out_once_each_and_whole(ch
 def test_the_progress_record_is_rewritten_at_most_every_few_seconds_and_at_the_end(checkpoints, tmp_path,
                                                                                    monkeypatch):
     """run.json holds every image: one rewrite per image would cost O(images^2) on a city's folder."""
-    import inference
-
     import cv2
+
+    import inference
 
     data = tmp_path / "images"
     data.mkdir()

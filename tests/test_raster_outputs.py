@@ -146,3 +146,46 @@ def test_cog_level_trades_size_for_speed_with_the_same_values_and_bad_levels_are
     check_settings(compose_config("inference", []))
     with pytest.raises(UserError, match="cog_level must be 1"):
         check_settings(compose_config("inference", ["cog_level=0"]))
+
+
+def test_small_scenes_are_drafted_in_memory_and_large_ones_beside_the_targets(tmp_path, drone, monkeypatch):
+    """A COG scene of at most MEMORY_DRAFT_PX is drafted in GDAL's memory (nothing left there after commit
+    or abort); a larger one on disk. Both give the same values, mask and tags."""
+    from lib import raster_outputs
+
+    with rasterio.open(drone) as ds:
+        profile = raster_profile(ds, True)
+    rng = np.random.default_rng(1)
+    prob = torch.from_numpy(rng.random((923, 576), dtype=np.float32))
+    valid = np.ones((923, 576), bool)
+    valid[:40] = False
+    got = {}
+    for name, limit in (("memory", 923 * 576), ("disk", 923 * 576 - 1)):
+        monkeypatch.setattr(raster_outputs, "MEMORY_DRAFT_PX", limit)
+        out = tmp_path / name
+        out.mkdir()
+        with SceneWriter(out / "p.tif", out / "m.tif", profile, {"RUN": name}, cog=True, nodata_mask=True) as w:
+            drafts = list(w._drafts)
+            w.add(Block(0, {BUILDING: prob}, valid))
+            w.commit()
+        assert all(str(d).startswith("/vsimem/") for d in drafts) == (name == "memory")
+        for d in drafts:
+            with pytest.raises(rasterio.errors.RasterioIOError):
+                rasterio.open(d)
+        with rasterio.open(out / "p.tif") as ds:
+            assert ds.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG" and ds.tags()["RUN"] == name
+            assert ds.crs == profile["crs"] and ds.transform == profile["transform"]
+            got[name] = (ds.read(1), ds.dataset_mask())
+        assert sorted(p.name for p in out.iterdir()) == ["m.tif", "p.tif"]
+    assert np.array_equal(got["memory"][0], got["disk"][0]) and np.array_equal(got["memory"][1], got["disk"][1])
+    assert got["memory"][1][:40].max() == 0 and got["memory"][1][40:].min() == 255
+
+    monkeypatch.setattr(raster_outputs, "MEMORY_DRAFT_PX", 923 * 576)
+    with pytest.raises(KeyError), SceneWriter(tmp_path / "a.tif", tmp_path / "b.tif", profile, cog=True) as w:
+        drafts = list(w._drafts)
+        w.write(0, np.zeros((10, 576), np.uint8), np.zeros((10, 576), bool))
+        raise KeyError("interrupted")
+    assert not (tmp_path / "a.tif").exists() and not (tmp_path / "b.tif").exists()
+    for d in drafts:
+        with pytest.raises(rasterio.errors.RasterioIOError):
+            rasterio.open(d)

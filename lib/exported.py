@@ -523,7 +523,8 @@ def onnx_exports(models: Sequence[nn.Module], paths: Sequence[str | os.PathLike]
                  cache_dir: str | os.PathLike | None = None) -> list:
     """Each checkpoint's ONNX file, exported once by `export_checked` with no TTA (the engine batches TTA
     itself) and cached under `cache_dir` by the sha256 of its file and configuration, the torch version and
-    GRAPH_REVISION; an already exported model stays as it is. Other runtimes (OpenVINO) compile these files without an ONNX Runtime session."""
+    GRAPH_REVISION; an already exported model stays as it is. Other runtimes (OpenVINO) compile these
+    files without an ONNX Runtime session."""
     cache = writable_cache(cache_dir)
     out = []
     for net, path in zip(models, paths):

@@ -132,12 +132,19 @@ def tta_runs(work: Path, ckpt: Path, tiles: list[Path], args, device) -> dict:
 
 
 def original_way(tiles: list[Path], ckpt: Path, out: Path, width: int, threshold: float = 0.5) -> float:
-    """One run per TTA (model loaded each run), batch 1, re-read + resize each image, write maps; then average."""
+    """One run per TTA (model loaded each run), batch 1, re-read + resize each image, write maps; then average.
+
+    The network computes as the seed's code does: its ASPP concatenates the branches (model.py's eval form,
+    which does not, is part of what is measured against it: in eager fp32 that alone is about 12 % faster)."""
+    from lib.decoder_blocks import ASPP
+
     start, cpu = time.perf_counter(), time.process_time()
     for name in TTA:
         run_dir = out / name
         run_dir.mkdir(parents=True, exist_ok=True)
         net = M.load_model(ckpt)
+        for aspp in (m for m in net.modules() if isinstance(m, ASPP)):
+            aspp.forward = aspp.concatenated
         for path in tiles:
             with rasterio.open(path) as ds:
                 rgb = np.moveaxis(ds.read([1, 2, 3]), 0, -1)

@@ -77,8 +77,7 @@ class ASPP(nn.Module):
 
     def forward(self, x):
         if self.training:
-            pooled = self.pool(x).expand(-1, -1, x.shape[2], x.shape[3])
-            return self.project(torch.cat([conv(x) for conv in self.convs] + [pooled], 1))
+            return self.concatenated(x)
         conv, *after = self.project  # 1x1 conv (no bias), BN, ReLU, dropout
         parts = conv.weight.split(x.shape[1], dim=1)
         y = F.conv2d(self.pool(x), parts[-1])  # [N, C, 1, 1]: broadcast over the map
@@ -87,3 +86,9 @@ class ASPP(nn.Module):
         for layer in after:
             y = layer(y)
         return y
+
+    def concatenated(self, x):
+        """The original computation: the five branches concatenated, then projected (training; and the
+        seed loop's emulation in benchmarks/, which must run the seed's code, not this module's faster form)."""
+        pooled = self.pool(x).expand(-1, -1, x.shape[2], x.shape[3])
+        return self.project(torch.cat([conv(x) for conv in self.convs] + [pooled], 1))

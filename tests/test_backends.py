@@ -62,6 +62,35 @@ def test_pick_takes_the_fastest_path_that_agrees_with_fp32():
         backend_trial.pick(_figures(torch_fp32=(1.0, False, 0)), _agreement)
 
 
+def test_one_slow_timed_call_does_not_decide_the_trial(monkeypatch):
+    """The contenders are timed twice and keep their faster call: a burst of load during the fastest
+    path's first timed call must not hand the (cached) choice to a slower one; a far slower path is not
+    timed again."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(backend_trial.time, "perf_counter", lambda: clock["t"])
+    calls = {"fast": iter([0.4, 0.9, 0.4]), "medium": iter([0.6, 0.6, 0.6]), "slow": iter([1.5, 1.5])}
+
+    class Fake(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            clock["t"] += next(calls[self.name])  # warm-up, first timed call, second timed call
+            return x
+
+    built = {Candidate("openvino", "fp32"): [Fake("fast")], Candidate("onnxruntime", "fp32"): [Fake("medium")],
+             Candidate("torch", "fp32"): [Fake("slow")]}
+    decoder = lambda out, n, device: (out[:, :1], None)  # the maps are the input itself
+    figures = backend_trial.time_candidates(built, torch.zeros(1, 3, 8, 8), decoder, CPU)
+    seconds = {c.backend: f["s_per_image"] for c, f in figures.items()}
+    assert seconds == pytest.approx({"openvino": 0.4, "onnxruntime": 0.6, "torch": 1.5})
+    assert all(f["timed"] for f in figures.values())
+    assert next(calls["slow"], None) is None and next(calls["fast"], None) is None  # slow: no third call
+    choice, _ = backend_trial.pick(figures, _agreement)
+    assert choice == Candidate("openvino", "fp32")
+
+
 def test_trial_cache_round_trips_and_is_keyed_by_width_and_models(tmp_path):
     cache = tmp_path / "trials.json"
     key = backend_trial.trial_key(CPU, ["abc:{}"], 672, False, ["torch fp32", "torch bf16"])

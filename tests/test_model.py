@@ -381,6 +381,7 @@ def test_aspp_projection_without_concatenation_matches_the_original_form():
     with torch.no_grad():
         pooled = aspp.pool(x).expand(-1, -1, 20, 28)
         expected = aspp.project(torch.cat([conv(x) for conv in aspp.convs] + [pooled], 1))
+        assert torch.equal(aspp.concatenated(x), expected)
         got = aspp(x)
     assert got.shape == expected.shape == (2, 48, 20, 28)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

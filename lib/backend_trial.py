@@ -4,7 +4,7 @@ Which runtime and precision is fastest depends on the CPU (native bf16 or not, A
 input size; a rule gets it wrong somewhere (on a 2-core EPYC with avx512_bf16, b0 at 672 px: OpenVINO
 bf16 0.22 s/image, PyTorch bf16 0.46, ONNX Runtime 0.52, PyTorch fp32 0.87). So the candidates that
 the installed packages and the CPU allow (`candidates`) are each run on one batch at the run's width,
-timed, and compared with fp32 PyTorch: a path whose mask agrees on fewer than AGREEMENT_MIN of the
+timed (the close contenders twice), and compared with fp32 PyTorch: a path whose mask agrees on fewer than AGREEMENT_MIN of the
 pixels is not chosen. The choice and the figures are cached per machine + packages + models + width
 (`trial_key`) in a small JSON file, so the trial runs once; the run's provenance records them.
 

@@ -20,23 +20,22 @@ class DecodedChips:
     def __init__(self, budget_mb: float):
         self.budget = int(float(budget_mb) * 2**20)
         self.used = 0
-        self._items: OrderedDict[int, dict] = OrderedDict()
+        self._items: OrderedDict[int, tuple[dict, int]] = OrderedDict()  # key -> (arrays, bytes)
 
     def get(self, key: int) -> dict | None:
-        raw = self._items.get(key)
-        if raw is not None:
-            self._items.move_to_end(key)
-        return raw
+        if key not in self._items:
+            return None
+        self._items.move_to_end(key)
+        return self._items[key][0]
 
     def put(self, key: int, raw: dict) -> None:
-        size = sum(v.nbytes for v in raw.values() if isinstance(v, np.ndarray))
+        arrays = [v for v in raw.values() if isinstance(v, np.ndarray)]
+        size = sum(v.nbytes for v in arrays)
         if size > self.budget:
             return
-        for v in raw.values():
-            if isinstance(v, np.ndarray):
-                v.setflags(write=False)
+        for v in arrays:
+            v.setflags(write=False)
         while self.used + size > self.budget:
-            _, old = self._items.popitem(last=False)
-            self.used -= sum(v.nbytes for v in old.values() if isinstance(v, np.ndarray))
-        self._items[key] = raw
+            self.used -= self._items.popitem(last=False)[1][1]
+        self._items[key] = (raw, size)
         self.used += size

@@ -115,6 +115,7 @@ class SceneWriter(AbortOnError):
         self.nodata_mask = nodata_mask
         self._stack = contextlib.ExitStack()
         self._tmps = [self._stack.enter_context(atomic_path(t)) for t in self.targets]
+        self.in_memory = self.cog and self.profile["height"] * self.profile["width"] <= MEMORY_DRAFT_PX
         self._drafts = self._draft_paths()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
@@ -122,19 +123,16 @@ class SceneWriter(AbortOnError):
                           for i, t in enumerate(self._drafts)]
         self.pixels_written = 0
 
-    def _in_memory(self) -> bool:
-        return self.cog and self.profile["height"] * self.profile["width"] <= MEMORY_DRAFT_PX
-
     def _draft_paths(self) -> list:
         """Where the blocks are written: the files themselves, or for a COG the drafts it is rewritten from
         at commit -- in GDAL's memory for a scene of at most MEMORY_DRAFT_PX (no compression to undo: a
         third less CPU per 1024^2 raster), else beside the targets (a city's drafts would not fit in memory)."""
-        if not self._in_memory():
+        if not self.in_memory:
             return list(self._tmps)
         return [f"/vsimem/buildings-{uuid.uuid4().hex}-{t.name}" for t in self._tmps]
 
     def _draft_options(self) -> dict:
-        if self._in_memory():
+        if self.in_memory:
             return {"compress": "none"}
         # a COG is rewritten from these files at commit: fast compression is enough for them
         deflate = self.cog and str(self.profile.get("compress", "")).lower() == "deflate"
@@ -203,7 +201,7 @@ class SceneWriter(AbortOnError):
         self._stack.__exit__(RuntimeError, RuntimeError("aborted"), None)
 
     def _drop_memory_drafts(self) -> None:
-        if self._in_memory():
+        if self.in_memory:
             for draft in self._drafts:
                 with contextlib.suppress(rasterio.errors.RasterioIOError):
                     rasterio.shutil.delete(draft)

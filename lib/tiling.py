@@ -580,10 +580,8 @@ class Engine:
 
 def wait_quietly(wait: Callable[[], None]) -> None:
     """Let a sink finish after the model failed: the model's error is the one to report."""
-    try:
+    with contextlib.suppress(Exception):  # secondary to the error being raised
         wait()
-    except Exception:  # noqa: BLE001, S110 - secondary to the error being raised
-        pass
 
 
 def _reflect_pad(img: np.ndarray, dh: int, dw: int) -> np.ndarray:

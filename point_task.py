@@ -159,7 +159,7 @@ class PointsTask:
         total, n = 0.0, 0
         for start in range(0, len(keys), size):
             batch = torch.utils.data.default_collate([items[k] for k in keys[start:start + size]])
-            batch = to_device(batch, s.device)
+            batch = to_device(batch, s.device, trainer.uses_channels_last(s.cfg, s.device))
             with autocast(s):
                 out = s.net(batch["image"])
             loss, _ = self.loss(out, batch)

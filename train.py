@@ -319,8 +319,9 @@ class SegmentationTask:
         nothing. With several processes each scores a shard and the sums are added up.
         """
         sums = np.zeros(9)  # loss*n, n, I_seg, U_seg, I_dice, U_dice, tp, fp, fn
+        channels_last = trainer.uses_channels_last(s.cfg, s.device)
         for batch in self.val_loader(s):
-            batch = to_device(batch, s.device)
+            batch = to_device(batch, s.device, channels_last)
             with autocast(s):
                 out = s.net(batch["image"])
             loss, _ = supervised_loss(out, batch["mask"], batch["ignore"], batch["gsd"], self.losses, train=False,

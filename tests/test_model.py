@@ -373,8 +373,8 @@ def test_unknown_decoder_norm_is_a_one_line_error():
 
 
 def test_aspp_projection_without_concatenation_matches_the_original_form():
-    """Outside training ASPP sums per-branch 1x1 convs and adds the pooled branch as a bias; that must be
-    the original projection of the five concatenated branches, on non-trivial BatchNorm statistics."""
+    """ASPP sums per-branch 1x1 convs and adds the pooled branch as a bias; in evaluation that must be the
+    original projection of the five concatenated branches, on non-trivial BatchNorm statistics."""
     torch.manual_seed(0)
     aspp = _randomise_buffers(M.ASPP(48)).eval()
     x = torch.randn(2, 48, 20, 28)
@@ -386,3 +386,26 @@ def test_aspp_projection_without_concatenation_matches_the_original_form():
     assert got.shape == expected.shape == (2, 48, 20, 28)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert expected.abs().max() > 0.1  # the comparison is not between two zero maps
+
+
+def test_aspp_trains_as_the_concatenated_form_with_the_same_gradients():
+    """Training uses the split projection too: batch statistics, output and every parameter's gradient must
+    be the concatenated form's; under bf16 autocast the parts are summed in fp32 and stay close to it."""
+    torch.manual_seed(0)
+    aspp = M.ASPP(32, dropout=0.0).train()
+    x = torch.randn(3, 32, 16, 20)
+    grads = []
+    for forward in (aspp.concatenated, aspp.forward):
+        aspp.zero_grad()
+        y = forward(x)
+        (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+        grads.append((y.detach(), {n: p.grad.clone() for n, p in aspp.named_parameters()}))
+    (y0, g0), (y1, g1) = grads
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    assert set(g0) == set(g1) and all(g0[n].abs().max() > 0 for n in g0)  # every parameter learns, in both
+    for name in g0:  # equal up to float rounding, relative to each gradient's size
+        assert (g1[name] - g0[name]).abs().max() <= 1e-5 * g0[name].abs().max(), name
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = aspp(x)
+    assert low.dtype == torch.float32  # summed in fp32, then BN/ReLU on it
+    assert (low - y0).abs().max() < 0.05 * y0.abs().max()

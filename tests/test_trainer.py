@@ -28,6 +28,13 @@ TINY = ["arch=b0", "pretrained=false", "width=64", "batch_size=2", "num_workers=
         "augment=light", "precision=fp32"]
 
 
+def load_model_free_b0() -> torch.nn.Module:
+    """A b0 network with random weights, in evaluation mode."""
+    import model as M
+
+    return M.build_model("efficientnet-b0", pretrained=False).eval()
+
+
 def tb_losses(run_dir: Path) -> dict[int, float]:
     """Per-step training loss from a run's TensorBoard events (last write wins, as TensorBoard shows it)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -360,6 +367,48 @@ def test_auto_cadence_validates_at_epoch_end_then_on_its_plan_and_resumes_it(tmp
 # --------------------------------------------------------------------------------------------------
 # precision=auto for training (lib.amp_trial)
 # --------------------------------------------------------------------------------------------------
+
+
+def test_depthwise_convolutions_leave_cpu_autocast_and_nothing_else_changes():
+    """depthwise_in_fp32: under bf16 autocast the depthwise convs compute in fp32 (dense ones stay bf16);
+    outside it every output is bit-identical, the state-dict keys are unchanged, and a second call or a
+    deep copy keeps it so."""
+    import copy
+
+    torch.manual_seed(0)
+    net = load_model_free_b0()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = net(x)
+    keys = list(net.state_dict())
+    depthwise = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d) and 1 < m.groups == m.in_channels]
+    assert trainer.depthwise_in_fp32(net) == len(depthwise) == 16  # b0's 16 MBConv blocks
+    assert trainer.depthwise_in_fp32(net) == 16 and list(net.state_dict()) == keys
+    with torch.no_grad():
+        after = net(x)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    twin = copy.deepcopy(net)
+    seen = {}
+
+    def record(module, inputs, output):
+        seen.setdefault(module, output.dtype)
+
+    for m in [*net.modules(), *twin.modules()]:
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(record)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        net(x)
+        twin(x)
+    depthwise += [m for m in twin.modules() if isinstance(m, torch.nn.Conv2d) and 1 < m.groups == m.in_channels]
+    assert len(seen) > len(depthwise) == 32
+    assert {seen[m] for m in depthwise} == {torch.float32}
+    assert {d for m, d in seen.items() if m not in depthwise} == {torch.bfloat16}
+
+
+def test_channels_last_auto_is_on_for_cpu_and_cuda_and_false_keeps_nchw():
+    cfg = compose_config("train", TINY)
+    assert trainer.uses_channels_last(cfg, torch.device("cpu")) and trainer.uses_channels_last(cfg, torch.device("cuda"))
+    assert not trainer.uses_channels_last(compose_config("train", [*TINY, "channels_last=false"]), torch.device("cpu"))
 
 
 def test_precision_rule_picks_bf16_only_when_it_agrees_and_is_faster():

@@ -12,7 +12,8 @@ Ratios are against the first preset (b0) in fp32, measured in the same run. bf16
 with native bf16 kernels (AVX512-BF16 / AMX); elsewhere it is emulated and far slower, so it is skipped.
 Then, for the fastest preset and precision, the pipeline is timed for num_workers 0/1/2 x torch threads 1/2
 (on CPU): the figures behind train.yaml's num_workers default. Last, the first preset's pipeline without
-and with the decoded-chip cache (chip_cache_mb). Precisions are explicit here, so no precision=auto trial runs.
+and with the decoded-chip cache (chip_cache_mb); then the first preset's model-only step in NCHW against the
+default memory format (channels_last=auto). Precisions are explicit here, so no precision=auto trial runs.
 """
 
 from __future__ import annotations
@@ -143,6 +144,25 @@ def cache_rows(args, device) -> list[dict]:
     return rows
 
 
+def format_rows(args, device) -> list[dict]:
+    """Model-only steps/s of the first preset at each native precision with NCHW (channels_last=false)
+    and with the default memory format (channels_last=auto: NHWC on CPU and CUDA), alternated twice."""
+    preset, rows = args.presets.split(",")[0], []
+    print(f"memory format: {preset}, model-only, channels_last=false vs auto (the default)", flush=True)
+    for p in precisions(device, args.precision.split(",")):
+        for _ in range(2):
+            for flag in ("false", "auto"):
+                s = session(args, preset, p, args.workers, args.threads, (f"channels_last={flag}",))
+                model_s, _ = measure(s, args.steps, args.warmup, next(s.task.train_batches(s)))
+                rows.append({"precision": p, "channels_last": flag, "model_steps_s": 1 / model_s})
+                del s
+        speed = {f: statistics.median(r["model_steps_s"] for r in rows if r["precision"] == p and r["channels_last"] == f)
+                 for f in ("false", "auto")}
+        print(f"  {p:>5}  NCHW {speed['false']:6.3f} steps/s  default {speed['auto']:6.3f} steps/s  "
+              f"-> {speed['auto'] / speed['false']:.2f}x (medians of two)", flush=True)
+    return rows
+
+
 def print_row(args, r: dict) -> None:
     print(f"{r['preset']:>7} {r['precision']:>5} {r['model_steps_s']:8.3f} {args.batch * r['model_steps_s']:8.2f} "
           f"{r['pipeline_steps_s']:8.3f} {args.batch * r['pipeline_steps_s']:8.2f} {100 * r['loader_share']:6.1f}% "
@@ -165,6 +185,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-grid", action="store_true", help="skip the workers x threads measurement")
     parser.add_argument("--cache-warmup", type=int, default=24, help="untimed steps before the chip-cache measurement")
     parser.add_argument("--no-cache", action="store_true", help="skip the decoded-chip cache measurement")
+    parser.add_argument("--no-format", action="store_true", help="skip the memory-format measurement")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="all .* chips come from one scene")  # expected on one-scene chips
@@ -186,8 +207,9 @@ def main(argv=None) -> dict:
         print(f"loader: {best['preset']} {best['precision']}, pipeline for num_workers x torch threads", flush=True)
         grid = loader_grid(args, best, device)
     cache = [] if args.no_cache else cache_rows(args, device)
+    formats = [] if args.no_format else format_rows(args, device)
     result = {"args": vars(args), "device": str(device), "name": where, "presets": rows, "loader": grid,
-              "chip_cache": cache}
+              "chip_cache": cache, "memory_format": formats}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

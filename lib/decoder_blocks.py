@@ -65,7 +65,7 @@ class ASPP(nn.Module):
     constant over the map, becomes a per-image bias. The same function (and the same gradients) up to
     float rounding, without the five-branch (960-channel, stride-4) tensor, the broadcast pooled map and
     their backward: on a 2-core CPU, b0 at 672 px ran about 5 % faster in OpenVINO fp32, and a b0
-    training step at 256 px about 15 % faster in bf16. Under autocast the partial projections are summed
+    training step at 256 px (channels_last) about 15 % faster in bf16. Under autocast the partial projections are summed
     in fp32, so the sum is rounded once, as the single convolution's output was. `concatenated` keeps
     the original form.
     """

@@ -113,11 +113,13 @@ def autocast_dtype(cfg, device: torch.device) -> torch.dtype | None:
 
 def uses_channels_last(cfg, device: torch.device) -> bool:
     """auto = on, on CUDA and on CPUs: oneDNN's depthwise-convolution backward (EfficientNet's) is several
-    times faster in NHWC; a b0 training step at 256 px took 1.24x less time in fp32 (AVX2 and AVX-512)."""
+    times faster in NHWC; on a 2-core EPYC a b0 training step at 256 px was 1.24-1.26x faster in fp32 with
+    oneDNN at AVX2 or AVX-512 (bench_train.py's memory-format section measures it on the machine at hand)."""
     return device.type in ("cuda", "cpu") if cfg.channels_last == "auto" else bool(cfg.channels_last)
 
 
 def _fp32_forward(self, x):
+    """The convolution's own forward, outside autocast, on an fp32 input."""
     with torch.autocast(x.device.type, enabled=False):
         return super(type(self), self).forward(x.float())
 

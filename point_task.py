@@ -157,9 +157,10 @@ class PointsTask:
         items = dataset.SeededItems(val, int(s.cfg.seed), 2)
         size = int(s.cfg.val_batch_size or s.cfg.batch_size)
         total, n = 0.0, 0
+        channels_last = trainer.uses_channels_last(s.cfg, s.device)
         for start in range(0, len(keys), size):
             batch = torch.utils.data.default_collate([items[k] for k in keys[start:start + size]])
-            batch = to_device(batch, s.device, trainer.uses_channels_last(s.cfg, s.device))
+            batch = to_device(batch, s.device, channels_last)
             with autocast(s):
                 out = s.net(batch["image"])
             loss, _ = self.loss(out, batch)

@@ -134,7 +134,7 @@ def tta_runs(work: Path, ckpt: Path, tiles: list[Path], args, device) -> dict:
 def original_way(tiles: list[Path], ckpt: Path, out: Path, width: int, threshold: float = 0.5) -> float:
     """One run per TTA (model loaded each run), batch 1, re-read + resize each image, write maps; then average.
 
-    The network computes as the seed's code does: its ASPP concatenates the branches (model.py's eval form,
+    The network computes as the seed's code does: its ASPP concatenates the branches (lib.decoder_blocks.ASPP,
     which does not, is part of what is measured against it: the emulation took 66.9 s with it against 80.6 s without, capped)."""
     from lib.decoder_blocks import ASPP
 

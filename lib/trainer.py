@@ -17,6 +17,7 @@ best.pth is lean (weights, config, meta and scores): what inference and `model=`
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import random
@@ -124,7 +125,10 @@ def _fp32_forward(self, x):
         return super(type(self), self).forward(x.float())
 
 
-_FP32_CLASSES: dict[type, type] = {}
+@functools.cache
+def _fp32_class(cls: type) -> type:
+    """`cls` with a forward that leaves autocast (one subclass per conv class)."""
+    return type(f"{cls.__name__}Fp32", (cls,), {"forward": _fp32_forward, "leaves_autocast": True})
 
 
 def depthwise_in_fp32(net: torch.nn.Module) -> int:
@@ -137,14 +141,10 @@ def depthwise_in_fp32(net: torch.nn.Module) -> int:
     """
     n = 0
     for m in net.modules():
-        if not (isinstance(m, torch.nn.Conv2d) and 1 < m.groups == m.in_channels):
-            continue
-        cls = type(m)
-        if cls not in _FP32_CLASSES.values():  # not made fp32 yet
-            if cls not in _FP32_CLASSES:
-                _FP32_CLASSES[cls] = type(f"{cls.__name__}Fp32", (cls,), {"forward": _fp32_forward})
-            m.__class__ = _FP32_CLASSES[cls]
-        n += 1
+        if isinstance(m, torch.nn.Conv2d) and 1 < m.groups == m.in_channels:
+            if not getattr(m, "leaves_autocast", False):
+                m.__class__ = _fp32_class(type(m))
+            n += 1
     return n
 
 

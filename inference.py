@@ -39,8 +39,8 @@ import rasterio
 
 import circlenet  # noqa: F401  (registers CircleNet checkpoints with model.load_models)
 import model as model_lib
-from lib import footprints, geo_io, postprocess, provenance, raster_outputs, run_folder, scene_bands, stac_outputs
-from lib.backends import choose_backend
+from lib import footprints, geo_io, int8, postprocess, provenance, raster_outputs, run_folder, scene_bands, stac_outputs
+from lib.backends import choose_backend, trial_width
 from lib.cli import VERSION, cli, progress_bar
 from lib.devices import resolve_device
 from lib.errors import UserError, one_line
@@ -90,15 +90,15 @@ def model_list(value) -> list[str]:
 _plain = provenance.plain
 
 
-def build_engine(cfg, models=None, device=None, d=None) -> tuple[Engine, list[dict]]:
+def build_engine(cfg, models=None, device=None, d=None, images=None) -> tuple[Engine, list[dict]]:
     """Models + TTA/width plan from the config; returns the engine and one record per model.
 
     A model's record (path, sha256, config, meta, backend, an export's built-in TTA, the GSD it saw in
     training and where that comes from) is taken from the loaded model, before `choose_backend` may
     swap it for an ONNX Runtime or OpenVINO copy (lib.backends; `backend=auto` times the candidates, and
     the trial is returned in the first record as "backend_trial"); the engine gets the GSDs explicitly
-    for the same reason. `d`: torchrun's Dist, so that rank 0 alone runs the trial.
-    """
+    for the same reason. `d`: torchrun's Dist, so that rank 0 alone runs the trial. `images`: the inputs
+    int8 graphs are calibrated on (lib.int8.calibration_for)."""
     paths = model_list(cfg.model)
     overrides = {k: cfg[k] for k in model_lib.ARCH_OVERRIDES}
     device = device or resolve_device(cfg.device)
@@ -108,10 +108,12 @@ def build_engine(cfg, models=None, device=None, d=None) -> tuple[Engine, list[di
     records = [model_record(p, m) for p, m in zip(paths, models)]
     mode = postprocess.instance_mode(cfg.instances)
     heads = [mode != "false" and has_instance_head(m) for m in models]
-    precision, trial = cfg.precision, None
+    precision, trial, calibration = cfg.precision, None, None
     if loaded:
         ids = [f"{r['sha256']}:{json.dumps(r['config'], sort_keys=True, default=str)}" for r in records]
-        chosen = choose_backend(cfg, models, paths, device, ids, keep_heads=any(heads), d=d)
+        calibration = int8.calibration_for([im.path for im in images], lambda p: open_source(p, cfg), cfg,
+                                           trial_width(cfg), records[0]["model_gsd"]) if images else None
+        chosen = choose_backend(cfg, models, paths, device, ids, keep_heads=any(heads), d=d, calibration=calibration)
         models, precision, trial = chosen.models, chosen.precision, chosen.trial
         heads = [h and has_instance_head(m) for h, m in zip(heads, models)]  # an ONNX copy may lack it
     instance = mode != "false" and all(heads)
@@ -120,7 +122,7 @@ def build_engine(cfg, models=None, device=None, d=None) -> tuple[Engine, list[di
             if not head:
                 print(f"{path}: no instance head; footprints are the mask's connected components", file=sys.stderr)
     for record, m in zip(records, models):
-        record["backend"] = provenance.backend_of(m)
+        record.update(backend=provenance.backend_of(m), **int8.provenance(m, calibration))
     widths = _plain(cfg.widths) if cfg.widths is not None else [cfg.width]
     tta = _plain(cfg.tta) if cfg.tta is not None else [seed_tta_name(cfg.flip, cfg.transpose)]
     if device.type == "cuda":
@@ -162,7 +164,7 @@ def run_settings(cfg, eng: Engine, records: list[dict]) -> dict:
     return {
         "toolkit_version": VERSION,
         "models": [{k: r[k] for k in ("path", "sha256", "config", "backend", "export_tta", "model_gsd",
-                                      "model_gsd_source")} for r in records],
+                                      "model_gsd_source", "quantization") if k in r} for r in records],
         "passes": [{"model": p.model, "width": p.width, "tta": list(p.tta)} for p in eng.passes],
         "tta": sorted({t for p in eng.passes for t in p.tta}, key=TTA_NAMES.index),
         "widths": sorted({p.width for p in eng.passes}),
@@ -379,7 +381,7 @@ def run(cfg, models=None) -> dict:
     try:
         if not d.main:
             cfg.progress = False  # one bar (rank 0's) rather than interleaved ones
-        eng, records = build_engine(cfg, models, device, d)
+        eng, records = build_engine(cfg, models, device, d, images)
         info = run_settings(cfg, eng, records)
         done = previous_records(output_dir)
         # whole images and bands of large scenes, shared among ranks (lib.scene_bands)

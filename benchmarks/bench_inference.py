@@ -6,7 +6,7 @@ model-only; precision; memory.
 
 Figures printed (each against a baseline measured in the same run, same model and tiles):
 1. 5-way TTA (none, hflip, vflip, hvflip, transpose) over generated tiles with one b0 model (random
-   weights, pretrained=False). The baseline is the seed's loop, emulated in this process: one run per TTA
+   weights, pretrained=False; `--model` takes a trained checkpoint instead). The baseline is the seed's loop, emulated in this process: one run per TTA
    with batch 1 in fp32, each run loading the model, re-reading and resizing every image and writing its
    maps, then averaging the five runs' maps (no process start-up: that flatters the baseline). Against it,
    `python inference.py` as a user runs it, each a fresh process: the defaults (backend=auto,
@@ -335,6 +335,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=1024, help="tile side in pixels")
     ap.add_argument("--width", type=int, default=672, help="model input side (multiple of 32)")
     ap.add_argument("--model-name", default="efficientnet-b0")
+    ap.add_argument("--model", default=None, help="a trained checkpoint instead of random weights (its own model_name); "
+                    "a random model calls every pixel a building, so every path agrees with fp32 on it")
     ap.add_argument("--batch-size", type=int, default=8, help="model inputs per forward call (inference.py's default)")
     ap.add_argument("--repeats", type=int, default=1, help="alternating runs of both ways; the best of each counts")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -372,7 +374,11 @@ def main() -> None:
           f"{cpu_has_native_bf16()}")
     torch.manual_seed(0)
     ckpt = work / "model.pth"
-    save_checkpoint(ckpt, M.build_model(args.model_name, pretrained=False))
+    if args.model:  # a trained checkpoint: the trial's agreement checks (int8, bf16) then mean something
+        shutil.copyfile(args.model, ckpt)
+        args.model_name = M.load_model(ckpt).config["model_name"]
+    else:
+        save_checkpoint(ckpt, M.build_model(args.model_name, pretrained=False))
     tiles = make_tiles(work / "tiles" / "images", args.tiles, args.size)
     results = {"args": vars(args)}
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from lib.cli import VERSION
-from lib.devices import cpu_has_native_bf16, onednn_isa_cap
+from lib.devices import cpu_has_native_bf16, cpu_has_native_int8, onednn_isa_cap
 from lib.errors import UserError
 from lib.exported import GRAPH_REVISION, onnx_cache_dir
 from lib.files import write_json
@@ -40,13 +40,13 @@ TRIAL_BATCH = 1        # images per timed call: per-image time on a CPU hardly c
 SKIP_FACTOR = 3.0      # a candidate whose warm-up call is this much slower than the best timed one stops there,
 SKIP_MIN_S = 1.0       # ... if it took this long (first calls include one-off graph preparation)
 RETIME_FACTOR = 2.0    # timed candidates within this factor of the best are timed a second time
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
 
 
 @dataclass(frozen=True)
 class Candidate:
     backend: str    # torch | onnxruntime | openvino
-    precision: str  # fp32 | bf16 | fp16
+    precision: str  # fp32 | bf16 | fp16 | int8
 
     @property
     def name(self) -> str:
@@ -68,8 +68,9 @@ def candidates(device: torch.device, backend: str = "auto", precision: str = "au
     """The paths worth timing here, narrowed by `backend`/`precision` (each `auto` or one value).
 
     CUDA: PyTorch fp32 and its autocast precision. CPU: PyTorch fp32 (+ bf16 where native), ONNX Runtime
-    fp32 and OpenVINO fp32 (+ bf16 where native) when installed. Models given as ONNX files
-    (`exported_onnx`) have no eager PyTorch form; ONNX Runtime is how they load.
+    fp32 and OpenVINO fp32 (+ bf16 where native, + int8 where VNNI/AMX-INT8 is: lib.int8, which needs
+    ONNX Runtime's quantizer) when installed. Models given as ONNX files (`exported_onnx`) have no eager
+    PyTorch form; ONNX Runtime is how they load. `precision=int8` asks for the int8 graph on any CPU.
     """
     if device.type == "cuda":
         reduced = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -81,6 +82,8 @@ def candidates(device: torch.device, backend: str = "auto", precision: str = "au
             found.append(Candidate("onnxruntime", "fp32"))
         if device.type == "cpu" and installed("openvino"):
             found += [Candidate("openvino", "fp32")] + ([Candidate("openvino", "bf16")] if native else [])
+            if installed("onnxruntime") and (precision == "int8" or cpu_has_native_int8()):
+                found.append(Candidate("openvino", "int8"))
     if exported_onnx:
         found = [c for c in found if c.backend != "torch"]
     return [c for c in found if backend in ("auto", c.backend) and precision in ("auto", c.precision)]

@@ -3,7 +3,8 @@
 - `torch`: the models as loaded; `precision=auto` is resolved on the first batch by the engine
   (reduced precision where native and agreeing with fp32), as it always was.
 - `onnxruntime` / `openvino`: the checkpoints exported once to ONNX (cached, lib.exported) and run by
-  that runtime; OpenVINO also runs bf16 where the CPU has it.
+  that runtime; OpenVINO also runs bf16 where the CPU has it, and int8 copies of the exports calibrated
+  on the run's own images (lib.int8; timed under `auto` where the CPU has VNNI or AMX-INT8).
 - `auto`: every candidate this machine allows (lib.backend_trial.candidates) is built and timed on one
   batch at the run's width, and the fastest that agrees with fp32 runs the job. The trial is cached per
   machine, packages, models and width; under torchrun rank 0 decides and the others follow.
@@ -45,8 +46,9 @@ def _is_format(models: list, fmt: str) -> bool:
 class _Builder:
     """Builds a candidate's models from the loaded ones, exporting to ONNX at most once."""
 
-    def __init__(self, models: list, paths: list[str], onnx_cache, device):
+    def __init__(self, models: list, paths: list[str], onnx_cache, device, calibration=None):
         self.models, self.paths, self.onnx_cache, self.device = models, paths, onnx_cache, device
+        self.calibration = calibration
         self._files = None
         self._built: dict[Candidate, list] = {}
         self.export_s = 0.0
@@ -71,7 +73,7 @@ class _Builder:
             return [f if isinstance(f, ExportedModel) else load_exported(f) for f in self.onnx_files()]
         from lib.openvino_backend import compiled_cache, openvino_models
 
-        return openvino_models(self.onnx_files(), cand.precision, compiled_cache(self.onnx_cache))
+        return openvino_models(self.onnx_files(), cand.precision, compiled_cache(self.onnx_cache), self.calibration)
 
 
 def _check_installed(backend: str) -> None:
@@ -80,16 +82,20 @@ def _check_installed(backend: str) -> None:
 
 
 def choose_backend(cfg, models: list, paths: list[str], device, model_ids: list[str],
-                   keep_heads: bool = False, d=None) -> Chosen:
+                   keep_heads: bool = False, d=None, calibration=None) -> Chosen:
     """The models the engine runs and the precision it is told; see the module docstring.
 
     `keep_heads`: the instance maps are wanted, so a candidate whose copies lack the head is dropped.
     `model_ids` (sha256 + configuration of each model) key the trial cache; `d` is torchrun's Dist.
+    `calibration`: a Calibration (inputs cut from the images to predict) for the int8 candidate.
     """
     backend, precision = str(cfg.backend), str(cfg.precision)
     if backend not in BACKENDS:
         raise UserError(f"backend={backend}: choose {', '.join(BACKENDS[:-1])} or {BACKENDS[-1]}")
     _check_installed(backend)
+    if precision == "int8" and (backend in ("torch", "onnxruntime") or device.type != "cpu"):
+        raise UserError(f"precision=int8 runs on OpenVINO on the CPU; use backend=openvino (or auto) with device=cpu, "
+                        f"not backend={backend} on {device.type}")
     if backend == "torch" or any(getattr(m, "format", "") == "torchscript" for m in models):
         return Chosen(models, precision)
     onnx_files = _is_format(models, "onnx")
@@ -98,25 +104,54 @@ def choose_backend(cfg, models: list, paths: list[str], device, model_ids: list[
     else:
         cands = backend_trial.candidates(device, backend, precision, exported_onnx=onnx_files)
     if not cands:
+        if precision == "int8":
+            raise UserError("precision=int8 needs the optional packages openvino and onnxruntime: pip install openvino")
         if backend == "openvino":
             raise UserError(f"backend=openvino precision={precision}: OpenVINO runs fp32, and bf16 on CPUs with "
-                            "native bf16 (AVX512-BF16/AMX)")
+                            "native bf16 (AVX512-BF16/AMX), and int8")
         return Chosen(models, precision)  # e.g. fp16 on a CPU: PyTorch autocast, as asked
-    builder = _Builder(models, paths, cfg.onnx_cache, device)
+    cands = _calibrated(cands, calibration, explicit=precision == "int8")
+    builder = _Builder(models, paths, cfg.onnx_cache, device, calibration)
     if len(cands) == 1:
         built = builder.build(cands[0])
         return Chosen(built, _engine_precision(cands[0], precision))
-    width = max(_flat(cfg.widths) if cfg.widths is not None else [int(cfg.width)])
+    width = trial_width(cfg)
     key = backend_trial.trial_key(device, model_ids, width, keep_heads, [c.name for c in cands])
+    if calibration is not None and any(c.precision == "int8" for c in cands):
+        key["int8_calibration"] = calibration.digest  # the int8 graph, and so its agreement, depends on it
     cache_file = backend_trial.default_cache_file() if cfg.trial_cache is None else Path(cfg.trial_cache)
     record = _decide(builder, cands, key, cache_file, width, models, keep_heads, backend, device, d)
     choice = backend_trial.parse_choice(record["choice"])
     chosen = builder.build(choice)
+    if choice.precision == "int8":
+        record["int8_calibration"] = calibration.describe()
     print(backend_trial.describe(record), file=sys.stderr)
     return Chosen(chosen, _engine_precision(choice, precision), trial=record)
 
 
-def _flat(widths) -> list[int]:
+def _calibrated(cands: list, calibration, explicit: bool) -> list:
+    """The candidates, less the int8 one when its calibration inputs cannot be had (no images, all
+    nodata): under `auto` with a warning, and as an error when int8 was asked for."""
+    if not any(c.precision == "int8" for c in cands):
+        return cands
+    try:
+        if calibration is None:
+            raise UserError("precision=int8 needs calibration inputs, cut from the images to predict")
+        calibration()
+    except UserError as err:
+        if explicit:
+            raise
+        print(f"warning: openvino int8 not tried ({one_line(err, 120)})", file=sys.stderr)
+        return [c for c in cands if c.precision != "int8"]
+    return cands
+
+
+def trial_width(cfg) -> int:
+    """The widest model input of the run: what the trial times and int8 is calibrated at."""
+    return max(flat_widths(cfg.widths) if cfg.widths is not None else [int(cfg.width)])
+
+
+def flat_widths(widths) -> list[int]:
     """Every width of `widths` (a number, a list, or a list of lists per model; Hydra's or plain)."""
     from omegaconf import OmegaConf
 
@@ -124,12 +159,14 @@ def _flat(widths) -> list[int]:
         widths = OmegaConf.to_object(widths)
     if not isinstance(widths, (list, tuple)):
         return [int(widths)]
-    return [w for item in widths for w in _flat(item)]
+    return [w for item in widths for w in flat_widths(item)]
 
 
 def _engine_precision(cand: Candidate, requested: str) -> str:
     """Torch candidates tell the engine their precision; exported graphs carry theirs (`.precision`)."""
-    return cand.precision if cand.backend == "torch" else requested
+    if cand.backend == "torch":
+        return cand.precision
+    return "fp32" if requested == "int8" else requested  # the engine's own precision rule knows no int8
 
 
 def _decide(builder: _Builder, cands: list, key: dict, cache_file, width: int, models: list, keep_heads: bool,

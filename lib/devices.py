@@ -29,6 +29,10 @@ def resolve_device(name: str = "auto"):
 _ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
 
 
+# caps below the integer dot-product instructions (VNNI): int8 convolutions then run on slower paths
+_ISAS_WITHOUT_VNNI = {"SSE41", "AVX", "AVX2", "AVX512_CORE"}
+
+
 def onednn_isa_cap() -> str | None:
     """The cap on oneDNN's instruction set (ONEDNN_MAX_CPU_ISA, or its old name DNNL_MAX_CPU_ISA), if set."""
     return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip() or None
@@ -46,3 +50,15 @@ def cpu_has_native_bf16() -> bool:
     except OSError:
         return False
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def cpu_has_native_int8() -> bool:
+    """VNNI (AVX512-VNNI, AVX-VNNI) or AMX-INT8: the CPUs that multiply int8 at several times the fp32
+    rate, where an int8 graph (lib.int8) is worth a trial. A oneDNN cap below VNNI counts as its absence."""
+    if (onednn_isa_cap() or "").upper() in _ISAS_WITHOUT_VNNI:
+        return False
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})

@@ -339,6 +339,8 @@ class ExportedModel(nn.Module):
             values = {mm.get(key) for mm in metas}
             if metas and all(key in mm for mm in metas) and len(values) == 1:
                 self.meta[key] = values.pop()
+        if meta.get("quantization"):  # an int8 copy (lib.int8): how it was quantized
+            self.meta["quantization"] = meta["quantization"]
         self.output_names = list(meta.get("output_names") or OUTPUT_NAMES)
         self.heads = [tuple(h) for h in meta.get("heads") or []]  # (output name, head, transform)
         if any(len(h) != 3 or h[0] not in self.output_names or h[2] not in HEAD_TRANSFORMS for h in self.heads):

@@ -20,7 +20,9 @@ from lib.devices import onednn_isa_cap
 from lib.errors import UserError, one_line
 from lib.exported import INPUT_NAME, META_KEY, ExportedModel, check_export_meta, writable_cache
 
-HINTS = {"fp32": "f32", "bf16": "bf16"}
+# OpenVINO's inference precision hint per precision; an int8 graph (lib.int8) carries its own integer
+# convolutions, and what it leaves in floating point runs in fp32
+HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 def _onnx_meta(path: Path) -> dict:
@@ -46,7 +48,7 @@ class OpenVinoModel(ExportedModel):
 
     def __init__(self, path: str | Path, precision: str = "fp32", cache_dir: Path | None = None):
         if precision not in HINTS:
-            raise UserError(f"precision={precision}: OpenVINO runs fp32 or bf16")
+            raise UserError(f"precision={precision}: OpenVINO runs fp32, bf16 or int8")
         try:
             import openvino as ov
         except ImportError:
@@ -81,12 +83,21 @@ def compiled_cache(onnx_cache=None) -> Path:
     return writable_cache(onnx_cache) / "openvino" / (onednn_isa_cap() or "native").lower()
 
 
-def openvino_models(onnx_files: list, precision: str, cache_dir: Path | None = None) -> list[OpenVinoModel]:
+def openvino_models(onnx_files: list, precision: str, cache_dir: Path | None = None,
+                    calibration=None) -> list[OpenVinoModel]:
     """The models' ONNX files (lib.exported.onnx_exports: paths, or ONNX models given as such) compiled
-    by OpenVINO (with `cache_dir`, compiled once and then loaded)."""
-    out = []
+    by OpenVINO (with `cache_dir`, compiled once and then loaded). `precision=int8` compiles each file's
+    int8 copy (lib.int8), calibrated on `calibration()`'s inputs [N, C, H, W]."""
+    paths = []
     for m in onnx_files:
         if not isinstance(m, Path) and getattr(m, "format", "") != "onnx":
             raise UserError(f"{getattr(m, 'path', m)}: OpenVINO runs ONNX files only; use backend=torch")
-        out.append(OpenVinoModel(m if isinstance(m, Path) else m.path, precision, cache_dir))
-    return out
+        paths.append(m if isinstance(m, Path) else m.path)
+    if precision == "int8":
+        from lib import int8
+
+        if calibration is None:
+            raise UserError("precision=int8 needs calibration inputs (images to predict)")
+        batch = calibration()
+        paths = [int8.quantize(p, batch) for p in paths]
+    return [OpenVinoModel(p, precision, cache_dir) for p in paths]

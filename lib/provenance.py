@@ -2,7 +2,7 @@
 
 An image's `settings` are everything that changes its outputs: the input file (path, size, mtime), the
 models (sha256 and configuration), the backend each model ran on, the precision asked for, each
-pass's TTA (an exported graph's built-in TTA included) and width, the resize factor of each pass
+pass's TTA (an exported graph's built-in TTA included) and width, an int8 graph's calibration inputs, the resize factor of each pass
 (which holds scale_factor, match_gsd and both GSDs), the image and model GSDs, and every output,
 footprint and reading option of the config (all keys but those in `RUN_ONLY_KEYS`, so a new option
 counts without anyone listing it). Their fingerprint (lib.run_folder.fingerprint) decides whether a
@@ -107,6 +107,10 @@ def image_settings(cfg, eng, models: list[dict], image_path, image_gsd: float | 
     options["overlap"] = eng.overlap  # null in the config means tile_size / 4
     post, source = postprocess_of(cfg, models[0].get("meta") if models else None)
     options.update(post.as_dict(), postprocess_source=source, instances="on" if instances_on(eng) else "off")
+    # an int8 graph's outputs depend on the inputs it was calibrated on (lib.int8)
+    calibrated = [(m.get("quantization") or {}).get("calibration_digest") for m in models]
+    if any(calibrated):
+        options["int8_calibration"] = calibrated
     return {
         **options,
         "toolkit_version": VERSION,

@@ -9,7 +9,8 @@ Figures printed (each against a baseline measured in the same run, same model an
    weights, pretrained=False; `--model` takes a trained checkpoint instead). The baseline is the seed's loop, emulated in this process: one run per TTA
    with batch 1 in fp32, each run loading the model, re-reading and resizing every image and writing its
    maps, then averaging the five runs' maps (no process start-up: that flatters the baseline). Against it,
-   `python inference.py` as a user runs it, each a fresh process: the defaults (backend=auto,
+   `python inference.py` as a user runs it, each a fresh process, resizing as the seed does (width /
+   tile_size: `match_gsd=false`, else a trained checkpoint's GSD would change the model's input size): the defaults (backend=auto,
    precision=auto) with an empty cache, so the one-off backend trial and ONNX export are inside its time
    (and printed apart), the defaults again with the trial cached, and every backend/precision this machine
    offers forced. Wall and CPU time are both shown: on a shared machine CPU time is the steadier one.
@@ -91,7 +92,7 @@ def ours(tiles_dir: Path, ckpt: Path, out: Path, args, cache: Path, extra: tuple
     backend trials). Wall and CPU seconds of the process, and its run.json's backend trial."""
     cmd = [sys.executable, "inference.py", f"data_dir={tiles_dir}", f"model={ckpt}", f"output_dir={out}",
            f"tile_size={args.size}", f"width={args.width}", f"tta=[{','.join(TTA)}]", "progress=false",
-           f"device={args.device}", f"num_threads={args.threads}", *extra]
+           f"device={args.device}", f"num_threads={args.threads}", "match_gsd=false", *extra]
     env = {**os.environ, "BUILDINGS_CACHE": str(cache)}
     start, before = time.perf_counter(), os.times()
     res = subprocess.run(cmd, check=False, cwd=REPO, env=env, capture_output=True, text=True)
@@ -123,7 +124,7 @@ def tta_runs(work: Path, ckpt: Path, tiles: list[Path], args, device) -> dict:
         shutil.rmtree(cold, ignore_errors=True)
         runs.setdefault("defaults, cold cache", []).append(ours(images, ckpt, work / f"cold{r}", args, cold))
         runs.setdefault("defaults, warm cache", []).append(ours(images, ckpt, work / f"warm{r}", args, cold))
-        fp32 = "defaults, precision=fp32 (as without bf16)"  # the fp32 candidates: what a CPU without bf16 times
+        fp32 = "defaults, precision=fp32 (fp32 paths only)"  # the fp32 candidates
         ours(images, ckpt, work / f"fp32trial{r}", args, cold, ("precision=fp32",))  # its own trial, cached
         runs.setdefault(fp32, []).append(ours(images, ckpt, work / f"fp32{r}", args, cold, ("precision=fp32",)))
         for i, (label, extra) in enumerate(forced):
@@ -182,8 +183,8 @@ def pipeline_vs_model(ckpt: Path, tiles: list[Path], out: Path, args, device) ->
     os.environ["BUILDINGS_CACHE"] = str(out.parent / "cache0")
     cfg = compose_config("inference", [f"model={ckpt}", f"output_dir={out}", f"tile_size={args.size}",
                                        f"width={args.width}", f"tta=[{','.join(TTA)}]", f"batch_size={args.batch_size}",
-                                       "progress=false", f"device={device}", "overwrite=true"])
-    eng, records = inference.build_engine(cfg, device=device)
+                                       "progress=false", f"device={device}", "overwrite=true", "match_gsd=false"])
+    eng, records = inference.build_engine(cfg, device=device, images=[inference.ImageInput(t.stem, t) for t in tiles])
     net, exported = eng.models[0], eng.exported[0]
     per_call = max(1, args.batch_size // len(TTA)) * len(TTA)
     x = torch.randn(per_call, 3, args.width, args.width, device=device)

@@ -178,7 +178,7 @@ def trial_input(width: int, channels: int) -> torch.Tensor:
     return normalize(batch)
 
 
-def _call(models: list, x: torch.Tensor, precision: str, decoder, device: torch.device) -> torch.Tensor:
+def decoded_maps(models: list, x: torch.Tensor, precision: str, decoder, device: torch.device) -> torch.Tensor:
     """The decoded maps of every model on x, the way the engine calls them."""
     outs = []
     for m in models:
@@ -209,7 +209,7 @@ def time_candidates(built: dict, x: torch.Tensor, decoder, device: torch.device)
     for cand, models in built.items():
         _sync(device)
         t0 = time.perf_counter()
-        maps = _call(models, x_dev, cand.precision, decoder, device)
+        maps = decoded_maps(models, x_dev, cand.precision, decoder, device)
         _sync(device)
         warm = time.perf_counter() - t0
         seconds, timed = warm, False
@@ -227,7 +227,7 @@ def time_candidates(built: dict, x: torch.Tensor, decoder, device: torch.device)
 
 def _timed_call(models: list, x: torch.Tensor, precision: str, decoder, device: torch.device):
     t0 = time.perf_counter()
-    maps = _call(models, x, precision, decoder, device)
+    maps = decoded_maps(models, x, precision, decoder, device)
     _sync(device)
     return time.perf_counter() - t0, maps
 
@@ -259,7 +259,8 @@ def describe(record: dict) -> str:
     origin = (f"trial of {record['trial_s']:.1f} s" if not record.get("cached")
               else f"cached trial of {record['created'][:10]}")
     return (f"backend=auto: {record['choice']} ({origin} at {record['width']} px, s/image: " + ", ".join(parts)
-            + f"; one-off export {record.get('export_s', 0.0):.1f} s)")
+            + f"; one-off export {record.get('export_s', 0.0):.1f} s"
+            + (f", int8 graph {record['int8_s']:.1f} s" if record.get("int8_s") else "") + ")")
 
 
 def run_trial(built: dict, width: int, channels: int, decoder, device: torch.device) -> tuple[Candidate, dict]:

@@ -52,6 +52,7 @@ class _Builder:
         self._files = None
         self._built: dict[Candidate, list] = {}
         self.export_s = 0.0
+        self.int8_s = 0.0  # the int8 graphs quantized (lib.int8) and compiled: one-off
 
     def onnx_files(self) -> list:
         if self._files is None:
@@ -63,7 +64,12 @@ class _Builder:
     def build(self, cand: Candidate) -> list:
         """The candidate's models, built once (the trial's copy is the one the run uses)."""
         if cand not in self._built:
+            if cand.backend != "torch":
+                self.onnx_files()  # exported first: not part of int8_s
+            start = time.perf_counter()
             self._built[cand] = self._build(cand)
+            if cand.precision == "int8":
+                self.int8_s = time.perf_counter() - start
         return self._built[cand]
 
     def _build(self, cand: Candidate) -> list:
@@ -117,16 +123,47 @@ def choose_backend(cfg, models: list, paths: list[str], device, model_ids: list[
         return Chosen(built, _engine_precision(cands[0], precision))
     width = trial_width(cfg)
     key = backend_trial.trial_key(device, model_ids, width, keep_heads, [c.name for c in cands])
-    if calibration is not None and any(c.precision == "int8" for c in cands):
-        key["int8_calibration"] = calibration.digest  # the int8 graph, and so its agreement, depends on it
     cache_file = backend_trial.default_cache_file() if cfg.trial_cache is None else Path(cfg.trial_cache)
     record = _decide(builder, cands, key, cache_file, width, models, keep_heads, backend, device, d)
+    if record["choice"].endswith(" int8") and record.get("int8_digest") != calibration.digest:
+        record = _recheck_int8(builder, record, calibration, width, models, keep_heads, device)
     choice = backend_trial.parse_choice(record["choice"])
     chosen = builder.build(choice)
     if choice.precision == "int8":
         record["int8_calibration"] = calibration.describe()
     print(backend_trial.describe(record), file=sys.stderr)
     return Chosen(chosen, _engine_precision(choice, precision), trial=record)
+
+
+def _recheck_int8(builder: _Builder, record: dict, calibration, width: int, models: list, keep_heads: bool,
+                  device) -> dict:
+    """A cached trial chose int8 for inputs calibrated on other images (the trial's key leaves the
+    calibration out, so a new folder costs a quantization, not a new trial). This run's int8 graph must
+    agree with fp32 on the trial's input too; if it does not, the fastest other path that agreed runs."""
+    from lib.segmentation import SegmentationDecoder
+
+    names = list(record["figures"])
+    ref = backend_trial.parse_choice("torch fp32" if "torch fp32" in names else
+                                     next(n for n in names if n.endswith(" fp32")))
+    low = backend_trial.parse_choice(record["choice"])
+    decoder = SegmentationDecoder(instance=keep_heads)
+    x = backend_trial.trial_input(width, _channels(models)).to(device)
+    a, b = (backend_trial.decoded_maps(builder.build(c), x, c.precision, decoder, device) for c in (ref, low))
+    agreement = decoder.agreement(a, b)
+    record = {**record, "int8_digest": calibration.digest, "int8_recheck": round(agreement, 5)}
+    if agreement >= backend_trial.AGREEMENT_MIN:
+        return record
+    agreeing = [(t["s_per_image"], n) for n, t in record["figures"].items()
+                if n != low.name and t["timed"] and t["agreement"] >= backend_trial.AGREEMENT_MIN]
+    record["choice"] = min(agreeing)[1] if agreeing else ref.name
+    print(f"warning: int8 calibrated on these images agrees with fp32 on {100 * agreement:.2f} % of the trial's "
+          f"mask pixels only; {record['choice']} runs instead", file=sys.stderr)
+    return record
+
+
+def _channels(models: list) -> int:
+    return int(getattr(models[0], "in_channels", None) or (getattr(models[0], "config", None) or {}).get(
+        "in_channels", 3))
 
 
 def _calibrated(cands: list, calibration, explicit: bool) -> list:
@@ -201,9 +238,9 @@ def _trial_or_cached(builder, cands, key, cache_file, width, models, keep_heads,
     from lib.segmentation import SegmentationDecoder
 
     decoder = SegmentationDecoder(instance=keep_heads)
-    channels = int(getattr(models[0], "in_channels", None) or (getattr(models[0], "config", None) or {}).get(
-        "in_channels", 3))
-    _, record = backend_trial.run_trial(built, width, channels, decoder, device)
+    _, record = backend_trial.run_trial(built, width, _channels(models), decoder, device)
     record["export_s"] = round(builder.export_s, 2)
+    if builder.int8_s:  # the int8 graph's one-off cost, and the calibration its agreement was measured with
+        record.update(int8_s=round(builder.int8_s, 2), int8_digest=builder.calibration.digest)
     stored = backend_trial.store_trial(cache_file, key, record)
     return {**record, "cached": False, "cache": str(cache_file) if stored else None}

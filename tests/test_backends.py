@@ -118,6 +118,9 @@ def test_auto_times_the_candidates_once_and_records_the_choice(drone, checkpoint
     names = [c.name for c in backend_trial.candidates(CPU)]
     assert list(trial["figures"]) == names and trial["cached"] is False and trial["width"] == 64
     assert trial["choice"] in names and trial["figures"][trial["choice"]]["agreement"] >= backend_trial.AGREEMENT_MIN
+    assert (trial.get("int8_s", 0) > 0) == ("openvino int8" in names)  # the int8 graph's one-off cost, apart
+    if trial["choice"] == "openvino int8":
+        assert trial["int8_calibration"]["inputs"] == len(trial["int8_calibration"]["windows"]) > 0
     backend, precision = trial["choice"].split()
     with rasterio.open(tmp_path / "a" / "masks" / "drone.tif") as ds:
         assert (ds.tags()["BUILDINGS_BACKEND"], ds.tags()["BUILDINGS_PRECISION"]) == (backend, precision)

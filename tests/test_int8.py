@@ -152,3 +152,38 @@ def test_auto_leaves_int8_out_when_no_calibration_input_can_be_read(monkeypatch,
     assert backends._calibrated(cands, None, explicit=False) == cands[:1]
     with pytest.raises(UserError, match="no calibration input"):
         backends._calibrated(cands, nothing, explicit=True)
+
+
+@pytest.mark.slow
+@needs_runtimes
+def test_a_cached_int8_choice_is_rechecked_on_new_images(monkeypatch, drone, checkpoints, tmp_path, capsys):
+    """The trial is cached per machine, models and width, not per calibration: another folder's int8
+    graph is quantized anew and must agree with fp32 on the trial's input, else the next path runs."""
+    import inference
+    from lib import devices, segmentation
+
+    monkeypatch.setattr(devices, "cpu_has_native_int8", lambda: True)  # int8 among the candidates here
+    monkeypatch.setattr(backend_trial, "cpu_has_native_int8", lambda: True)
+    fastest_agreeing = backend_trial.pick
+    monkeypatch.setattr(backend_trial, "pick", lambda figures, agreement_of: (
+        Candidate("openvino", "int8"), fastest_agreeing(figures, agreement_of)[1]))
+    with rasterio.open(drone) as src:  # another image: the top-left quarter, mirrored
+        profile, data = src.profile, src.read()[:, : src.height // 2, : src.width // 2][..., ::-1]
+        profile.update(height=data.shape[1], width=data.shape[2], transform=src.transform)
+    other = tmp_path / "other" / "other.tif"
+    other.parent.mkdir()
+    with rasterio.open(other, "w", **profile) as dst:
+        dst.write(np.ascontiguousarray(data))
+    common = (f"onnx_cache={tmp_path / 'onnx'}", f"trial_cache={tmp_path / 'trials.json'}", "backend=auto")
+    first = inference.run(infer_cfg(drone, checkpoints["b0"], tmp_path / "a", *common))["backend_trial"]
+    assert first["choice"] == "openvino int8" and not first["cached"] and "int8_recheck" not in first
+    second = inference.run(infer_cfg(other, checkpoints["b0"], tmp_path / "b", *common))["backend_trial"]
+    assert second["cached"] and second["choice"] == "openvino int8"
+    assert second["int8_digest"] != first["int8_digest"] and second["int8_recheck"] >= backend_trial.AGREEMENT_MIN
+    assert len(list((tmp_path / "onnx" / "int8").glob("*.onnx"))) == 2  # one graph per calibration
+    monkeypatch.setattr(segmentation.SegmentationDecoder, "agreement", lambda self, a, b: 0.9)
+    third = inference.run(infer_cfg(other, checkpoints["b0"], tmp_path / "c", *common))
+    trial = third["backend_trial"]
+    assert trial["int8_recheck"] == 0.9 and trial["choice"] != "openvino int8"
+    assert third["images"]["other"]["precision"] == trial["choice"].split()[1]
+    assert "runs instead" in capsys.readouterr().err

@@ -14,15 +14,7 @@ from lib.backend_trial import Candidate
 from lib.errors import UserError
 
 CPU = torch.device("cpu")
-
-
-def _installed(name):
-    try:
-        __import__(name)
-    except ImportError:
-        return False
-    return True
-
+_installed = backend_trial.installed
 
 needs_runtimes = pytest.mark.skipif(not (_installed("openvino") and _installed("onnxruntime")),
                                     reason="int8 runs on OpenVINO, quantized by ONNX Runtime (optional)")

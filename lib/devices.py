@@ -38,27 +38,25 @@ def onednn_isa_cap() -> str | None:
     return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip() or None
 
 
+def _native(flags: set[str], caps_without: set[str]) -> bool:
+    """Whether the CPU has one of `flags` (/proc/cpuinfo) and oneDNN is not capped below it."""
+    if (onednn_isa_cap() or "").upper() in caps_without:
+        return False
+    try:
+        return bool(flags & set(Path("/proc/cpuinfo").read_text().split()))
+    except OSError:
+        return False
+
+
 def cpu_has_native_bf16() -> bool:
     """AMX or AVX512-BF16: the CPUs on which bf16 arithmetic is faster than fp32 (elsewhere it is emulated).
 
     A cap on oneDNN's instruction set (ONEDNN_MAX_CPU_ISA, e.g. AVX512_CORE_VNNI) below bf16 counts as
     its absence, as it does for the kernels: so a CPU without native bf16 can be measured on one with it."""
-    if (onednn_isa_cap() or "").upper() in _ISAS_WITHOUT_BF16:
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    return _native({"amx_bf16", "avx512_bf16"}, _ISAS_WITHOUT_BF16)
 
 
 def cpu_has_native_int8() -> bool:
     """VNNI (AVX512-VNNI, AVX-VNNI) or AMX-INT8: the CPUs that multiply int8 at several times the fp32
     rate, where an int8 graph (lib.int8) is worth a trial. A oneDNN cap below VNNI counts as its absence."""
-    if (onednn_isa_cap() or "").upper() in _ISAS_WITHOUT_VNNI:
-        return False
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return _native({"avx512_vnni", "avx_vnni", "amx_int8"}, _ISAS_WITHOUT_VNNI)

@@ -9,14 +9,14 @@ What is quantized: the convolutions of the decoder's ASPP block (the dilated 3x3
 and the split projection, not the pooled branch's), which are about 70 % of b0's arithmetic at 672 px;
 the encoder, the other decoder blocks and the heads stay fp32. Measured on a Kampala-trained b0 at
 1024 px (4 calibration windows, masks compared with OpenVINO fp32 on 3 other holdout windows and the
-trial's demo tile): every convolution int8 ran 1.8x faster but changed 2.4-3.1 % of the mask pixels
-(1.3-1.9 % without the stem, depthwise, squeeze-excitation and head convolutions); the ASPP alone ran
-1.5x faster and changed 0.16-0.36 %, within backend=auto's agreement rule (lib.backend_trial).
+trial's demo tile): quantizing every convolution is faster still but changes
+a few per cent of the mask pixels, beyond backend=auto's agreement rule (lib.backend_trial); the ASPP
+alone stays within it (figures in benchmarks/RESULTS.md).
 
 How: ONNX Runtime's static post-training quantization (shipped with onnxruntime, no other dependency)
 writes QuantizeLinear/DequantizeLinear pairs around those convolutions: weights per output channel
 (int8, symmetric), activations per tensor (uint8) with ranges measured on calibration inputs. Those inputs are
-model inputs cut from the images being predicted (inference.py's `calibration_batch`), so the ranges fit
+model inputs cut from the images being predicted (`calibration_for`), so the ranges fit
 the imagery at hand rather than a stand-in; the quantized file is cached by the export, the calibration
 inputs' digest and the quantizer's version, and whether its masks agree with fp32 is left to
 backend=auto's trial (lib.backend_trial), as for every reduced precision.
@@ -25,6 +25,7 @@ backend=auto's trial (lib.backend_trial), as for every reduced precision.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -62,9 +63,9 @@ def _quantizer_version() -> str:
         raise UserError("precision=int8 needs onnxruntime (its quantizer): pip install onnxruntime") from None
 
 
-def quantized_path(onnx_path: Path, batch: np.ndarray) -> Path:
-    """Where the int8 copy of `onnx_path` calibrated on `batch` is cached: beside it, in int8/."""
-    key = hashlib.sha256(f"{onnx_path.name}/{calibration_digest(batch)}/{_quantizer_version()}/q{QUANT_REVISION}"
+def quantized_path(onnx_path: Path, digest: str) -> Path:
+    """Where the int8 copy of `onnx_path` calibrated on inputs of `digest` is cached: beside it, in int8/."""
+    key = hashlib.sha256(f"{onnx_path.name}/{digest}/{_quantizer_version()}/q{QUANT_REVISION}"
                          .encode()).hexdigest()[:24]
     return onnx_path.parent / "int8" / f"{onnx_path.stem}-int8-{key}.onnx"
 
@@ -98,7 +99,7 @@ def _quiet():
         logger.setLevel(level)
 
 
-def _with_quantization_meta(source: Path, quantized: Path, batch: np.ndarray, nodes: list[str]) -> bytes:
+def _with_quantization_meta(source: Path, quantized: Path, batch: np.ndarray, digest: str, nodes: list[str]) -> bytes:
     """The quantized graph with the export's provenance (lib.exported) plus how it was quantized."""
     import onnx
 
@@ -108,7 +109,7 @@ def _with_quantization_meta(source: Path, quantized: Path, batch: np.ndarray, no
                             "format": "QDQ", "nodes": nodes, "weights": "int8 per channel, symmetric",
                             "activations": "uint8 per tensor, min/max", "calibration_inputs": len(batch),
                             "calibration_crop": CALIBRATION_SIDE,
-                            "calibration_digest": calibration_digest(batch), "revision": QUANT_REVISION}
+                            "calibration_digest": digest, "revision": QUANT_REVISION}
     proto = onnx.load(str(quantized))
     del proto.metadata_props[:]
     return with_onnx_metadata(proto.SerializeToString(), meta)
@@ -122,13 +123,15 @@ def quantized_nodes(onnx_path: Path) -> list[str]:
     return [n.name for n in graph.node if n.op_type == "Conv" and QUANTIZED_BLOCK in n.name and KEPT_FP32 not in n.name]
 
 
-def quantize(onnx_path: str | os.PathLike, batch: np.ndarray) -> Path:
+def quantize(onnx_path: str | os.PathLike, batch: np.ndarray, digest: str | None = None) -> Path:
     """The int8 (QDQ) copy of an exported fp32 ONNX graph, calibrated on `batch` [N, C, H, W] (normalised
-    model inputs); made once and cached (quantized_path), written atomically."""
+    model inputs; `digest`: its calibration_digest when known); made once and cached (quantized_path),
+    written atomically."""
     onnx_path = Path(onnx_path)
     if batch.ndim != 4 or not len(batch):
         raise UserError(f"{onnx_path}: int8 calibration needs model inputs [N, C, H, W], got {batch.shape}")
-    target = quantized_path(onnx_path, batch)
+    digest = digest or calibration_digest(batch)
+    target = quantized_path(onnx_path, digest)
     if target.is_file():
         return target
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -148,7 +151,7 @@ def quantize(onnx_path: str | os.PathLike, batch: np.ndarray) -> Path:
                             activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=CalibrationMethod.MinMax,
                             extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-        (work / "tagged.onnx").write_bytes(_with_quantization_meta(onnx_path, work / "int8.onnx", batch, nodes))
+        (work / "tagged.onnx").write_bytes(_with_quantization_meta(onnx_path, work / "int8.onnx", batch, digest, nodes))
         os.replace(work / "tagged.onnx", target)
     except UserError:
         raise
@@ -173,11 +176,12 @@ class Calibration:
             self._batch, self.sources = self._read()
         if not len(self._batch):
             raise UserError("precision=int8: no calibration input could be read from the images "
-                                "(all windows are nodata); use precision=fp32")
+                            "(all windows are nodata); use precision=fp32")
         return self._batch
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
+        """calibration_digest of the inputs, hashed once (the trial key, the cache path and provenance)."""
         return calibration_digest(self())
 
     def describe(self) -> dict:

@@ -99,5 +99,6 @@ def openvino_models(onnx_files: list, precision: str, cache_dir: Path | None = N
         if calibration is None:
             raise UserError("precision=int8 needs calibration inputs (images to predict)")
         batch = calibration()
-        paths = [int8.quantize(p, batch) for p in paths]
+        digest = getattr(calibration, "digest", None)  # a Calibration hashes its inputs once
+        paths = [int8.quantize(p, batch, digest) for p in paths]
     return [OpenVinoModel(p, precision, cache_dir) for p in paths]

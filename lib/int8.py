@@ -9,7 +9,7 @@ What is quantized: the convolutions of the decoder's ASPP block (the dilated 3x3
 and the split projection, not the pooled branch's), which are about 70 % of b0's arithmetic at 672 px;
 the encoder, the other decoder blocks and the heads stay fp32. Measured on a Kampala-trained b0 at
 1024 px (4 calibration windows, masks compared with OpenVINO fp32 on 3 other holdout windows and the
-trial's demo tile): quantizing every convolution is faster still but changes
+trial's demo tile; benchmarks/bench_int8.py): quantizing every convolution is faster still but changes
 a few per cent of the mask pixels, beyond backend=auto's agreement rule (lib.backend_trial); the ASPP
 alone stays within it (figures in benchmarks/RESULTS.md).
 

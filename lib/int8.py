@@ -191,35 +191,39 @@ class Calibration:
 def windows_from_images(paths: list, open_image, source_side, width: int, n: int = CALIBRATION_INPUTS):
     """Up to `n` model inputs cut from the images to predict, for Calibration: windows spread along each of
     the first images' diagonal (more per image when there are fewer images), of `source_side(gsd)` source
-    pixels (what the engine resizes to `width`), resized to width x width and normalised as the engine
-    does. Windows less than half valid are passed over, and so is an image that cannot be read.
-    Returns (batch [N, C, width, width] float32, one 'file: rows, cols' line per input)."""
+    pixels (what the engine resizes to `width`), resized at the engine's scale and normalised as the
+    engine does; a window cut smaller by a small image keeps that scale and is mirrored up to width x
+    width, as the engine pads it. Windows less than half valid are passed over, and so is an image that
+    cannot be read. Returns (batch [N, C, width, width] float32, one 'file: rows, cols' line per input)."""
     import cv2
     import torch
 
     from lib.model_contract import normalize
+    from lib.tiling import reflect_pad
 
     inputs, sources = [], []
     per_image = max(1, math.ceil(n / max(1, len(paths))))
     for path in paths[:n]:
         try:
             with open_image(path) as src:
-                side = max(1, min(int(source_side(src.gsd)), src.height, src.width))
+                full = source_side(src.gsd)
+                side = max(1, min(int(full), src.height, src.width))
+                size = min(width, max(1, round(side * width / full)))  # the engine's scale
                 for i in range(per_image):
                     t = (i + 0.5) / per_image
                     row, col = round(t * (src.height - side)), round(t * (src.width - side))
                     rgb, valid = src.read(row, col, side, side)
                     if len(inputs) < n and valid.mean() >= 0.5:
-                        shrink = side > width
-                        inputs.append(cv2.resize(rgb, (width, width),
-                                                 interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR))
+                        img = rgb if size == side else cv2.resize(
+                            rgb, (size, size), interpolation=cv2.INTER_AREA if side > size else cv2.INTER_LINEAR)
+                        img = img[..., None] if img.ndim == 2 else img
+                        inputs.append(reflect_pad(img, width - size, width - size))
                         sources.append(f"{Path(path).name}: rows {row}-{row + side}, cols {col}-{col + side}")
         except (OSError, ValueError, UserError) as err:  # unreadable here: the run itself reports it
             print(f"warning: {path}: not used for int8 calibration ({one_line(err, 100)})", file=sys.stderr)
     if not inputs:
         return np.zeros((0, 3, width, width), np.float32), []
     batch = torch.from_numpy(np.stack(inputs))
-    batch = batch[..., None] if batch.ndim == 3 else batch
     return normalize(batch.permute(0, 3, 1, 2)).numpy(), sources
 
 

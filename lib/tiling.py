@@ -326,7 +326,7 @@ class Engine:
             mh, mw, ph, pw = key
             img = rgb
             if ph > eh or pw > ew:
-                img = _reflect_pad(rgb, ph - eh, pw - ew)
+                img = reflect_pad(rgb, ph - eh, pw - ew)
             if (mh, mw) != img.shape[:2]:
                 shrink = mh < img.shape[0] or mw < img.shape[1]
                 img = cv2.resize(img, (mw, mh), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
@@ -584,6 +584,8 @@ def wait_quietly(wait: Callable[[], None]) -> None:
         wait()
 
 
-def _reflect_pad(img: np.ndarray, dh: int, dw: int) -> np.ndarray:
+def reflect_pad(img: np.ndarray, dh: int, dw: int) -> np.ndarray:
+    """An image [H, W, C] mirrored below and to the right by dh, dw pixels (a window smaller than the model's
+    input, as the engine and int8 calibration fill it)."""
     mode = "reflect" if min(img.shape[:2]) > 1 else "edge"
     return np.pad(img, ((0, dh), (0, dw), (0, 0)), mode=mode)

@@ -48,6 +48,12 @@ def test_calibration_windows_are_cut_from_the_images_resized_and_normalised():
     assert sources == ["a.tif: rows 55-135, cols 30-110", "a.tif: rows 165-245, cols 90-170",
                        "b.tif: rows 5-85, cols 5-85", "b.tif: rows 15-95, cols 15-95"]
     assert np.allclose(batch[2:, 0], (1.0 - 0.485) / 0.229, atol=1e-5)  # white, ImageNet-normalised
+    # an image smaller than the window keeps the engine's scale (64/100: 50 px -> 32) and is mirrored up to the width
+    small = {"s.tif": _Image(np.tile(np.arange(50, dtype=np.uint8)[None, :, None], (50, 1, 3)))}
+    batch, sources = int8.windows_from_images(list(small), small.get, lambda gsd: 100, width=64, n=1)
+    assert batch.shape == (1, 3, 64, 64) and sources == ["s.tif: rows 0-50, cols 0-50"]
+    assert np.allclose(batch[0, :, :, 32:63], batch[0, :, :, 30::-1])  # 32 px of image, then its mirror
+    assert not np.allclose(batch[0, :, :, 31], batch[0, :, :, 0])  # the image itself is not stretched flat
     # a window less than half valid is passed over; no valid window at all gives an empty batch
     empty = {"c.tif": _Image(np.zeros((64, 64, 3), np.uint8), valid=np.zeros((64, 64), bool))}
     batch, sources = int8.windows_from_images(list(empty), empty.get, lambda gsd: 64, width=32)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lib.checkpoints import SEED_PREFIXES, exported_kind, from_seed_names, read_checkpoint, to_seed_names  # noqa: F401
-from lib.decoder_blocks import ASPP, ContextBlock, ConvGNUp
+from lib.decoder_blocks import ASPP, ContextBlock, ConvGNUp, Dropout
 from lib.errors import UserError, one_line
 from lib.exported import load_exported
 
@@ -204,7 +204,7 @@ class FPNDecoder(nn.Module):
             nn.Conv2d(channels, channels, 3, padding=1),  # stride 4
         ])
         merged = channels * len(self.branches)
-        self.dropout = nn.Dropout(0.2)
+        self.dropout = Dropout(0.2)
         self.context = ContextBlock(merged, context_hidden) if use_context_block else None
         self.aspp = ASPP(merged) if use_ASPP else None
         fuse = [nn.Conv2d(merged, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),

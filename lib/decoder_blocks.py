@@ -10,6 +10,25 @@ from torch import nn
 ASPP_RATES = (4, 8, 12)
 
 
+class Dropout(nn.Dropout):
+    """nn.Dropout whose CPU training mask comes from `torch.rand_like`: the same function (each element kept
+    with probability 1 - p, scaled by 1 / (1 - p)) about 1.7x faster forward + backward on a 2-core CPU.
+
+    PyTorch's CPU dropout draws its mask with `bernoulli_`, which took 58 ms for the decoder's [8, 192, 64, 64]
+    tensor (b0 at 256 px, batch 8) against 22 ms for a uniform draw and a comparison: about 2.5 % of a b0 fp32
+    training step, which has two such dropouts. Elsewhere (CUDA's fused kernel, eval, p = 0) it is nn.Dropout.
+    A module without parameters, so checkpoints and state_dict names are unchanged.
+    """
+
+    def forward(self, x):
+        if not self.training or self.p == 0 or x.device.type != "cpu" or self.inplace:
+            return super().forward(x)
+        if self.p == 1:
+            return x * 0.0
+        keep = torch.rand_like(x, dtype=torch.float32) >= self.p  # float32 draws: exact p under bf16 autocast too
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
 class ConvGNUp(nn.Module):
     """3x3 conv (no bias) -> GroupNorm(32) -> ReLU -> bilinear x2: one step toward stride 4.
 
@@ -75,7 +94,7 @@ class ASPP(nn.Module):
         self.convs = nn.ModuleList([_conv_bn_relu(channels, channels)])
         self.convs.extend(_conv_bn_relu(channels, channels, 3, r) for r in rates)
         self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), *_conv_bn_relu(channels, channels))
-        self.project = nn.Sequential(*_conv_bn_relu(channels * (len(rates) + 2), channels), nn.Dropout(dropout))
+        self.project = nn.Sequential(*_conv_bn_relu(channels * (len(rates) + 2), channels), Dropout(dropout))
 
     def forward(self, x):
         conv, *after = self.project  # 1x1 conv (no bias), BN, ReLU, dropout

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from lib.errors import UserError
 
-VAL_SHARE = 0.10  # auto: validation at most this share of (training + validation) time
+VAL_SHARE = 0.05  # auto: validation at most this share of (training + validation) time
 AUTO_FIRST_STEP = 50  # auto: the first validation, unless epoch 1 ends earlier
 PROBE_STEPS = 5  # "Ns": steps timed before the first conversion of seconds into steps
 SHRINK = 0.75  # auto: a re-estimate shorter than this share of the current cadence replaces it
@@ -48,7 +48,7 @@ def parse_val_every(value) -> tuple[str, float | None]:
 
 def steps_between(val_s: float, step_s: float, share: float = VAL_SHARE) -> int:
     """Fewest steps between validations for which validation is at most `share` of the time:
-    val_s <= share * (N * step_s + val_s), i.e. N >= (1 - share) / share * val_s / step_s (9x at 10 %)."""
+    val_s <= share * (N * step_s + val_s), i.e. N >= (1 - share) / share * val_s / step_s (19x at 5 %)."""
     need = (1.0 - share) / share * val_s / max(step_s, 1e-9)
     return max(1, math.ceil(need - 1e-9))
 

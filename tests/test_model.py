@@ -409,3 +409,27 @@ def test_aspp_trains_as_the_concatenated_form_with_the_same_gradients():
         low = aspp(x)
     assert low.dtype == torch.float32  # summed in fp32, then BN/ReLU on it
     assert (low - y0).abs().max() < 0.05 * y0.abs().max()
+
+
+def test_decoder_dropout_is_torch_dropout_in_distribution_and_gradient():
+    """The decoder's CPU dropout (a uniform draw instead of bernoulli_) keeps each element with probability
+    1 - p, scales kept ones by 1 / (1 - p), passes the gradient through exactly the kept elements, follows
+    the input's memory format and is the identity in eval; the decoder uses it."""
+    from lib.decoder_blocks import Dropout
+    torch.manual_seed(0)
+    drop = Dropout(0.2).train()
+    x = torch.randn(4, 16, 64, 64).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.005  # 262,144 draws: 4 standard deviations is 0.003
+    torch.testing.assert_close(y[kept], x[kept] / 0.8)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, kept.float() / 0.8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert drop(x.bfloat16()).dtype == torch.bfloat16
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+    net = M.build_model("efficientnet-b0", pretrained=False)
+    drops = [m for m in net.decoder.modules() if isinstance(m, nn.Dropout)]
+    assert len(drops) == 2 and all(isinstance(m, Dropout) for m in drops)

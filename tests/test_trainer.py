@@ -279,15 +279,15 @@ def test_progress_bar_is_not_redrawn_every_step_when_stderr_is_a_log(tmp_path, c
 # --------------------------------------------------------------------------------------------------
 
 
-def test_auto_cadence_keeps_validation_within_ten_percent_of_training():
+def test_auto_cadence_keeps_validation_within_five_percent_of_training():
     from lib.val_cadence import steps_between, val_share
 
-    assert steps_between(4.1, 2.0) == 19  # 9 x 4.1 / 2.0 = 18.45
-    assert steps_between(2.0, 2.0) == 9 and steps_between(0.01, 10.0) == 1 and steps_between(30.0, 1.0) == 270
+    assert steps_between(4.1, 2.0) == 39  # 19 x 4.1 / 2.0 = 38.95
+    assert steps_between(2.0, 2.0) == 19 and steps_between(0.01, 10.0) == 1 and steps_between(30.0, 1.0) == 570
     for val_s, step_s in ((4.1, 2.0), (1.6, 1.05), (0.3, 2.9), (12.0, 0.4)):
         n = steps_between(val_s, step_s)
-        assert val_share(n, val_s, step_s) <= 0.1 + 1e-12
-        assert n == 1 or val_share(n - 1, val_s, step_s) > 0.1  # the fewest steps that keep the budget
+        assert val_share(n, val_s, step_s) <= 0.05 + 1e-12
+        assert n == 1 or val_share(n - 1, val_s, step_s) > 0.05  # the fewest steps that keep the budget
 
 
 def test_val_every_accepts_auto_steps_seconds_and_null():
@@ -308,11 +308,11 @@ def test_cadence_plans_first_at_epoch_end_or_step_50_then_from_the_timings():
     assert Cadence.from_config("auto", 200, 1000).next_step == 50
     c = Cadence.from_config("auto", 6, 400)
     assert [k for k in range(1, 7) if c.due(k)] == [6]
-    assert c.plan(6, step_s=2.0, val_s=4.1) and (c.every, c.next_step) == (19, 25)
-    assert not c.due(24) and c.due(25) and c.due(400)
-    assert not c.plan(25, 2.0, 3.5) and c.every == 19  # 16 steps would do: not much shorter, the plan stays
-    assert c.plan(44, 2.0, 1.0) and (c.every, c.next_step) == (5, 49)  # much cheaper validation: re-planned
-    assert c.plan(49, 2.0, 5.0) and c.every == 23  # over budget: always re-planned
+    assert c.plan(6, step_s=2.0, val_s=4.1) and (c.every, c.next_step) == (39, 45)
+    assert not c.due(44) and c.due(45) and c.due(400)
+    assert not c.plan(45, 2.0, 3.5) and c.every == 39  # 34 steps would do: not much shorter, the plan stays
+    assert c.plan(84, 2.0, 1.0) and (c.every, c.next_step) == (10, 94)  # much cheaper validation: re-planned
+    assert c.plan(94, 2.0, 5.0) and c.every == 48  # over budget: always re-planned
     s = Cadence.from_config("10s", 6, 400)
     assert not s.due(4) and not s.probe_due(4) and s.probe_due(5)
     s.plan(5, step_s=2.0, val_s=None)
@@ -345,20 +345,20 @@ class TickingClock:
 
 
 def test_auto_cadence_validates_at_epoch_end_then_on_its_plan_and_resumes_it(tmp_path, capsys, monkeypatch):
-    """per_epoch = 40 / 4 = 10: the first validation at step 10; with 1 s steps and a 1 s validation, 9 steps
-    later; then the validation's checkpoint write (1 s) counts too: 2 s -> 18 steps, past the end (30), which
+    """per_epoch = 40 / 4 = 10: the first validation at step 10; with 1 s steps and a 1 s validation, 19 steps
+    later; then the validation's checkpoint write (1 s) counts too: 2 s -> 38 steps, past the end (30), which
     validates anyway. Each plan is printed; last.pth stores it and a resumed run continues it."""
     monkeypatch.setattr(trainer, "time", TickingClock())
     out = tmp_path / "run"
     s = trainer.prepare(line_config(out, max_steps=30, val_every="auto", save_every=100, precision="fp32"),
                         RegressionTask(), Dist(), torch.device("cpu"))
     trainer.fit(s)
-    assert [h["step"] for h in s.history] == [10, 19, 30]
+    assert [h["step"] for h in s.history] == [10, 29, 30]
     printed = capsys.readouterr().out
-    assert "validation every 9 steps (val 1.0 s, step 1.00 s: 10 % of training)" in printed
-    assert "validation every 18 steps (val 2.0 s, step 1.00 s: 10 % of training)" in printed
+    assert "validation every 19 steps (val 1.0 s, step 1.00 s: 5 % of training)" in printed
+    assert "validation every 38 steps (val 2.0 s, step 1.00 s: 5 % of training)" in printed
     saved = load_checkpoint(out / "last.pth")["val_cadence"]
-    assert saved == {"every": 18, "next_step": 37}
+    assert saved == {"every": 38, "next_step": 67}
     resumed = trainer.prepare(line_config(out, max_steps=30, val_every="auto", resume=out / "last.pth"),
                               RegressionTask(), Dist(), torch.device("cpu"))
     assert resumed.cadence.state() == saved

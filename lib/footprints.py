@@ -197,7 +197,8 @@ def footprints_frame(pieces: list[Piece], transform, crs, *, min_area: float = 0
     geoms, squared = simple, np.zeros(len(raw), bool)
     if regularize and len(raw):
         geoms, squared = square_polygons(raw, angles, np.maximum(tolerance, SQUARE_TOLERANCE))
-        geoms = np.where(squared, geoms, irregular_outlines(raw, simple, tolerance))
+        rest = ~squared  # only the outlines that stay unsquared need the coarse form
+        geoms[rest] = irregular_outlines(raw[rest], simple[rest], tolerance[rest])
     area_m2 = [round(float(a), 3) for a in shapely.area(geoms) * scale] if georef else None
     mean_prob = [round(p.prob_sum / max(p.pixels, 1) / 255.0, 4) for p in pieces]
     gdf = gpd.GeoDataFrame({"id": np.arange(first_id, first_id + len(pieces)), "area_px": [p.pixels for p in pieces],

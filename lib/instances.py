@@ -72,12 +72,17 @@ def _components(mask: np.ndarray) -> tuple[int, np.ndarray]:
 
 
 def _instances(mask, prob, border, contact, seed_threshold: float, seed_min_px: int) -> np.ndarray:
-    """Labels of the buildings of `mask` (bool). Each blob's result depends only on its own pixels: seeds
-    lie inside one blob, and a watershed flooding never crosses from one blob to another (nor do the
-    ages that break its ties change order within a blob), so a crop of a blob labels it the same."""
+    """Labels of the buildings of `mask` (bool), blob by blob: a blob with one seed is that seed's building
+    and a blob without one is a building of its own; only a blob holding several seeds is flooded, on a
+    crop of it alone. So a blob's labels depend only on its own pixels, ties included (skimage breaks
+    equal-value ties by heap order, which one watershed over many blobs lets the other blobs change), and
+    a crop of a blob labels it the same; on a 1024^2 tile this takes half the CPU of one watershed over
+    the array. Labels: seeds 1..k in raster order, then the seedless blobs in raster order."""
     mask = np.asarray(mask, bool)
+    n_blobs, blobs, boxes, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=4,
+                                                                ltype=cv2.CV_32S)
     if border is None and contact is None:
-        return _components(mask)[1]
+        return blobs
     score = _unit(prob) if prob is not None else np.ones(mask.shape, np.float32)
     for m in (border, contact):
         if m is not None:
@@ -87,13 +92,29 @@ def _instances(mask, prob, border, contact, seed_threshold: float, seed_min_px: 
     keep = stats[:, cv2.CC_STAT_AREA] >= seed_min_px
     keep[0] = False
     lut = np.where(keep, np.cumsum(keep), 0).astype(np.int32)
-    markers, k = lut[seeds], int(keep.sum())
-    if k:
+    k = int(keep.sum())
+    at = np.flatnonzero(seeds.ravel())
+    blob_of_seed = np.zeros(k + 1, np.int32)
+    blob_of_seed[lut[seeds.ravel()[at]]] = blobs.ravel()[at]  # a seed lies in one blob
+    per_blob = np.bincount(blob_of_seed[1:], minlength=n_blobs)
+    label_of_blob = np.zeros(n_blobs, np.int32)
+    label_of_blob[blob_of_seed[1:]] = np.arange(1, k + 1, dtype=np.int32)  # right for one-seed blobs
+    seedless = np.flatnonzero(per_blob[1:] == 0) + 1
+    label_of_blob[seedless] = k + 1 + np.arange(len(seedless), dtype=np.int32)
+    label_of_blob[0] = 0
+    labels = label_of_blob[blobs]
+    crowded = np.flatnonzero(per_blob[1:] > 1) + 1
+    if len(crowded):
         from skimage.segmentation import watershed  # only instance maps need it
 
-        markers = watershed(1 - score, markers, mask=mask, connectivity=1).astype(np.int32, copy=False)
-    _, rest = _components(mask & (markers == 0))  # blobs without a seed: one building each
-    return np.where(rest > 0, rest + k, markers).astype(np.int32, copy=False)
+        for b in crowded:
+            x, y, w, h = boxes[b, :4]
+            rows, cols = slice(y, y + h), slice(x, x + w)
+            inside = blobs[rows, cols] == b
+            flooded = watershed(1 - score[rows, cols], np.where(inside, lut[seeds[rows, cols]], 0), mask=inside,
+                                connectivity=1)
+            labels[rows, cols][inside] = flooded[inside]
+    return labels
 
 
 @dataclass

@@ -72,6 +72,9 @@ def instance_u8(block) -> tuple[np.ndarray | None, np.ndarray | None]:
 MEMORY_DRAFT_PX = 4096 * 4096  # a COG scene up to this many pixels is drafted in memory (~16 MB a raster)
 DRAFT_ZLEVEL = 1  # DEFLATE level of files that are rewritten (COG, torchrun bands): several times faster than 6
 COG_LEVELS = range(1, 10)  # DEFLATE levels of the COGs (`cog_level`)
+# A COG whose longer side is at most this gets no overviews: a viewer shows it whole from at most 4 x 4
+# blocks of 512^2, and on a 1024^2 tile the overview level was more than half of the COG's CPU.
+OVERVIEW_MIN_SIDE = 2048
 BAND_DESCRIPTIONS = (("building probability (0-255)",), ("building mask (0/255)",),
                      ("building border probability (0-255)", "building contact probability (0-255)"))
 
@@ -185,8 +188,12 @@ class SceneWriter(AbortOnError):
                     dst.set_band_description(band, text)
                 dst.close()
             if self.cog:
+                overviews = max(self.profile["height"], self.profile["width"]) > OVERVIEW_MIN_SIDE
+                # a scene drafted in memory is finished beside the next image's model call: one thread spends
+                # a third less CPU than GDAL's pool; a large scene's rewrite has the machine to itself
+                threads = 1 if self.in_memory else "ALL_CPUS"
                 for draft, tmp, resampling in zip(self._drafts, self._tmps, ("average", "nearest", "average")):
-                    to_cog(draft, tmp, resampling, self.cog_level)
+                    to_cog(draft, tmp, resampling, self.cog_level, overviews=overviews, threads=threads)
             self._drop_memory_drafts()
             self._stack.close()  # renames the temporary files over the targets
         except BaseException:
@@ -213,19 +220,20 @@ def check_settings(cfg) -> None:
         raise UserError(f"cog_level must be 1 (fastest) .. 9 (smallest), not {cfg.cog_level}")
 
 
-def to_cog(draft, path: Path, resampling: str, level: int = 1) -> None:
+def to_cog(draft, path: Path, resampling: str, level: int = 1, *, overviews: bool = True,
+           threads: int | str = "ALL_CPUS") -> None:
     """Write the GeoTIFF `draft` (a file, or a /vsimem/ one) as a Cloud-Optimized GeoTIFF at `path`
     (streamed by GDAL, same values); `draft` may be `path` itself, which is then rewritten in place.
 
     `level` is the DEFLATE level: on 7.5 cm drone maps level 1 took a third of level 6's CPU for files
-    about 8 % larger, and this runs beside the model, so 1 is the default."""
+    about 8 % larger, and this runs beside the model, so 1 is the default. `overviews` (made with
+    `resampling`) as GDAL's COG driver plans them, or none; `threads` compress (GDAL's NUM_THREADS)."""
     from rasterio.shutil import copy as rio_copy
 
     tmp = path.with_name(path.name + ".cog.tif")
     try:
-        # compression on every core: this runs after the model (or while the other ranks wait for a merge)
         rio_copy(str(draft), tmp, driver="COG", compress="DEFLATE", level=level, overview_resampling=resampling,
-                 blocksize=512, num_threads="ALL_CPUS")
+                 overviews="AUTO" if overviews else "NONE", blocksize=512, num_threads=threads)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -109,6 +109,36 @@ def test_touching_houses_are_separated_into_about_the_true_buildings():
     assert np.array_equal(labels > 0, ids > 0)
 
 
+def _one_watershed(prob, border, contact, *, threshold, seed_threshold, seed_min_px):
+    """Seeds + one skimage watershed over the whole array: what label_instances computes blob by blob."""
+    from skimage.segmentation import watershed
+
+    mask = prob >= threshold * 255
+    score = prob / 255.0 * (1 - border / 255.0) * (1 - contact / 255.0)
+    _, seeds, stats, _ = cv2.connectedComponentsWithStats(((score >= seed_threshold) & mask).astype(np.uint8),
+                                                          connectivity=4)
+    keep = stats[:, cv2.CC_STAT_AREA] >= seed_min_px
+    keep[0] = False
+    markers = watershed(1 - score, np.where(keep, np.cumsum(keep), 0)[seeds], mask=mask, connectivity=1)
+    rest = cv2.connectedComponents((mask & (markers == 0)).astype(np.uint8), connectivity=4)[1]
+    return np.where(rest > 0, rest + keep.sum(), markers)
+
+
+def test_labels_match_one_watershed_over_the_array_up_to_its_ties_and_a_blob_ignores_its_neighbours():
+    ids = _town(2)
+    maps = _maps(ids, seed=2)
+    labels = label_instances(*maps, threshold=0.5, **SETTINGS)
+    reference = _one_watershed(*maps, threshold=0.5, **SETTINGS)
+    assert labels.max() == reference.max() > 200
+    assert np.mean(labels[ids > 0] == reference[ids > 0]) > 0.999  # only equal-value ties may go another way
+    # a blob alone in an empty array gets exactly the labels it gets among the others
+    blob = cv2.connectedComponents((maps[0] >= 128).astype(np.uint8), connectivity=4)[1] == 1
+    alone = label_instances(*(np.where(blob, m, 0).astype(np.uint8) for m in maps), threshold=0.5, **SETTINGS)
+    inside = labels[blob]
+    assert len(np.unique(inside)) > 3 and np.array_equal(np.unique(inside, return_inverse=True)[1],
+                                                         np.unique(alone[blob], return_inverse=True)[1])
+
+
 @pytest.mark.parametrize("rows, cols", [
     (_edges(150, 17), _edges(210, 23)),  # seams through many houses
     (_edges(150, 1), [0, 210]),  # blocks of one row

@@ -67,8 +67,23 @@ def test_georeferenced_outputs_become_cloud_optimized_geotiffs(tmp_path, drone):
         w.write(0, np.full((923, 576), 200, np.uint8), np.ones((923, 576), bool))
         w.commit()
     with rasterio.open(tmp_path / "p.tif") as ds:
-        assert ds.overviews(1) and ds.profile["tiled"] and ds.read(1).min() == 200
+        assert ds.profile["tiled"] and ds.read(1).min() == 200
         assert ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert ds.overviews(1) == []  # at most 2048 px a side: a viewer reads it whole from 4 x 4 blocks
+
+
+def test_a_cog_longer_than_2048_px_gets_overviews_of_every_raster(tmp_path, drone):
+    with rasterio.open(drone) as ds:
+        profile = {**raster_profile(ds, True), "height": 24, "width": 2050}
+    paths = [tmp_path / "p.tif", tmp_path / "m.tif", tmp_path / "i.tif"]
+    with SceneWriter(*paths[:2], profile, cog=True, instance_path=paths[2]) as w:
+        prob = np.tile(np.arange(2050, dtype=np.uint16) % 256, (24, 1)).astype(np.uint8)
+        w.write(0, prob, prob >= 128, border_u8=prob, contact_u8=prob[:, ::-1].copy())
+        w.commit()
+    for path in paths:
+        with rasterio.open(path) as ds:
+            assert ds.overviews(1) == [2, 4] and ds.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+            assert np.array_equal(ds.read(1), prob if path != paths[1] else (prob >= 128) * np.uint8(255))
 
 
 def test_nodata_goes_into_an_internal_mask_of_both_cogs_and_probability_0_stays_valid(tmp_path, drone):

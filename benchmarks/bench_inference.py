@@ -219,7 +219,34 @@ def pipeline_vs_model(ckpt: Path, tiles: list[Path], out: Path, args, device) ->
         fwd = [a + b for a, b in zip(fwd, model_only(calls - calls // 2))]
         ratios.append({"model_only_inputs_s": inputs / fwd[0], "pipeline_inputs_s": inputs / pipe[0],
                        "model_only_cpu_s": fwd[1], "pipeline_cpu_s": pipe[1]})
+    ratios[-1]["rest"] = without_the_model(eng, lambda: pipeline(tiles), len(tiles))
     return ratios, f"{records[0]['backend']} {eng.precision_used}"
+
+
+def without_the_model(eng, run, images: int) -> dict:
+    """What the pipeline spends besides the model: one more folder run records the model's outputs, and
+    a run that replays them (no model at all) is timed: per image, its CPU seconds (reading, TTA, blending,
+    writing, polygonizing: what takes cores from the model) and its wall seconds."""
+    real, tape = eng._forward, []
+
+    def record(model, x, exported=False):
+        tape.append(real(model, x, exported))
+        return tape[-1]
+
+    def replay(model, x, exported=False):
+        return tape[next(calls)]
+
+    eng._forward = record
+    try:
+        run()
+        calls = iter(range(len(tape)))
+        eng._forward = replay
+        start, cpu = time.perf_counter(), time.process_time()
+        run()
+        return {"cpu_s_per_image": (time.process_time() - cpu) / images,
+                "wall_s_per_image": (time.perf_counter() - start) / images}
+    finally:
+        eng._forward = real
 
 # ----------------------------------------------------------------------------------------------
 
@@ -414,6 +441,9 @@ def main() -> None:
                   f"model-only; CPU {100 * p['model_only_cpu_s'] / p['pipeline_cpu_s']:5.1f} %")
         if len(pairs) > 1:
             print(f"    median of {len(pairs)}: {shares[len(shares) // 2]:5.1f} % (range {shares[0]:.1f}-{shares[-1]:.1f} %)")
+        rest, model_cpu = pairs[-1]["rest"], pairs[-1]["model_only_cpu_s"] / args.tiles
+        print(f"  without the model (its outputs replayed): {rest['cpu_s_per_image']:.3f} s CPU, "
+              f"{rest['wall_s_per_image']:.3f} s wall per image, against {model_cpu:.3f} s CPU of model per image")
         results["pipeline_vs_model"] = pairs
 
     if "precision" not in args.skip:

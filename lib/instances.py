@@ -66,21 +66,18 @@ def _unit(a) -> np.ndarray:
     return a.astype(np.float32, copy=False)
 
 
-def _components(mask: np.ndarray) -> tuple[int, np.ndarray]:
-    n, labels = cv2.connectedComponents(mask.astype(np.uint8), connectivity=4, ltype=cv2.CV_32S)
-    return n - 1, labels
-
-
-def _instances(mask, prob, border, contact, seed_threshold: float, seed_min_px: int) -> np.ndarray:
+def _instances(mask, prob, border, contact, seed_threshold: float, seed_min_px: int, blobs=None) -> np.ndarray:
     """Labels of the buildings of `mask` (bool), blob by blob: a blob with one seed is that seed's building
     and a blob without one is a building of its own; only a blob holding several seeds is flooded, on a
     crop of it alone. So a blob's labels depend only on its own pixels, ties included (skimage breaks
     equal-value ties by heap order, which one watershed over many blobs lets the other blobs change), and
     a crop of a blob labels it the same; on a 1024^2 tile this takes half the CPU of one watershed over
-    the array. Labels: seeds 1..k in raster order, then the seedless blobs in raster order."""
+    the array. Labels: seeds 1..k in raster order, then the seedless blobs in raster order. `blobs`: the
+    mask's 4-connected components as cv2.connectedComponentsWithStats gives them, if the caller has them."""
     mask = np.asarray(mask, bool)
-    n_blobs, blobs, boxes, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=4,
-                                                                ltype=cv2.CV_32S)
+    if blobs is None:
+        blobs = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+    n_blobs, blobs, boxes, _ = blobs
     if border is None and contact is None:
         return blobs
     score = _unit(prob) if prob is not None else np.ones(mask.shape, np.float32)
@@ -101,7 +98,6 @@ def _instances(mask, prob, border, contact, seed_threshold: float, seed_min_px: 
     label_of_blob[blob_of_seed[1:]] = np.arange(1, k + 1, dtype=np.int32)  # right for one-seed blobs
     seedless = np.flatnonzero(per_blob[1:] == 0) + 1
     label_of_blob[seedless] = k + 1 + np.arange(len(seedless), dtype=np.int32)
-    label_of_blob[0] = 0
     labels = label_of_blob[blobs]
     crowded = np.flatnonzero(per_blob[1:] > 1) + 1
     if len(crowded):
@@ -170,7 +166,8 @@ class InstancePolygonizer(Polygonizer):
         h, w = mask.shape
         if h == 0 or w == 0 or not mask.any():
             return
-        _, cc, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+        components = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=4, ltype=cv2.CV_32S)
+        _, cc, stats, _ = components
         top, left = stats[:, cv2.CC_STAT_TOP], stats[:, cv2.CC_STAT_LEFT]
         bottom, right = top + stats[:, cv2.CC_STAT_HEIGHT], left + stats[:, cv2.CC_STAT_WIDTH]
         touches = (((top == 0) & (row_off > 0)) | ((bottom == h) & (row_off + h < self.height))
@@ -180,8 +177,10 @@ class InstancePolygonizer(Polygonizer):
             rows, cols = slice(top[i], bottom[i]), slice(left[i], right[i])
             self.open.append(_Part(row_off + int(top[i]), col_off + int(left[i]), cc[rows, cols] == i,
                                    maps[:, rows, cols].copy()))
-        complete = mask & ~touches[cc] if touches.any() else mask
-        self._emit(self._pieces(complete, maps, row_off, col_off))
+        if touches.any():
+            self._emit(self._pieces(mask & ~touches[cc], maps, row_off, col_off))
+        else:  # every blob is complete: the components just found are the ones to label
+            self._emit(self._pieces(mask, maps, row_off, col_off, components))
 
     def _stack(self, shape, prob_u8, border_u8, contact_u8) -> np.ndarray:
         """The block's maps as uint8 [C, h, w] (no probability: 255; one of border/contact missing: 0)."""
@@ -195,9 +194,9 @@ class InstancePolygonizer(Polygonizer):
         return np.stack([np.asarray(m, np.uint8) if m is not None else np.full(shape, f, np.uint8)
                          for m, f in zip(given, fill)])
 
-    def _pieces(self, mask: np.ndarray, maps: np.ndarray, row_off: int, col_off: int) -> list[Piece]:
+    def _pieces(self, mask: np.ndarray, maps: np.ndarray, row_off: int, col_off: int, blobs=None) -> list[Piece]:
         border, contact = (maps[1], maps[2]) if len(maps) == 3 else (None, None)
-        labels = _instances(mask, maps[0], border, contact, self.seed_threshold, self.seed_min_px)
+        labels = _instances(mask, maps[0], border, contact, self.seed_threshold, self.seed_min_px, blobs)
         return instance_pieces(labels, maps[0], row_off, col_off)
 
     def _close_seams(self, row: int) -> None:

@@ -51,8 +51,10 @@ def cpu_name() -> str:
     return f"{model} ({os.cpu_count()} cores; {' '.join(keep)})"
 
 
-def split_scene(work: Path, split: int) -> dict[str, Path]:
-    """Write the training part (image + labels in a pairs folder) and the holdout part (image + truth)."""
+def split_scene(work: Path, split: int, side: str = "right") -> dict[str, Path]:
+    """Write the training part (image + labels in a pairs folder) and the holdout part (image + truth).
+    `side="left"` mirrors the cut: the holdout is the scene's left `width - split` columns and training
+    uses the `split` columns right of them (a second holdout that shares no building with the first)."""
     import geopandas as gpd
     import rasterio
     import shapely
@@ -67,7 +69,10 @@ def split_scene(work: Path, split: int) -> dict[str, Path]:
     with rasterio.open(SCENE) as ds:
         labels = gpd.read_file(LABELS).to_crs(ds.crs)
         labels["geometry"] = shapely.make_valid(labels.geometry.values)  # OSM rings can self-intersect
-        parts = {"train": Window(0, 0, split, ds.height), "holdout": Window(split, 0, ds.width - split, ds.height)}
+        rest = ds.width - split
+        parts = ({"train": Window(0, 0, split, ds.height), "holdout": Window(split, 0, rest, ds.height)}
+                 if side == "right" else
+                 {"train": Window(rest, 0, split, ds.height), "holdout": Window(0, 0, rest, ds.height)})
         for name, win in parts.items():
             profile = dict(ds.profile, width=win.width, height=win.height, transform=ds.window_transform(win))
             out = paths["train_dir"] / "kampala_train.tif" if name == "train" else paths["test_image"]
@@ -98,7 +103,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("outputs/holdout"))
     ap.add_argument("--tag", default="default")
-    ap.add_argument("--split", type=int, default=2048, help="first holdout column")
+    ap.add_argument("--split", type=int, default=2048, help="width of the training part (first holdout column)")
+    ap.add_argument("--side", choices=("right", "left"), default="right",
+                    help="where the holdout lies: right of the training part (documented) or, mirrored, left")
     ap.add_argument("--train", nargs="*", default=[], help="extra train.py overrides")
     ap.add_argument("--infer", nargs="*", default=[], help="extra inference.py overrides")
     ap.add_argument("--skip-train", action="store_true")
@@ -107,7 +114,7 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     py, log = sys.executable, work / f"{args.tag}.log"
-    paths = split_scene(work, args.split)
+    paths = split_scene(work, args.split, args.side)
     chips, pred = work / "chips", work / f"pred_{args.tag}"
     run_dir = work / (args.run or f"train_{args.tag}")
     cmds = {

@@ -4,6 +4,7 @@
     python benchmarks/kampala_holdout.py --work outputs/holdout_noinst --tag no_instances \\
         --train instance_head=false                                                  # a variant
     python benchmarks/kampala_holdout.py --work outputs/holdout --skip-train         # re-score a trained run
+    python benchmarks/kampala_holdout.py --work outputs/holdout_left --side left     # the mirrored holdout
     python find_hyperparameters.py mode=postprocess model=outputs/holdout/train_default/best.pth \
         data_dir=outputs/holdout/chips                                               # tune on its validation chips
     python benchmarks/kampala_holdout.py --work outputs/holdout --tag tuned --run train_default --skip-train

@@ -1,0 +1,45 @@
+"""benchmarks/kampala_holdout.py's cut of the real Kampala scene: the documented holdout on the right and
+its mirror on the left are disjoint strips of the scene, georeferenced where they lie, with their buildings."""
+
+import importlib.util
+from pathlib import Path
+
+import geopandas as gpd
+import pytest
+import rasterio
+import shapely
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("kampala_holdout", REPO / "benchmarks" / "kampala_holdout.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_the_mirrored_holdout_is_the_left_strip_and_shares_no_building_with_the_right_one(tmp_path, shared):
+    bench = _benchmark()
+    with rasterio.open(bench.SCENE) as ds:
+        scene_bounds, width, res = ds.bounds, ds.width, ds.res[0]
+    strips = {}
+    for side in ("right", "left"):
+        paths = bench.split_scene(tmp_path / side, 2048, side)
+        with rasterio.open(paths["test_image"]) as hold, \
+                rasterio.open(paths["train_dir"] / "kampala_train.tif") as train:
+            assert (hold.width, train.width) == (width - 2048, 2048)
+            assert hold.crs and hold.crs == train.crs
+            strips[side] = shapely.box(*hold.bounds)
+            # the two parts tile the scene side by side, in the scene's own grid
+            left, right = (train, hold) if side == "right" else (hold, train)
+            assert left.bounds.left == pytest.approx(scene_bounds.left)
+            assert right.bounds.left == pytest.approx(left.bounds.right)
+            assert right.bounds.right == pytest.approx(scene_bounds.right)
+            assert left.res[0] == pytest.approx(res)
+            truth = gpd.read_file(paths["test_truth"]).to_crs(hold.crs)
+        assert len(truth) > 20
+        assert truth.geometry.within(strips[side].buffer(res)).all()  # clipped to the holdout strip
+    assert strips["left"].intersection(strips["right"]).area == 0
+    assert strips["left"].bounds[0] == pytest.approx(scene_bounds.left)

@@ -104,7 +104,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("outputs/holdout"))
     ap.add_argument("--tag", default="default")
-    ap.add_argument("--split", type=int, default=2048, help="width of the training part (first holdout column)")
+    ap.add_argument("--split", type=int, default=2048, help="width of the training part (with --side right, the first holdout column)")
     ap.add_argument("--side", choices=("right", "left"), default="right",
                     help="where the holdout lies: right of the training part (documented) or, mirrored, left")
     ap.add_argument("--train", nargs="*", default=[], help="extra train.py overrides")

@@ -63,7 +63,12 @@ def split_scene(work: Path, split: int, side: str = "right") -> dict[str, Path]:
 
     paths = {"train_dir": work / "train_scene", "test_image": work / "holdout" / "holdout.tif",
              "test_truth": work / "holdout" / "holdout.geojson"}
-    if paths["test_truth"].exists():
+    cut, record = {"split": split, "side": side}, work / "holdout" / "cut.json"
+    if paths["test_truth"].exists():  # cut before: only the same cut may be reused (older folders: the default)
+        old = json.loads(record.read_text()) if record.exists() else {"split": 2048, "side": "right"}
+        if old != cut:
+            raise SystemExit(f"{work}: already cut with --split {old['split']} --side {old['side']}; "
+                             "give another --work for this cut")
         return paths
     for p in (paths["train_dir"], paths["test_image"].parent):
         p.mkdir(parents=True, exist_ok=True)
@@ -85,6 +90,7 @@ def split_scene(work: Path, split: int, side: str = "right") -> dict[str, Path]:
             keep = keep[~keep.geometry.is_empty]
             target = paths["train_dir"] / "kampala_train.geojson" if name == "train" else paths["test_truth"]
             keep.to_crs("EPSG:4326").to_file(target, driver="GeoJSON")
+    record.write_text(json.dumps(cut))
     return paths
 
 

@@ -43,3 +43,12 @@ def test_the_mirrored_holdout_is_the_left_strip_and_shares_no_building_with_the_
         assert truth.geometry.within(strips[side].buffer(res)).all()  # clipped to the holdout strip
     assert strips["left"].intersection(strips["right"]).area == 0
     assert strips["left"].bounds[0] == pytest.approx(scene_bounds.left)
+
+
+@pytest.mark.slow
+def test_a_work_folder_cut_one_way_refuses_another_cut(tmp_path, shared):
+    bench = _benchmark()
+    bench.split_scene(tmp_path, 2048, "right")
+    assert bench.split_scene(tmp_path, 2048, "right")["test_truth"].exists()  # the same cut is reused
+    with pytest.raises(SystemExit, match="already cut with --split 2048 --side right"):
+        bench.split_scene(tmp_path, 2048, "left")

@@ -23,6 +23,11 @@ from lib.exported import INPUT_NAME, META_KEY, ExportedModel, check_export_meta,
 # OpenVINO's inference precision hint per precision; an int8 graph (lib.int8) carries its own integer
 # convolutions, and what it leaves in floating point runs in fp32
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+# OpenVINO pins its inference threads to cores by default. The engine's reading, writing and polygonizing
+# threads run beside every model call, and a pinned thread cannot move off a core one of them takes, so
+# the whole call waits for it: on a 2-core EPYC a 16-tile folder ran 2-3 % faster unpinned
+# (benchmarks/RESULTS.md), the model alone about 1 % slower.
+PIN_THREADS = False
 
 
 def _onnx_meta(path: Path) -> dict:
@@ -57,7 +62,7 @@ class OpenVinoModel(ExportedModel):
         super().__init__(path, _onnx_meta(path))
         self.precision = precision
         settings = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
-                    "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads())}
+                    "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads()), "ENABLE_CPU_PINNING": PIN_THREADS}
         if cache_dir is not None:  # the compiled graph, loaded in about 0.15 s instead of compiled in 0.5-0.6 s
             settings["CACHE_DIR"] = str(cache_dir)
         try:

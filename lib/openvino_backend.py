@@ -25,8 +25,8 @@ from lib.exported import INPUT_NAME, META_KEY, ExportedModel, check_export_meta,
 HINTS = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 # OpenVINO pins its inference threads to cores by default. The engine's reading, writing and polygonizing
 # threads run beside every model call, and a pinned thread cannot move off a core one of them takes, so
-# the whole call waits for it: on a 2-core EPYC a 16-tile folder ran 2-3 % faster unpinned
-# (benchmarks/RESULTS.md), the model alone about 1 % slower.
+# the whole call waits for it: on a 2-core EPYC a 16-tile folder ran 1.5-3.7 % faster unpinned (medians,
+# benchmarks/RESULTS.md), the model alone within 1 % of pinned.
 PIN_THREADS = False
 
 

@@ -52,7 +52,10 @@ def cpu_name() -> str:
     return f"{model} ({os.cpu_count()} cores; {' '.join(keep)})"
 
 
-def split_scene(work: Path, split: int, side: str = "right") -> dict[str, Path]:
+DEFAULT_SPLIT, DEFAULT_SIDE = 2048, "right"  # the documented cut; a folder cut before cut.json existed has it
+
+
+def split_scene(work: Path, split: int, side: str = DEFAULT_SIDE) -> dict[str, Path]:
     """Write the training part (image + labels in a pairs folder) and the holdout part (image + truth).
     `side="left"` mirrors the cut: the holdout is the scene's left `width - split` columns and training
     uses the `split` columns right of them (a second holdout that shares no building with the first)."""
@@ -65,13 +68,14 @@ def split_scene(work: Path, split: int, side: str = "right") -> dict[str, Path]:
              "test_truth": work / "holdout" / "holdout.geojson"}
     cut, record = {"split": split, "side": side}, work / "holdout" / "cut.json"
     if paths["test_truth"].exists():  # cut before: only the same cut may be reused (older folders: the default)
-        old = json.loads(record.read_text()) if record.exists() else {"split": 2048, "side": "right"}
+        old = json.loads(record.read_text()) if record.exists() else {"split": DEFAULT_SPLIT, "side": DEFAULT_SIDE}
         if old != cut:
             raise SystemExit(f"{work}: already cut with --split {old['split']} --side {old['side']}; "
                              "give another --work for this cut")
         return paths
     for p in (paths["train_dir"], paths["test_image"].parent):
         p.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(cut))  # before the parts: a folder whose cut was interrupted is cut again
     with rasterio.open(SCENE) as ds:
         labels = gpd.read_file(LABELS).to_crs(ds.crs)
         labels["geometry"] = shapely.make_valid(labels.geometry.values)  # OSM rings can self-intersect
@@ -90,7 +94,6 @@ def split_scene(work: Path, split: int, side: str = "right") -> dict[str, Path]:
             keep = keep[~keep.geometry.is_empty]
             target = paths["train_dir"] / "kampala_train.geojson" if name == "train" else paths["test_truth"]
             keep.to_crs("EPSG:4326").to_file(target, driver="GeoJSON")
-    record.write_text(json.dumps(cut))
     return paths
 
 
@@ -110,8 +113,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", type=Path, default=Path("outputs/holdout"))
     ap.add_argument("--tag", default="default")
-    ap.add_argument("--split", type=int, default=2048, help="width of the training part (with --side right, the first holdout column)")
-    ap.add_argument("--side", choices=("right", "left"), default="right",
+    ap.add_argument("--split", type=int, default=DEFAULT_SPLIT, help="width of the training part (with --side right, the first holdout column)")
+    ap.add_argument("--side", choices=("right", "left"), default=DEFAULT_SIDE,
                     help="where the holdout lies: right of the training part (documented) or, mirrored, left")
     ap.add_argument("--train", nargs="*", default=[], help="extra train.py overrides")
     ap.add_argument("--infer", nargs="*", default=[], help="extra inference.py overrides")

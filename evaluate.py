@@ -33,7 +33,7 @@ from lib.cli import cli
 from lib.errors import UserError
 from lib.files import write_json
 
-VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp")
+VECTOR_SUFFIXES = geo_io.VECTOR_SUFFIXES
 RASTER_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 TASKS = ("segmentation", "points")
 MIN_AREA_M2, MIN_AREA_PX = 4.0, 20.0  # min_area=null: ground area with a CRS, SpaceNet's pixel rule without

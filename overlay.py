@@ -1,6 +1,7 @@
 """Draw predicted (and true) footprints over an image as a PNG a person can open.
 
     python overlay.py image=scene.tif pred=out/footprints/scene.geojson gt=labels/scene.geojson output=overlay.png
+    python overlay.py image=scene.tif pred=out gt=labels output=overlay.png    # folders: <scene>.geojson in them
     python overlay.py task=points image=<SAR scene folder> pred=<detections.csv> gt=<labels.csv> output=o.png
 
 Ground-truth outlines are drawn in green. Predicted footprints are each outlined and lightly filled in
@@ -10,7 +11,8 @@ resolution (at most `max_size` pixels on its longer side) so a whole-city mosaic
 PNG quickly. `task=points`: the scene's first SAR channel in grey (normalised as the model sees it),
 predicted points as magenta circles (filled when called vessels), labelled points as green squares;
 CSVs (detections or xView3 labels) are filtered to the scene (`scene_id`, default: the scene's name),
-GeoJSON points are placed by their coordinates.
+GeoJSON points are placed by their coordinates. `pred`/`gt` may be folders (an inference run, its
+`footprints/`, a labels folder): the footprints file named after the image is drawn.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import cv2
 import numpy as np
 from rasterio.enums import Resampling
 
-from lib import geo_io
+from lib import geo_io, run_folder
 from lib.cli import cli
 from lib.errors import UserError
 from lib.files import atomic_path
@@ -32,6 +34,20 @@ GT_COLOUR = (0, 230, 0)  # RGB green
 PALETTE = ((255, 0, 255), (255, 140, 0), (0, 200, 255), (255, 230, 0), (230, 30, 30), (90, 90, 255),
            (255, 120, 180), (150, 60, 220))
 FILL_ALPHA = 0.3  # weight of an instance's colour in its fill
+
+
+def footprints_file(path: str | Path, image: str | Path) -> Path:
+    """`path` itself, or for a folder the footprints of `image` in it: what inference.py writes
+    (<run>/footprints/<stem>.geojson) or a labels folder holds (<stem>.geojson / .gpkg / ...), so the
+    folder a run prints can be passed as it is."""
+    path, stem = Path(path), Path(image).stem
+    if not path.is_dir():
+        return path
+    folder = path / run_folder.FOOTPRINTS if (path / run_folder.FOOTPRINTS).is_dir() else path
+    for suffix in geo_io.VECTOR_SUFFIXES:
+        if (folder / f"{stem}{suffix}").is_file():
+            return folder / f"{stem}{suffix}"
+    raise UserError(f"{folder}: no footprints named after the image ({stem}.geojson, .gpkg, ...)")
 
 
 def _read_preview(ds, max_size: int) -> tuple[np.ndarray, float]:
@@ -72,11 +88,11 @@ def draw_overlay(image: str | Path, output: str | Path, pred: str | Path | None 
         canvas, factor = _read_preview(ds, max_size)
         thickness = max(1, round(2 * max(canvas.shape[:2]) / 1600))
         if pred:
-            rings = _pixel_rings(geo_io.load_footprints(pred), ds, factor)
+            rings = _pixel_rings(geo_io.load_footprints(footprints_file(pred, image)), ds, factor)
             colours = instance_colours(len(rings)) if per_instance else [PRED_COLOUR] * len(rings)
             _draw_instances(canvas, rings, colours, thickness)
         if gt:
-            rings = _pixel_rings(geo_io.load_footprints(gt), ds, factor)
+            rings = _pixel_rings(geo_io.load_footprints(footprints_file(gt, image)), ds, factor)
             cv2.polylines(canvas, rings, isClosed=True, color=GT_COLOUR, thickness=thickness, lineType=cv2.LINE_AA)
     _legend(canvas, pred is not None, gt is not None)
     return _write_png(canvas, output)

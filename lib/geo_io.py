@@ -288,6 +288,9 @@ def read_window(ds, window: Window | None = None, stretch: np.ndarray | None = N
     return rgb, valid
 
 
+VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp")  # footprint files looked for in folders, GeoJSON first
+
+
 def load_footprints(path: str | os.PathLike, crs=None):
     """Read building polygons, reproject them to `crs`, repair invalid ones, drop empty/zero-area.
 

@@ -74,3 +74,33 @@ def test_touching_predicted_buildings_get_different_colours_unless_per_instance_
     a, b = edge_colours("per_instance=false")
     assert np.abs(a - overlay.PRED_COLOUR).max() < 60 and np.abs(b - overlay.PRED_COLOUR).max() < 60
     assert overlay.instance_colours(10)[8] == overlay.PALETTE[0] and len(set(overlay.instance_colours(8))) == 8
+
+
+def test_pred_and_gt_may_be_folders_holding_the_images_footprints(drone, tmp_path):
+    """The folder inference.py prints (its footprints/<stem>.geojson) and a labels folder draw the same PNG
+    as the files themselves; a folder without the image's footprints is a one-line error naming it."""
+    import pytest
+
+    import overlay
+    from lib.errors import UserError
+
+    run, labels = tmp_path / "run", tmp_path / "labels"
+    (run / "footprints").mkdir(parents=True)
+    labels.mkdir()
+    with rasterio.open(drone) as ds:
+        pred = _box_file(run / "footprints" / "drone.geojson", ds, (400, 700), (200, 500))
+        gt = _box_file(labels / "drone.geojson", ds, (100, 300), (300, 450))
+        _box_file(labels / "other.geojson", ds, (0, 50), (0, 50))  # another image's labels: not drawn
+
+    def draw(name, p, g):
+        cfg = [f"image={drone}", "max_size=400", f"output={tmp_path / name}", f"pred={p}", f"gt={g}"]
+        return cv2.imread(str(overlay.run(compose_config("overlay", cfg))))
+
+    files = draw("files.png", pred, gt)
+    assert np.array_equal(draw("run.png", run, labels), files)
+    assert np.array_equal(draw("footprints.png", run / "footprints", labels), files)
+    with pytest.raises(UserError, match=f"{tmp_path / 'empty'}: no footprints named after the image \\(drone"):
+        (tmp_path / "empty").mkdir()
+        overlay.run(compose_config("overlay", [f"image={drone}", f"output={tmp_path / 'x.png'}",
+                                               f"pred={tmp_path / 'empty'}"]))
+    assert not (tmp_path / "x.png").exists()

@@ -15,7 +15,10 @@ Figures printed (each against a baseline measured in the same run, same model an
    (and printed apart), the defaults again with the trial cached, and every backend/precision this machine
    offers forced. Wall and CPU time are both shown: on a shared machine CPU time is the steadier one.
 2. Model-only throughput (the engine's own model call on the same batches of TTA inputs, with the backend
-   and precision the defaults chose, no I/O) against the whole pipeline's, in a fresh process.
+   and precision the defaults chose, no I/O) against the whole pipeline's, in a fresh process. Then the
+   pipeline without the model (its outputs replayed): CPU per image, by stage (benchmarks/stage_clock.py),
+   and the images/s its serial stages (one finishing thread, the GDAL lock) allow where cores are to spare,
+   against model-only images/s: on an accelerator's host, whether the pipeline can keep up.
 3. Precision: fp32 (NCHW), fp32 channels_last, bf16 autocast + channels_last: forward time and how many
    mask pixels agree with fp32. On CPUs without native bf16 (no AMX / AVX512-BF16) bf16 is emulated
    and measured at a small size only.
@@ -47,6 +50,7 @@ import numpy as np
 import rasterio
 import torch
 import torch.nn.functional as F
+from stage_clock import StageClock
 
 import model as M
 from lib.backend_trial import describe
@@ -219,14 +223,17 @@ def pipeline_vs_model(ckpt: Path, tiles: list[Path], out: Path, args, device) ->
         fwd = [a + b for a, b in zip(fwd, model_only(calls - calls // 2))]
         ratios.append({"model_only_inputs_s": inputs / fwd[0], "pipeline_inputs_s": inputs / pipe[0],
                        "model_only_cpu_s": fwd[1], "pipeline_cpu_s": pipe[1]})
-    ratios[-1]["rest"] = without_the_model(eng, lambda: pipeline(tiles), len(tiles))
+    ratios[-1]["rest"] = {**without_the_model(eng, lambda: pipeline(tiles), len(tiles), inference),
+                          "windows_per_image": windows}
     return ratios, f"{records[0]['backend']} {eng.precision_used}"
 
 
-def without_the_model(eng, run, images: int) -> dict:
+def without_the_model(eng, run, images: int, inference_module) -> dict:
     """What the pipeline spends besides the model: one more folder run records the model's outputs, and
     a run that replays them (no model at all) is timed: per image, its CPU seconds (reading, TTA, blending,
-    writing, polygonizing: what takes cores from the model) and its wall seconds."""
+    writing, polygonizing: what takes cores from the model) and its wall seconds; then one more replay
+    with its stages timed (benchmarks/stage_clock.py): their CPU per image and the images/s that the
+    serial ones allow on a host with cores to spare."""
     real, tape = eng._forward, []
 
     def record(model, x, exported=False):
@@ -243,8 +250,12 @@ def without_the_model(eng, run, images: int) -> dict:
         eng._forward = replay
         start, cpu = time.perf_counter(), time.process_time()
         run()
-        return {"cpu_s_per_image": (time.process_time() - cpu) / images,
+        rest = {"cpu_s_per_image": (time.process_time() - cpu) / images,
                 "wall_s_per_image": (time.perf_counter() - start) / images}
+        calls = iter(range(len(tape)))
+        with StageClock().watching(inference_module) as clock:
+            run()
+        return {**rest, "stages_s_per_image": clock.per_image(images), "serial_images_s": clock.serial_limits(images)}
     finally:
         eng._forward = real
 
@@ -444,6 +455,14 @@ def main() -> None:
         rest, model_cpu = pairs[-1]["rest"], pairs[-1]["model_only_cpu_s"] / args.tiles
         print(f"  without the model (its outputs replayed): {rest['cpu_s_per_image']:.3f} s CPU, "
               f"{rest['wall_s_per_image']:.3f} s wall per image, against {model_cpu:.3f} s CPU of model per image")
+        print("    by stage, per image (thread CPU s; the lock: wall s it is held):")
+        for stage, seconds in rest["stages_s_per_image"].items():
+            print(f"      {seconds:6.3f}  {stage}")
+        limits = rest["serial_images_s"]
+        slowest = min(limits, key=limits.get)
+        print(f"    with cores to spare (an accelerator's host), serial stages allow at most "
+              f"{limits[slowest]:.1f} images/s ({slowest}; GIL not counted), against model-only "
+              f"{pairs[-1]['model_only_inputs_s'] / (len(TTA) * rest['windows_per_image']):.1f} images/s")
         results["pipeline_vs_model"] = pairs
 
     if "precision" not in args.skip:

@@ -28,7 +28,6 @@ import math
 import os
 import sys
 import time
-import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -42,10 +41,18 @@ import model as model_lib
 from lib import footprints, geo_io, int8, postprocess, provenance, raster_outputs, run_folder, scene_bands, stac_outputs
 from lib.backends import choose_backend, trial_width
 from lib.cli import VERSION, cli, progress_bar
-from lib.devices import resolve_device
+from lib.devices import finishing_threads, resolve_device
 from lib.errors import UserError, one_line
 from lib.files import copy_file, file_sha256
-from lib.image_sources import ImageInput, RasterSource, check_images, default_data_dir, list_images
+from lib.image_sources import (
+    ImageInput,
+    RasterSource,
+    check_images,
+    default_data_dir,
+    image_gsd,
+    image_shape,
+    list_images,
+)
 from lib.raster_outputs import SceneWriter, footprint_polygonizer, raster_profile
 from lib.segmentation import BUILDING, BUILDING_PRESENT, SegmentationDecoder, has_instance_head
 from lib.tiling import Engine, model_gsd, wait_quietly
@@ -182,21 +189,6 @@ def run_settings(cfg, eng: Engine, records: list[dict]) -> dict:
 # --------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------
-
-def image_gsd(path: Path) -> float | None:
-    """The image's GSD (m/px), read before predicting: it is part of the image's settings."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with geo_io.open_raster(path) as ds:
-            return geo_io.raster_gsd(ds)
-
-
-def image_shape(path: Path) -> tuple[int, int]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with geo_io.open_raster(path) as ds:
-            return ds.height, ds.width
-
 
 def start_image(eng: Engine, image: ImageInput, cfg, record: dict, bands: list | str | None = None,
                 rank: int = 0, ahead: tuple | None = None):
@@ -377,6 +369,7 @@ def run(cfg, models=None) -> dict:
     images, _, failures = check_images(listed, cfg.bands)
     footprints.check_inputs(cfg)  # a bad existing= file fails before any prediction
     raster_outputs.check_settings(cfg)
+    finishing_threads(cfg.finish_workers)  # a bad value fails before any work
     d, device = setup_distributed(cfg.device, RANKS_TIMEOUT)
     try:
         if not d.main:
@@ -450,7 +443,6 @@ def _failed(image: ImageInput, message: str, output_dir: Path, cfg) -> dict:
             "reason": reason.split(" (")[0]}
 
 
-FINISHING = 2  # images whose outputs may still be in the finishing worker's hands while the next one runs
 PROGRESS_EVERY_S = 5.0  # the run's progress record is rewritten at most this often (and at the end)
 
 
@@ -458,9 +450,10 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
                    models: list[dict], summary: dict, rank: int = 0, bands: dict | None = None) -> None:
     """Predict, skip (finished with the same settings) or set aside (unreadable) each of `images`,
     recording each in `done` and `progress_path` (in the images' order) and counting it in `summary`.
-    An image's outputs are finished in a worker thread while the model runs on the next ones
-    (`start_image`; at most FINISHING images are in its hands), and the next image's settings are planned
-    and its first window read in another meanwhile. `bands`: stem -> the rows of a scene split among
+    An image's outputs are finished in worker threads (`finish_workers`: lib.devices.finishing_threads)
+    while the model runs on the next ones (`start_image`; at most one image more than there are workers
+    is in their hands), and the next image's settings are planned and its first window read in another
+    thread meanwhile. `bands`: stem -> the rows of a scene split among
     ranks, merged from their partial files (or why a band failed)."""
     bands = bands or {}
     output_dir = Path(cfg.output_dir)
@@ -535,8 +528,9 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
             else:
                 finished(image, gsd, job)
 
-    # two workers: one finishes earlier images' outputs, one plans the next image, both during the model call
-    with ThreadPoolExecutor(1, thread_name_prefix="finish") as pool, \
+    # workers finish earlier images' outputs and one plans the next image, all during the model call
+    workers = finishing_threads(cfg.finish_workers, eng.device)
+    with ThreadPoolExecutor(workers, thread_name_prefix="finish") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="plan") as planner:
         plans = [planner.submit(plan, images[0])] if images else []
         for n, image in enumerate(progress_bar(images, disable=not cfg.progress or len(images) < 2, unit="image")):
@@ -559,7 +553,7 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
                     queue.append((image, gsd, pool.submit(finish), None))
             except (UserError, rasterio.errors.RasterioError) as err:
                 queue.append((image, None, None, failure(image, err)))
-            settle_ready(keep=FINISHING)
+            settle_ready(keep=workers + 1)
         settle_ready(keep=0)
     if images:
         save_progress(force=True)

@@ -56,7 +56,7 @@ import model as M
 from lib.backend_trial import describe
 from lib.checkpoints import save_checkpoint
 from lib.cli import compose_config
-from lib.devices import cpu_has_native_bf16
+from lib.devices import cpu_has_native_bf16, finishing_threads
 from lib.tta import tta_forward, tta_inverse
 
 TTA = ["none", "hflip", "vflip", "hvflip", "transpose"]
@@ -187,7 +187,8 @@ def pipeline_vs_model(ckpt: Path, tiles: list[Path], out: Path, args, device) ->
     os.environ["BUILDINGS_CACHE"] = str(out.parent / "cache0")
     cfg = compose_config("inference", [f"model={ckpt}", f"output_dir={out}", f"tile_size={args.size}",
                                        f"width={args.width}", f"tta=[{','.join(TTA)}]", f"batch_size={args.batch_size}",
-                                       "progress=false", f"device={device}", "overwrite=true", "match_gsd=false"])
+                                       "progress=false", f"device={device}", "overwrite=true", "match_gsd=false",
+                                       f"finish_workers={args.finish_workers}"])
     eng, records = inference.build_engine(cfg, device=device, images=[inference.ImageInput(t.stem, t) for t in tiles])
     net, exported = eng.models[0], eng.exported[0]
     per_call = max(1, args.batch_size // len(TTA)) * len(TTA)
@@ -223,12 +224,13 @@ def pipeline_vs_model(ckpt: Path, tiles: list[Path], out: Path, args, device) ->
         fwd = [a + b for a, b in zip(fwd, model_only(calls - calls // 2))]
         ratios.append({"model_only_inputs_s": inputs / fwd[0], "pipeline_inputs_s": inputs / pipe[0],
                        "model_only_cpu_s": fwd[1], "pipeline_cpu_s": pipe[1]})
-    ratios[-1]["rest"] = {**without_the_model(eng, lambda: pipeline(tiles), len(tiles), inference),
-                          "windows_per_image": windows}
+    workers = finishing_threads(cfg.finish_workers, device)
+    ratios[-1]["rest"] = {**without_the_model(eng, lambda: pipeline(tiles), len(tiles), inference, workers),
+                          "windows_per_image": windows, "finish_workers": workers}
     return ratios, f"{records[0]['backend']} {eng.precision_used}"
 
 
-def without_the_model(eng, run, images: int, inference_module) -> dict:
+def without_the_model(eng, run, images: int, inference_module, finish_workers: int = 1) -> dict:
     """What the pipeline spends besides the model: one more folder run records the model's outputs, and
     a run that replays them (no model at all) is timed: per image, its CPU seconds (reading, TTA, blending,
     writing, polygonizing: what takes cores from the model) and its wall seconds; then one more replay
@@ -255,7 +257,7 @@ def without_the_model(eng, run, images: int, inference_module) -> dict:
         calls = iter(range(len(tape)))
         with StageClock().watching(inference_module) as clock:
             run()
-        return {**rest, "stages_s_per_image": clock.per_image(images), "serial_images_s": clock.serial_limits(images)}
+        return {**rest, "stages_s_per_image": clock.per_image(images), "serial_images_s": clock.serial_limits(images, finish_workers)}
     finally:
         eng._forward = real
 
@@ -340,7 +342,7 @@ def pipeline_in_child(work: Path, args) -> tuple[list, str]:
     seed loop (gigabytes of maps allocated and freed), the pipeline came out 5-10 points lower than alone."""
     cmd = [sys.executable, __file__, "--pipeline-child", "--workdir", str(work), "--size", str(args.size),
            "--width", str(args.width), "--batch-size", str(args.batch_size), "--repeats", str(args.repeats),
-           "--threads", str(args.threads), "--device", args.device]
+           "--threads", str(args.threads), "--device", args.device, "--finish-workers", str(args.finish_workers)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=REPO)
     if res.returncode:
         raise SystemExit(f"pipeline measurement failed: {res.stderr.strip().splitlines()[-1:]}")
@@ -380,6 +382,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1, help="alternating runs of both ways; the best of each counts")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--finish-workers", default="auto", help="inference.py's finish_workers for section 2")
     ap.add_argument("--precision-size", type=int, default=None,
                     help="input side for the precision table (default: width, or 224 without native bf16 on CPU)")
     ap.add_argument("--precision-batch", type=int, default=4)
@@ -461,7 +464,8 @@ def main() -> None:
         limits = rest["serial_images_s"]
         slowest = min(limits, key=limits.get)
         print(f"    with cores to spare (an accelerator's host), serial stages allow at most "
-              f"{limits[slowest]:.1f} images/s ({slowest}; GIL not counted), against model-only "
+              f"{limits[slowest]:.1f} images/s ({slowest}; finish_workers={rest['finish_workers']}; GIL not "
+              f"counted), against model-only "
               f"{pairs[-1]['model_only_inputs_s'] / (len(TTA) * rest['windows_per_image']):.1f} images/s")
         results["pipeline_vs_model"] = pairs
 

@@ -2,12 +2,12 @@
 
 Used by bench_inference.py's section 2 while the model's recorded outputs are replayed (no model at all).
 Beside the model, a folder run spreads its work over threads: reader threads read and resize windows,
-one thread per image writes its blocks and polygonizes them, ONE thread finishes images (COGs,
-footprints, STAC items), and GDAL calls from all of them take one lock (lib.geo_io.GDAL_LOCK). On a
-2-core CPU the model takes the cores and these never limit it; on an accelerator's many-core host the
-model is so much faster that a serial stage can: a stage that one thread runs cannot go faster than
-1 / (its CPU seconds per image) images/s, and nothing can go faster than 1 / (seconds the lock is
-held per image). The GIL is not counted, so these are upper bounds.
+one thread per image writes its blocks and polygonizes them, worker threads finish images (COGs,
+footprints, STAC items; `finish_workers` threads), and reading and writing raster blocks take one lock
+(lib.geo_io.GDAL_LOCK). On a 2-core CPU the model takes the cores and these never limit it; on an
+accelerator's many-core host the model is so much faster that a serial stage can: a stage that n
+threads run cannot go faster than n / (its CPU seconds per image) images/s, and nothing can go faster
+than 1 / (seconds the lock is held per image). The GIL is not counted, so these are upper bounds.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ STAGES = (
     ("reading and resizing (reader threads)", "lib.tiling", "Engine._prepare"),
     ("writing and polygonizing blocks (a thread per image)", "lib.raster_outputs", "SceneWriter.add"),
 )
-FINISH_STAGE = "finishing images: COGs, footprints, STAC (one thread)"
+FINISH_STAGE = "finishing images: COGs, footprints, STAC (finish_workers threads)"
 MAIN_STAGE = "the model loop without the model (main thread)"
 LOCK_STAGE = "GDAL lock held (wall seconds)"
 OTHER_STAGE = "the rest: planning the next image, settling records, other threads"
@@ -112,8 +112,8 @@ class StageClock:
         order = [label for label, _, _ in STAGES] + [FINISH_STAGE, MAIN_STAGE, OTHER_STAGE, LOCK_STAGE]
         return {k: self.seconds[k] / images for k in order if k in self.seconds}
 
-    def serial_limits(self, images: int) -> dict[str, float]:
-        """Images/s that each serial stage allows at most (one thread, or the lock)."""
+    def serial_limits(self, images: int, finish_workers: int = 1) -> dict[str, float]:
+        """Images/s that each serial stage allows at most: its threads over its seconds per image."""
         per = self.per_image(images)
-        keys = [FINISH_STAGE, MAIN_STAGE, LOCK_STAGE]
-        return {k: 1 / per[k] for k in keys if per.get(k, 0) > 0}
+        threads = {FINISH_STAGE: finish_workers, MAIN_STAGE: 1, LOCK_STAGE: 1}
+        return {k: n / per[k] for k, n in threads.items() if per.get(k, 0) > 0}

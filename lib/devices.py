@@ -60,3 +60,28 @@ def cpu_has_native_int8() -> bool:
     """VNNI (AVX512-VNNI, AVX-VNNI) or AMX-INT8: the CPUs that multiply int8 at several times the fp32
     rate, where an int8 graph (lib.int8) is worth a trial. A oneDNN cap below VNNI counts as its absence."""
     return _native({"avx512_vnni", "avx_vnni", "amx_int8"}, _ISAS_WITHOUT_VNNI)
+
+
+FINISHING_THREADS_MAX = 8  # `finish_workers=auto` never starts more
+
+
+def finishing_threads(value="auto", device=None) -> int:
+    """How many threads finish images' outputs (COGs, footprints, STAC items) beside the model
+    (`finish_workers`: auto or a count >= 1).
+
+    Where the model runs on the CPU it takes the cores, and on 2 cores one finishing thread is never what
+    the run waits for; but each image costs it about 0.08 s of CPU (1024^2, benchmarks/bench_inference.py
+    section 2), so a model several times faster -- on a GPU, or a CPU with many cores -- would wait for it.
+    auto: a quarter of the cores on the CPU (1 up to 7 cores), half of them beside an accelerator, at most
+    FINISHING_THREADS_MAX. `device` None: only checks the value."""
+    if value in (None, "auto"):
+        cores = os.cpu_count() or 1
+        share = cores // 4 if device is None or device.type == "cpu" else cores // 2
+        return max(1, min(FINISHING_THREADS_MAX, share))
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        count = 0
+    if count < 1 or str(count) != str(value).strip():
+        raise UserError(f"finish_workers must be auto or a number of threads >= 1, not {value}")
+    return count

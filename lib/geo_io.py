@@ -47,10 +47,11 @@ logging.getLogger("rasterio").setLevel(logging.CRITICAL)
 _GDAL_ADVICE = re.compile(r"[.;\s]*It might help to specify the correct driver.*$", re.DOTALL)
 _NOTED_ALPHA: set[str] = set()  # files whose 0/255 4th band was reported as alpha (once per file)
 
-# Reading (in the tiling engine's read-ahead threads) and writing (outputs, vectorising) both go through
-# GDAL; creating a mask band while another thread reads crashed GDAL (a segfault seen once in several
-# runs), so every GDAL call made from more than one thread holds this lock. Model compute never does,
-# so reading still overlaps the network.
+# Reading windows (the tiling engine's read-ahead threads) and writing raster blocks (lib.raster_outputs)
+# hold this lock: creating a mask band while another thread read crashed GDAL (a segfault seen once in
+# several runs). GDAL work on datasets of its own -- polygonizing in-memory rasters, finishing COGs and
+# vector files -- runs beside it (held, it capped a folder run at about 10 images/s however many cores),
+# and model compute never takes it, so reading still overlaps the network.
 GDAL_LOCK = threading.RLock()
 
 

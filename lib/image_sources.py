@@ -109,6 +109,21 @@ def _stac_images(catalog_path: Path) -> list[ImageInput]:
     return sorted(out, key=lambda im: im.stem)
 
 
+def image_gsd(path: Path) -> float | None:
+    """The image's GSD (m/px), read before predicting: it is part of the image's settings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with geo_io.open_raster(path) as ds:
+            return geo_io.raster_gsd(ds)
+
+
+def image_shape(path: Path) -> tuple[int, int]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        with geo_io.open_raster(path) as ds:
+            return ds.height, ds.width
+
+
 def check_images(images: list[ImageInput], bands=None) -> tuple[list[ImageInput], list[int], list[ImageFailure]]:
     """Open every image before any work: (readable images, their pixel counts, failures).
 

@@ -28,8 +28,8 @@ from lib.postprocess import DEFAULTS, PostProcess, resolve
 # resolved backend and model hashes stand for the keys that do: width/widths/tta/flip/model/...)
 RUN_ONLY_KEYS = frozenset({
     "data_dir", "model", "output_dir", "width", "widths", "tta", "flip", "transpose", "scale_factor",
-    "match_gsd", "backend", "onnx_cache", "batch_size", "num_workers", "num_threads", "progress", "debug",
-    "overwrite", "device", "mine_empty", "output_dir_empty", "empty_threshold", "split_windows",
+    "match_gsd", "backend", "onnx_cache", "batch_size", "num_workers", "finish_workers", "num_threads", "progress",
+    "debug", "overwrite", "device", "mine_empty", "output_dir_empty", "empty_threshold", "split_windows",
 })
 
 

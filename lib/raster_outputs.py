@@ -159,7 +159,9 @@ class SceneWriter(AbortOnError):
         window = Window(col_off, row_off, w, h)
         if self.instance and (border_u8 is None or contact_u8 is None):
             raise ValueError("this writer has an instance raster: blocks need border_u8 and contact_u8")
-        with geo_io.GDAL_LOCK:  # the engine's reader threads use GDAL at the same time
+        # the engine's reader threads use GDAL at the same time (geo_io.GDAL_LOCK); the polygonizer's GDAL
+        # calls work on in-memory rasters of their own, as COGs and vector files are written beside reads
+        with geo_io.GDAL_LOCK:
             self._dsts[0].write(prob_u8, 1, window=window)
             self._dsts[1].write(mask.astype(np.uint8) * np.uint8(255), 1, window=window)
             if self.instance:
@@ -168,12 +170,11 @@ class SceneWriter(AbortOnError):
                 m = np.full((h, w), 255, np.uint8) if valid is None else valid.astype(np.uint8) * np.uint8(255)
                 for dst in self._dsts:
                     dst.write_mask(m, window=window)
-            if self.polygonizer is not None:
-                if border_u8 is None:
-                    self.polygonizer.add(row_off, mask, prob_u8, col_off)
-                else:
-                    self.polygonizer.add(row_off, mask, prob_u8, col_off, border_u8=border_u8,
-                                         contact_u8=contact_u8)
+        if self.polygonizer is not None:
+            if border_u8 is None:
+                self.polygonizer.add(row_off, mask, prob_u8, col_off)
+            else:
+                self.polygonizer.add(row_off, mask, prob_u8, col_off, border_u8=border_u8, contact_u8=contact_u8)
         self.pixels_written += h * w
 
     def commit(self) -> None:

@@ -577,3 +577,43 @@ def test_the_progress_record_is_rewritten_at_most_every_few_seconds_and_at_the_e
     monkeypatch.setattr(inference, "PROGRESS_EVERY_S", 0.0)
     inference.run(infer_cfg(data, checkpoints["empty"], tmp_path / "fast"))
     assert writes == [1, 2, 3, 3, 3]
+
+
+def test_images_finished_by_several_threads_equal_one_thread_and_settle_in_order(checkpoints, tmp_path):
+    """finish_workers=3 (COGs, footprints and STAC items of several images at once) writes the same files as
+    one thread, records the images in their order in run.json, and still sets an unreadable one aside."""
+    import inference
+
+    data = tmp_path / "images"
+    data.mkdir()
+    for k, (h, w) in enumerate(((256, 384), (200, 300), (320, 256), (128, 128), (300, 200))):
+        write_rgba(data / f"img{k}.tif", gradient_image(h, w, seed=k), np.full((h, w), 255, np.uint8))
+    (data / "img2b.tif").write_bytes(b"II*\x00 not really a tiff")
+    runs = {}
+    for workers in (1, 3):
+        out = tmp_path / f"w{workers}"
+        with pytest.raises(UserError, match="1 of 6 images failed: img2b.tif"):
+            inference.run(infer_cfg(data, checkpoints["b0"], out, "cog=true", f"finish_workers={workers}"))
+        runs[workers] = json.loads((out / "run.json").read_text())
+    stems = ["img0", "img1", "img2", "img3", "img4"]
+    assert list(runs[1]["images"]) == list(runs[3]["images"]) == ["img2b", *stems]  # set aside first
+    assert runs[3]["images"]["img2b"]["status"] == "failed"
+    for stem in stems:
+        assert runs[1]["images"][stem]["fingerprint"] == runs[3]["images"][stem]["fingerprint"]
+        for kind in ("probabilities", "masks"):
+            a, pa = read(tmp_path / "w1" / kind / f"{stem}.tif")
+            b, pb = read(tmp_path / "w3" / kind / f"{stem}.tif")
+            assert np.array_equal(a, b) and pa["transform"] == pb["transform"]
+        one, three = (json.loads((tmp_path / w / "footprints" / f"{stem}.geojson").read_text())["features"]
+                      for w in ("w1", "w3"))
+        assert [f["geometry"] for f in one] == [f["geometry"] for f in three]
+        assert (tmp_path / "w3" / "stac" / f"{stem}.json").is_file()
+
+
+def test_finish_workers_is_auto_or_a_positive_count(drone, checkpoints, tmp_path):
+    import inference
+
+    for bad in ("0", "-2", "many", "1.5"):
+        with pytest.raises(UserError, match=f"finish_workers must be auto or a number of threads >= 1, not {bad}$"):
+            inference.run(infer_cfg(drone, checkpoints["b0"], tmp_path / "o", f"finish_workers={bad}"))
+    assert not (tmp_path / "o").exists()

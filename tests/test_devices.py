@@ -1,0 +1,27 @@
+"""lib.devices: the device, native arithmetic, and how many threads finish images beside the model."""
+
+import pytest
+import torch
+
+from lib import devices
+from lib.errors import UserError
+
+
+@pytest.mark.parametrize(("cores", "device", "threads"), [
+    (2, "cpu", 1), (4, "cpu", 1), (8, "cpu", 2), (16, "cpu", 4), (64, "cpu", 8),
+    (2, "cuda", 1), (16, "cuda", 8), (6, "cuda", 3), (1, "cuda", 1),
+])
+def test_auto_finishing_threads_leave_a_cpu_model_its_cores_and_give_an_accelerators_host_more(
+        monkeypatch, cores, device, threads):
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: cores)
+    assert devices.finishing_threads("auto", torch.device(device)) == threads
+    assert devices.finishing_threads(None, torch.device(device)) == threads
+
+
+def test_a_given_count_is_taken_as_it_is_and_anything_else_is_one_line():
+    assert devices.finishing_threads(3, torch.device("cpu")) == 3
+    assert devices.finishing_threads("12", torch.device("cuda")) == 12
+    assert devices.finishing_threads("auto") >= 1  # no device: the value is only checked
+    for bad in (0, -1, "x", 1.5, "2.0", True):
+        with pytest.raises(UserError, match="finish_workers must be auto or a number of threads >= 1"):
+            devices.finishing_threads(bad)

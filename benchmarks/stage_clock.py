@@ -27,7 +27,7 @@ STAGES = (
 FINISH_STAGE = "finishing images: COGs, footprints, STAC (finish_workers threads)"
 MAIN_STAGE = "the model loop without the model (main thread)"
 LOCK_STAGE = "GDAL lock held (wall seconds)"
-OTHER_STAGE = "the rest: planning the next image, settling records, other threads"
+OTHER_STAGE = "the rest: torch's thread pool working for the main loop, planning the next image, other threads"
 _ON_MAIN = "stages run on the main thread"  # e.g. reading with num_workers=0: not counted twice
 
 

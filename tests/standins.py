@@ -87,3 +87,15 @@ def polygonize(mask, prob_u8=None):
     p = Polygonizer(*mask.shape)
     p.add(0, mask, prob_u8)
     return p.finish()
+
+
+def benchmark_module(name: str):
+    """A script of benchmarks/ (not a package) loaded as a module, for its tests."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

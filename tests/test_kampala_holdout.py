@@ -1,22 +1,15 @@
 """benchmarks/kampala_holdout.py's cut of the real Kampala scene: the documented holdout on the right and
 its mirror on the left are disjoint strips of the scene, georeferenced where they lie, with their buildings."""
 
-import importlib.util
-from pathlib import Path
-
 import geopandas as gpd
 import pytest
 import rasterio
 import shapely
-
-REPO = Path(__file__).resolve().parents[1]
+from standins import benchmark_module
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("kampala_holdout", REPO / "benchmarks" / "kampala_holdout.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("kampala_holdout")
 
 
 @pytest.mark.slow

@@ -1,21 +1,14 @@
 """benchmarks/stage_clock.py: the CPU of inference.py's stages beside the model, and the serial stages' limits."""
 
-import importlib.util
 import shutil
 import threading
-from pathlib import Path
 
 import pytest
-from standins import infer_cfg
-
-REPO = Path(__file__).resolve().parents[1]
+from standins import benchmark_module, infer_cfg
 
 
 def _stage_clock():
-    spec = importlib.util.spec_from_file_location("stage_clock", REPO / "benchmarks" / "stage_clock.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_module("stage_clock")
 
 
 def test_a_folder_run_is_split_into_its_stages_and_everything_is_put_back(drone, checkpoints, tmp_path):

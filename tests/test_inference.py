@@ -617,3 +617,42 @@ def test_finish_workers_is_auto_or_a_positive_count(drone, checkpoints, tmp_path
         with pytest.raises(UserError, match=f"finish_workers must be auto or a number of threads >= 1, not {bad}$"):
             inference.run(infer_cfg(drone, checkpoints["b0"], tmp_path / "o", f"finish_workers={bad}"))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_model_failure_with_images_still_finishing_leaves_whole_images_and_a_rerun_completes(checkpoints,
+                                                                                             tmp_path):
+    """The model fails on the fourth of six images while three finishing threads still hold earlier ones:
+    the run stops with the model's error, every image is all its outputs or none (no temporary files), and
+    a rerun recomputes what run.json does not vouch for and ends where an uninterrupted run ends."""
+    import inference
+
+    data = tmp_path / "images"
+    data.mkdir()
+    for k in range(6):
+        write_rgba(data / f"img{k}.tif", gradient_image(192, 160, seed=k), np.full((192, 160), 255, np.uint8))
+
+    class FailsOnFourthImage(ConstantModel):
+        def forward(self, x):
+            if len(self.calls) == 3:
+                raise RuntimeError("device lost")
+            return super().forward(x)
+
+    out = tmp_path / "out"
+    args = ("cog=true", "finish_workers=3", "tile_size=256")
+    with pytest.raises(RuntimeError, match="device lost"):
+        inference.run(infer_cfg(data, checkpoints["b0"], out, *args), models=[FailsOnFourthImage()])
+    assert not [p for p in out.rglob(".*") if p.is_file()]  # no temporary file left
+    kinds = ("probabilities", "masks", "footprints", "stac")
+    for k in range(6):
+        present = [any((out / kind).glob(f"img{k}.*")) for kind in kinds]
+        assert all(present) or not any(present), (k, present)
+    assert not any((out / "masks").glob("img3.*"))
+    again = inference.run(infer_cfg(data, checkpoints["b0"], out, *args), models=[ConstantModel()])
+    clean = inference.run(infer_cfg(data, checkpoints["b0"], tmp_path / "clean", *args), models=[ConstantModel()])
+    assert again["summary"]["predicted"] + again["summary"]["skipped"] == 6
+    assert again["summary"]["predicted"] >= 3 and clean["summary"]["predicted"] == 6
+    for k in range(6):
+        a, _ = read(out / "masks" / f"img{k}.tif")
+        b, _ = read(tmp_path / "clean" / "masks" / f"img{k}.tif")
+        assert np.array_equal(a, b)
+    assert list(json.loads((out / "run.json").read_text())["images"]) == [f"img{k}" for k in range(6)]

@@ -33,7 +33,6 @@ from lib.cli import cli
 from lib.errors import UserError
 from lib.files import write_json
 
-VECTOR_SUFFIXES = geo_io.VECTOR_SUFFIXES
 RASTER_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 TASKS = ("segmentation", "points")
 MIN_AREA_M2, MIN_AREA_PX = 4.0, 20.0  # min_area=null: ground area with a CRS, SpaceNet's pixel rule without
@@ -71,7 +70,7 @@ def resolve(path, masks=None, name: str = "pred") -> Sources:
             src.single = True
             if suffix == ".csv":
                 src.vectors, src.single = read_spacenet_csv(p), False
-            elif suffix in VECTOR_SUFFIXES:
+            elif suffix in geo_io.VECTOR_SUFFIXES:
                 src.vectors[p.stem] = p
             elif suffix in RASTER_SUFFIXES:
                 src.rasters[p.stem] = p
@@ -79,11 +78,11 @@ def resolve(path, masks=None, name: str = "pred") -> Sources:
                 raise UserError(f"{p}: {name} must be GeoJSON/GPKG, a SpaceNet CSV, a raster or a folder")
         elif (p / run_folder.MASKS).is_dir() or (p / run_folder.FOOTPRINTS).is_dir():  # an inference run
             if (p / run_folder.FOOTPRINTS).is_dir():
-                src.vectors = _by_stem(p / run_folder.FOOTPRINTS, VECTOR_SUFFIXES)
+                src.vectors = _by_stem(p / run_folder.FOOTPRINTS, geo_io.VECTOR_SUFFIXES)
             if (p / run_folder.MASKS).is_dir() and masks is None:
                 src.rasters = _by_stem(p / run_folder.MASKS, RASTER_SUFFIXES)
         else:
-            src.vectors = _by_stem(p, VECTOR_SUFFIXES)
+            src.vectors = _by_stem(p, geo_io.VECTOR_SUFFIXES)
             src.rasters = _by_stem(p, RASTER_SUFFIXES)
             csvs = sorted(p.glob("*.csv"))
             if not src.vectors and not src.rasters and csvs:

@@ -257,7 +257,8 @@ def without_the_model(eng, run, images: int, inference_module, finish_workers: i
         calls = iter(range(len(tape)))
         with StageClock().watching(inference_module) as clock:
             run()
-        return {**rest, "stages_s_per_image": clock.per_image(images), "serial_images_s": clock.serial_limits(images, finish_workers)}
+        return {**rest, "stages_s_per_image": clock.per_image(images),
+                "serial_images_s": clock.serial_limits(images, finish_workers)}
     finally:
         eng._forward = real
 

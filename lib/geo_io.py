@@ -289,7 +289,8 @@ def read_window(ds, window: Window | None = None, stretch: np.ndarray | None = N
     return rgb, valid
 
 
-VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp")  # footprint files looked for in folders, GeoJSON first
+# footprint files looked for in folders (evaluate.py, overlay.py), GeoJSON first
+VECTOR_SUFFIXES = (".geojson", ".json", ".gpkg", ".shp")
 
 
 def load_footprints(path: str | os.PathLike, crs=None):

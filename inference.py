@@ -286,8 +286,8 @@ def predict_bands(eng: Engine, units: list, cfg, models: list[dict], done: dict,
         try:
             settings = provenance.image_settings(cfg, eng, models, image.path, image_gsd(image.path))
             fingerprint = run_folder.fingerprint(settings)
-            finished = not cfg.overwrite and run_folder.rerun_reason(
-                done.get(image.stem), settings, outputs_of(output_dir, image.stem, cfg, settings)) is None
+            outputs = run_folder.image_outputs(output_dir, image.stem, cfg.vector_format, settings)
+            finished = not cfg.overwrite and run_folder.rerun_reason(done.get(image.stem), settings, outputs) is None
             if finished or (not cfg.overwrite and scene_bands.finished_band(output_dir, image.stem, unit.band,
                                                                             fingerprint)):
                 print(f"{image.path.name}: rows {r0}-{r1} finished earlier; skipped")
@@ -304,28 +304,12 @@ def predict_bands(eng: Engine, units: list, cfg, models: list[dict], done: dict,
     return failed
 
 
-def outputs_of(output_dir: Path, stem: str, cfg, settings: dict | None = None) -> list[Path]:
-    """Every file a finished image has: rasters, footprints and its STAC item. `settings` None: every
-    file it may have (instance maps included)."""
-    instance = settings is None or settings.get("instances") == "on"
-    paths = run_folder.output_paths(output_dir, stem, cfg.vector_format, instance)
-    return [*paths.values(), run_folder.stac_item_path(output_dir, stem)]
-
-
 def is_empty(record: dict, threshold: float) -> bool:
     """Negative mining: both the image-level head and the strongest pixel say 'no building'."""
     cls_prob = record.get("cls_prob")
     if record.get("windows", 0) == 0:
         return False  # all nodata: not a useful negative
     return (cls_prob is None or cls_prob < threshold) and record["max_prob"] < threshold
-
-
-def previous_records(output_dir: Path) -> dict:
-    """Image records of earlier runs: run.json plus progress left by ranks of an interrupted torchrun job."""
-    done = dict(run_folder.read_run(output_dir).get("images", {}))
-    for part in run_folder.rank_files(output_dir):
-        done.update(run_folder.read_record(part).get("images", {}))
-    return done
 
 
 class ImagesFailed(UserError):
@@ -376,7 +360,7 @@ def run(cfg, models=None) -> dict:
             cfg.progress = False  # one bar (rank 0's) rather than interleaved ones
         eng, records = build_engine(cfg, models, device, d, images)
         info = run_settings(cfg, eng, records)
-        done = previous_records(output_dir)
+        done = run_folder.previous_records(output_dir)
         # whole images and bands of large scenes, shared among ranks (lib.scene_bands)
         units = scene_bands.plan(images, [image_shape(im.path) for im in images] if d.enabled else None, eng,
                                  d.world, cfg.split_windows)
@@ -435,7 +419,7 @@ def _finished(record: dict) -> bool:
 def _failed(image: ImageInput, message: str, output_dir: Path, cfg) -> dict:
     """A failed image's record; any outputs it had (from other settings or an earlier file) are
     removed, so the folder never holds outputs that run.json does not vouch for."""
-    for path in outputs_of(output_dir, image.stem, cfg):
+    for path in run_folder.image_outputs(output_dir, image.stem, cfg.vector_format):
         path.unlink(missing_ok=True)
     prefix = f"{image.path}: "
     reason = message.removeprefix(prefix)
@@ -443,6 +427,7 @@ def _failed(image: ImageInput, message: str, output_dir: Path, cfg) -> dict:
             "reason": reason.split(" (")[0]}
 
 
+MODEL_RECORD_KEYS = ("path", "sha256", "backend", "export_tta", "model_gsd", "model_gsd_source")  # per image
 PROGRESS_EVERY_S = 5.0  # the run's progress record is rewritten at most this often (and at the end)
 
 
@@ -461,7 +446,7 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
 
     def save_progress(force: bool = False) -> None:
         """Rewrite the progress record at most every PROGRESS_EVERY_S: it holds every image of the folder,
-        so one write per image would cost O(images^2). An interrupted run redoes the images finished since."""
+        so one write per image would cost O(images^2). A killed run redoes the images finished since."""
         nonlocal last_write
         if force or time.monotonic() - last_write >= PROGRESS_EVERY_S:
             _write_run(progress_path, info, done)
@@ -503,7 +488,7 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
         settings = provenance.image_settings(cfg, eng, models, image.path, gsd)
         old = done.get(image.stem)
         reason = "overwrite=true" if cfg.overwrite else run_folder.rerun_reason(
-            old, settings, outputs_of(output_dir, image.stem, cfg, settings))
+            old, settings, run_folder.image_outputs(output_dir, image.stem, cfg.vector_format, settings))
         return gsd, settings, old, reason, (None if reason is None or image.stem in bands else read_ahead(image))
 
     def read_ahead(image: ImageInput) -> tuple:
@@ -528,33 +513,48 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
             else:
                 finished(image, gsd, job)
 
+    def keep_finished() -> None:
+        """After an error that stops the run (the model failing, Ctrl-C): record the images whose outputs
+        were finished, in order, so that a rerun skips them instead of computing them again."""
+        while queue:
+            image, gsd, job, record = queue.popleft()
+            if job is None:
+                settle(image, record)
+            elif not job.exception() or isinstance(job.exception(), (UserError, rasterio.errors.RasterioError)):
+                finished(image, gsd, job)
+        save_progress(force=True)
+
     # workers finish earlier images' outputs and one plans the next image, all during the model call
     workers = finishing_threads(cfg.finish_workers, eng.device)
-    with ThreadPoolExecutor(workers, thread_name_prefix="finish") as pool, \
-            ThreadPoolExecutor(1, thread_name_prefix="plan") as planner:
-        plans = [planner.submit(plan, images[0])] if images else []
-        for n, image in enumerate(progress_bar(images, disable=not cfg.progress or len(images) < 2, unit="image")):
-            if n + 1 < len(images):
-                plans.append(planner.submit(plan, images[n + 1]))
-            try:
-                gsd, settings, old, reason, ahead = plans[n].result()
-                if reason is None:
-                    summary["skipped"] += 1
-                    print(f"{image.path.name}: finished with the same settings; skipped")
-                    queue.append((image, gsd, None, old))
-                else:
-                    if reason != run_folder.NEW and (old or cfg.overwrite):
-                        print(f"recomputing {image.path.name}: {reason}")
-                    record = {"path": str(image.path.resolve()), "status": run_folder.STATUS_DONE,
-                              "fingerprint": run_folder.fingerprint(settings), "settings": settings,
-                              "models": [{k: m[k] for k in ("path", "sha256", "backend", "export_tta", "model_gsd",
-                                                            "model_gsd_source")} for m in models]}
-                    finish = start_image(eng, image, cfg, record, bands.get(image.stem), rank, ahead)
-                    queue.append((image, gsd, pool.submit(finish), None))
-            except (UserError, rasterio.errors.RasterioError) as err:
-                queue.append((image, None, None, failure(image, err)))
-            settle_ready(keep=workers + 1)
-        settle_ready(keep=0)
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="finish") as pool, \
+                ThreadPoolExecutor(1, thread_name_prefix="plan") as planner:
+            plans = [planner.submit(plan, images[0])] if images else []
+            bar = progress_bar(images, disable=not cfg.progress or len(images) < 2, unit="image")
+            for n, image in enumerate(bar):
+                if n + 1 < len(images):
+                    plans.append(planner.submit(plan, images[n + 1]))
+                try:
+                    gsd, settings, old, reason, ahead = plans[n].result()
+                    if reason is None:
+                        summary["skipped"] += 1
+                        print(f"{image.path.name}: finished with the same settings; skipped")
+                        queue.append((image, gsd, None, old))
+                    else:
+                        if reason != run_folder.NEW and (old or cfg.overwrite):
+                            print(f"recomputing {image.path.name}: {reason}")
+                        record = {"path": str(image.path.resolve()), "status": run_folder.STATUS_DONE,
+                                  "fingerprint": run_folder.fingerprint(settings), "settings": settings,
+                                  "models": [{k: m[k] for k in MODEL_RECORD_KEYS} for m in models]}
+                        finish = start_image(eng, image, cfg, record, bands.get(image.stem), rank, ahead)
+                        queue.append((image, gsd, pool.submit(finish), None))
+                except (UserError, rasterio.errors.RasterioError) as err:
+                    queue.append((image, None, None, failure(image, err)))
+                settle_ready(keep=workers + 1)
+            settle_ready(keep=0)
+    except BaseException:  # the workers are done: keep every image they finished, then stop
+        keep_finished()
+        raise
     if images:
         save_progress(force=True)
 

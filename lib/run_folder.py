@@ -56,6 +56,14 @@ def output_paths(run_dir: str | os.PathLike, stem: str, vector_format: str | Non
     return paths
 
 
+def image_outputs(run_dir: str | os.PathLike, stem: str, vector_format: str | None,
+                  settings: dict | None = None) -> list[Path]:
+    """Every file a finished image has: rasters, footprints and its STAC item. `settings` (the image's
+    record's) None: every file it may have (instance maps included)."""
+    instance = settings is None or settings.get("instances") == "on"
+    return [*output_paths(run_dir, stem, vector_format, instance).values(), stac_item_path(run_dir, stem)]
+
+
 def instance_map(run_dir: str | os.PathLike, stem: str) -> Path:
     """An image's border/contact raster (written when the models have the instance head)."""
     return Path(run_dir) / INSTANCES / f"{stem}{MAP_SUFFIX}"
@@ -102,6 +110,14 @@ def read_record(path: str | os.PathLike) -> dict:
 
 def read_run(run_dir: str | os.PathLike) -> dict:
     return read_record(run_file(run_dir))
+
+
+def previous_records(run_dir: str | os.PathLike) -> dict:
+    """Image records of earlier runs: run.json plus progress left by ranks of an interrupted torchrun job."""
+    done = dict(read_run(run_dir).get("images", {}))
+    for part in rank_files(run_dir):
+        done.update(read_record(part).get("images", {}))
+    return done
 
 
 def write_record(path: str | os.PathLike, record: dict) -> None:

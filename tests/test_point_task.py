@@ -141,6 +141,44 @@ def test_missing_scene_fails_in_one_line_and_others_finish(sar, tmp_path):
     assert not (tmp_path / "out" / "detections" / "broken.csv").exists()
 
 
+def test_a_stopped_point_run_keeps_its_finished_scenes_and_a_rerun_skips_them(sar, tmp_path, monkeypatch):
+    """Ctrl-C during the second of two scenes: run.json already vouches for the first, so the rerun
+    detects only the second, and ends with both recorded and merged."""
+    import shutil
+
+    from lib import point_inference
+
+    root = tmp_path / "scenes"
+    for name in ("a_first", "b_second"):
+        shutil.copytree(sar["test"].scenes[0], root / name)
+    import circlenet
+    from lib.checkpoints import save_checkpoint
+
+    save_checkpoint(tmp_path / "c.pth", circlenet.build_circlenet(model_name="efficientnet-b0", in_channels=2))
+    cfg = compose_config("inference", ["task=points", f"data_dir={root}", f"model={tmp_path / 'c.pth'}",
+                                       f"output_dir={tmp_path / 'out'}", "tile_size=256", "progress=false",
+                                       "objectness_threshold=0.99"])
+    real, seen, stop = point_inference.predict_scene, [], ["b_second"]
+
+    def watched(eng, scene_id, *args):
+        seen.append(scene_id)
+        if scene_id in stop:
+            raise KeyboardInterrupt
+        return real(eng, scene_id, *args)
+
+    monkeypatch.setattr(point_inference, "predict_scene", watched)
+    with pytest.raises(KeyboardInterrupt):
+        inference.run(cfg)
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert list(record["scenes"]) == ["a_first"] and record["scenes"]["a_first"]["status"] == "done"
+    seen.clear()
+    stop.clear()
+    again = inference.run(cfg)
+    assert seen == ["b_second"]
+    assert [again["scenes"][s]["status"] for s in ("a_first", "b_second")] == ["done", "done"]
+    assert again["detections"] == len(pd.read_csv(tmp_path / "out" / "detections.csv"))
+
+
 @pytest.mark.slow
 def test_resumed_point_training_continues_bit_for_bit(sar, tmp_path):
     """Chips are a function of (seed, epoch, index): a run resumed from m2.pth ends with the same weights."""

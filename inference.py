@@ -507,11 +507,12 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
         """Settle the leading images whose outputs are finished; wait for them while more than `keep`
         are queued (so the model never waits for the last image's writes, and memory stays bounded)."""
         while queue and (len(queue) > keep or queue[0][2] is None or queue[0][2].done()):
-            image, gsd, job, record = queue.popleft()
+            image, gsd, job, record = queue[0]  # left queued until settled: Ctrl-C while waiting keeps it
             if job is None:
                 settle(image, record)
             else:
                 finished(image, gsd, job)
+            queue.popleft()
 
     def keep_finished() -> None:
         """After an error that stops the run (the model failing, Ctrl-C): record the images whose outputs

@@ -354,7 +354,7 @@ def run(cfg, models=None) -> dict:
     footprints.check_inputs(cfg)  # a bad existing= file fails before any prediction
     raster_outputs.check_settings(cfg)
     finishing_threads(cfg.finish_workers)  # a bad value fails before any work
-    d, device = setup_distributed(cfg.device, RANKS_TIMEOUT)
+    d, device = setup_distributed(cfg.device, RANKS_TIMEOUT, share_gpus=True)
     try:
         if not d.main:
             cfg.progress = False  # one bar (rank 0's) rather than interleaved ones

@@ -9,7 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from lib.distributed import Dist, all_reduce, broadcast_object, gather_object, leave_process_group, setup_distributed
+from lib import distributed
+from lib.distributed import (
+    Dist,
+    all_reduce,
+    broadcast_object,
+    gather_object,
+    gpu_index,
+    leave_process_group,
+    setup_distributed,
+)
+from lib.errors import UserError
 
 
 def test_without_torchrun_a_process_is_rank_0_of_1_and_collectives_are_the_identity(monkeypatch):
@@ -27,6 +37,41 @@ def test_without_torchrun_a_process_is_rank_0_of_1_and_collectives_are_the_ident
 def test_torchrun_environment_sets_rank_and_world():
     d = Dist(rank=1, world=4, local_rank=1)
     assert not d.main and d.enabled
+
+
+def test_gpu_index_shares_gpus_in_turn_for_inference_and_refuses_extra_training_processes():
+    assert [gpu_index(r, 1, share=True) for r in range(4)] == [0, 0, 0, 0]
+    assert [gpu_index(r, 2, share=True) for r in range(5)] == [0, 1, 0, 1, 0]
+    assert [gpu_index(r, 4, share=False) for r in range(4)] == [0, 1, 2, 3]
+    with pytest.raises(UserError, match="more processes on this node than it has GPUs \\(2\\).*--nproc_per_node=2"):
+        gpu_index(2, 2, share=False)
+    with pytest.raises(UserError, match="no GPU is visible"):
+        gpu_index(0, 0, share=True)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_torchrun_ranks_on_one_gpu_join_a_gloo_group_for_inference_and_fail_clearly_for_training(monkeypatch,
+                                                                                               share):
+    """Four ranks on a node with one GPU (CUDA faked: these machines have none): inference puts all on
+    cuda:0 in a gloo group (NCCL refuses two ranks on one GPU); training stops before joining any group."""
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    joined, selected = [], []
+    monkeypatch.setattr(distributed, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", selected.append)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: joined.append((backend, kw)))
+    if not share:
+        with pytest.raises(UserError, match="one process per GPU"):
+            setup_distributed("cuda", share_gpus=False)
+        assert not joined and not selected
+        return
+    d, device = setup_distributed("cuda", share_gpus=True)
+    assert (d.rank, d.world, d.local_rank) == (3, 4, 3)
+    assert device == torch.device("cuda", 0) and selected == [device]
+    assert [b for b, _ in joined] == ["gloo"] and "device_id" not in joined[0][1]
 
 
 def _worker(rank: int, port: int, out: str) -> None:

@@ -73,9 +73,10 @@ def finishing_threads(value="auto", device=None) -> int:
     the run waits for; but each image costs it about 0.08 s of CPU (1024^2, benchmarks/bench_inference.py
     section 2), so a model several times faster -- on a GPU, or a CPU with many cores -- would wait for it.
     auto: a quarter of the cores on the CPU (1 up to 7 cores), half of them beside an accelerator, at most
-    FINISHING_THREADS_MAX. `device` None: only checks the value."""
+    FINISHING_THREADS_MAX; the cores are those of this process's share of the node under torchrun
+    (LOCAL_WORLD_SIZE processes). `device` None: only checks the value."""
     if value in (None, "auto"):
-        cores = os.cpu_count() or 1
+        cores = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         share = cores // 4 if device is None or device.type == "cpu" else cores // 2
         return max(1, min(FINISHING_THREADS_MAX, share))
     try:

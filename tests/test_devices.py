@@ -14,8 +14,18 @@ from lib.errors import UserError
 def test_auto_finishing_threads_leave_a_cpu_model_its_cores_and_give_an_accelerators_host_more(
         monkeypatch, cores, device, threads):
     monkeypatch.setattr(devices.os, "cpu_count", lambda: cores)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert devices.finishing_threads("auto", torch.device(device)) == threads
     assert devices.finishing_threads(None, torch.device(device)) == threads
+
+
+@pytest.mark.parametrize(("processes", "threads"), [("1", 8), ("2", 4), ("4", 2), ("16", 1), ("32", 1)])
+def test_auto_finishing_threads_split_the_node_among_torchruns_processes(monkeypatch, processes, threads):
+    """16 cores beside a GPU: 8 threads for one process, half of its share of the cores for each of several."""
+    monkeypatch.setattr(devices.os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    assert devices.finishing_threads("auto", torch.device("cuda")) == threads
+    assert devices.finishing_threads(5, torch.device("cuda")) == 5  # a given count is per process
 
 
 def test_a_given_count_is_taken_as_it_is_and_anything_else_is_one_line():

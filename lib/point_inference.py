@@ -10,8 +10,8 @@ memory follows the tile size, not the scene. Outputs under `output_dir`:
     detections/<scene_id>.csv       the xView3 submission columns + lat, lon, score (lib.point_outputs)
     detections/<scene_id>.geojson   the same points in EPSG:4326
     detections.csv                  every finished scene's detections (what evaluate.py task=points scores)
-    run.json                        settings, and per scene: status, fingerprint, counts, seconds (rewritten after every scene: a
-                                    rerun of a stopped run skips the scenes it finished)
+    run.json                        settings, and per scene: status, fingerprint, counts, seconds; rewritten
+                                    after every scene, so a rerun of a stopped run skips the scenes it finished
 
 A scene is skipped on a rerun when its outputs exist and its settings fingerprint is unchanged
 (lib.run_folder's rule); a scene that cannot be read is reported in one line and recorded as failed
@@ -172,7 +172,8 @@ def run(cfg, models: list, paths: list[str], device) -> dict:
             done[scene_id] = {"path": str(Path(path).resolve()), "status": run_folder.STATUS_FAILED, "error": message}
             failed.append(scene_id)
         # after every scene (minutes each): a run stopped later still vouches for it, so a rerun skips it
-        run_folder.write_record(run_folder.run_file(output_dir), {**info, "scenes": {**old, **done}, "detections": None})
+        progress = {**info, "scenes": {**old, **done}, "detections": None}
+        run_folder.write_record(run_folder.run_file(output_dir), progress)
     finished = [s for s, r in done.items() if r.get("status") == run_folder.STATUS_DONE]
     total = merge_detections([det_dir / f"{s}.csv" for s in finished], output_dir / DETECTIONS_FILE)
     info = {**info, "scenes": done, "detections": int(total)}

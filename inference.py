@@ -507,22 +507,23 @@ def predict_images(eng: Engine, images: list[ImageInput], cfg, info: dict, done:
         """Settle the leading images whose outputs are finished; wait for them while more than `keep`
         are queued (so the model never waits for the last image's writes, and memory stays bounded)."""
         while queue and (len(queue) > keep or queue[0][2] is None or queue[0][2].done()):
-            image, gsd, job, record = queue[0]  # left queued until settled: Ctrl-C while waiting keeps it
-            if job is None:
-                settle(image, record)
-            else:
-                finished(image, gsd, job)
+            settle_queued(*queue[0])  # left queued until settled: Ctrl-C while waiting keeps it
             queue.popleft()
+
+    def settle_queued(image: ImageInput, gsd, job, record: dict | None) -> None:
+        if job is None:
+            settle(image, record)
+        else:
+            finished(image, gsd, job)
 
     def keep_finished() -> None:
         """After an error that stops the run (the model failing, Ctrl-C): record the images whose outputs
         were finished, in order, so that a rerun skips them instead of computing them again."""
-        while queue:
-            image, gsd, job, record = queue.popleft()
-            if job is None:
-                settle(image, record)
-            elif not job.exception() or isinstance(job.exception(), (UserError, rasterio.errors.RasterioError)):
-                finished(image, gsd, job)
+        for image, gsd, job, record in queue:
+            error = job.exception() if job is not None else None
+            if error is None or isinstance(error, (UserError, rasterio.errors.RasterioError)):
+                settle_queued(image, gsd, job, record)
+        queue.clear()
         save_progress(force=True)
 
     # workers finish earlier images' outputs and one plans the next image, all during the model call

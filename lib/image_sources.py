@@ -109,19 +109,22 @@ def _stac_images(catalog_path: Path) -> list[ImageInput]:
     return sorted(out, key=lambda im: im.stem)
 
 
-def image_gsd(path: Path) -> float | None:
-    """The image's GSD (m/px), read before predicting: it is part of the image's settings."""
+def _header(path: Path, read):
+    """`read(ds)` of the opened image, quietly: a plain image's transform warns on every access."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         with geo_io.open_raster(path) as ds:
-            return geo_io.raster_gsd(ds)
+            return read(ds)
+
+
+def image_gsd(path: Path) -> float | None:
+    """The image's GSD (m/px), read before predicting: it is part of the image's settings."""
+    return _header(path, geo_io.raster_gsd)
 
 
 def image_shape(path: Path) -> tuple[int, int]:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        with geo_io.open_raster(path) as ds:
-            return ds.height, ds.width
+    """(height, width) of the image, for sharing work among torchrun ranks before any is read."""
+    return _header(path, lambda ds: (ds.height, ds.width))
 
 
 def check_images(images: list[ImageInput], bands=None) -> tuple[list[ImageInput], list[int], list[ImageFailure]]:

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# The GPU figures of benchmarks/RESULTS.md in one run, for a machine with one CUDA GPU (about 8 minutes):
+#
+#   bash benchmarks/gpu_figures.sh [folder]        # default outputs/gpu_figures; needs no data or download
+#
+# 1. the machine: GPU, CPU model, Python and torch versions;
+# 2. training steps/s (benchmarks/bench_train.py): b0 and light in fp32, bf16 and fp16 at TRAIN_SIZE px,
+#    batch TRAIN_BATCH, on the built-in demo chips (target: AMP >= 2x fp32);
+# 3. a checkpoint to infer with: train.py arch=b0 on the demo chips for CKPT_STEPS steps on the GPU, so that the
+#    footprints written below are a trained model's rather than a random one's;
+# 4. inference (benchmarks/bench_inference.py) with that checkpoint on TILES generated tiles: the seed's loop
+#    against the defaults, the pipeline against model-only (target >= 90 %) with what its CPU stages allow,
+#    and the precision table;
+# 5. processes per GPU: the same tiles under torchrun with 1, 2 and 4 processes sharing the GPU (whole
+#    process, wall seconds; the backend trial is cached first).
+# Each step has a time limit, and a failed step does not stop the next ones. Everything printed goes to
+# <folder>/log.txt; the benchmarks' JSON beside it. PYTHON, DEVICE and the sizes below can be overridden
+# (DEVICE=cpu TILES=2 TILE=512 WIDTH=256 ... checks the script itself on a CPU in a few minutes).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT_DIR=${1:-outputs/gpu_figures}
+PYTHON=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+TRAIN_SIZE=${TRAIN_SIZE:-512} TRAIN_BATCH=${TRAIN_BATCH:-16} TRAIN_STEPS=${TRAIN_STEPS:-20}
+CKPT_STEPS=${CKPT_STEPS:-300} CKPT_WIDTH=${CKPT_WIDTH:-256} CKPT_BATCH=${CKPT_BATCH:-16}
+TILES=${TILES:-32} TILE=${TILE:-1024} WIDTH=${WIDTH:-672}
+PROCS=${PROCS:-1 2 4}
+LIMIT=${LIMIT:-240}  # seconds per step
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+LOG=$OUT_DIR/log.txt
+: >"$LOG"
+export PYTHONUNBUFFERED=1 BUILDINGS_CACHE=$OUT_DIR/cache PYTHON DEVICE OUT_DIR TILE WIDTH
+
+step() {  # step <title> <command...>: run it under the time limit, log its output and how it ended
+  local title=$1 start rc
+  shift
+  echo "=== $title" | tee -a "$LOG"
+  start=$(date +%s%N)
+  timeout "$LIMIT" bash -c '"$@"' "$title" "$@" 2>&1 | tee -a "$LOG"  # bash: the functions below too
+  rc=${PIPESTATUS[0]}
+  echo "--- $title: exit $rc after $((($(date +%s%N) - start) / 1000000)) ms" | tee -a "$LOG"
+  return "$rc"
+}
+
+machine() {
+  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  lscpu | grep -E '^(Model name|CPU\(s\)):'
+  "$PYTHON" -c "import sys, torch; print('Python', sys.version.split()[0], 'torch', torch.__version__)"
+}
+
+export tta='[none,hflip,vflip,hvflip,transpose]'
+folder_run() {  # folder_run <processes> <output>: the tiles through inference.py, torchrun-started
+  "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$1" inference.py device="$DEVICE" \
+    data_dir="$OUT_DIR/inference/tiles/images" model="$OUT_DIR/train/best.pth" tile_size="$TILE" width="$WIDTH" \
+    tta="$tta" match_gsd=false progress=false overwrite=true output_dir="$2"
+}
+export -f machine folder_run
+
+step "machine" machine
+step "training steps/s" "$PYTHON" benchmarks/bench_train.py --device "$DEVICE" --size "$TRAIN_SIZE" \
+  --batch "$TRAIN_BATCH" --steps "$TRAIN_STEPS" --no-grid --no-cache --json "$OUT_DIR/train.json"
+step "checkpoint" "$PYTHON" train.py arch=b0 device="$DEVICE" max_steps="$CKPT_STEPS" width="$CKPT_WIDTH" \
+  batch_size="$CKPT_BATCH" pretrained=false progress=false output_dir="$OUT_DIR/train"
+if [ -f "$OUT_DIR/train/best.pth" ]; then
+  step "inference" "$PYTHON" benchmarks/bench_inference.py --device "$DEVICE" --model "$OUT_DIR/train/best.pth" \
+    --tiles "$TILES" --size "$TILE" --width "$WIDTH" --skip memory --workdir "$OUT_DIR/inference"
+  if [ -d "$OUT_DIR/inference/tiles/images" ]; then
+    step "trial cached" folder_run 1 "$OUT_DIR/procs_warmup"
+    for n in $PROCS; do
+      step "processes per GPU: $n" folder_run "$n" "$OUT_DIR/procs_$n"
+    done
+  fi
+fi
+echo "=== summary (whole steps; the figures are in the steps' own lines above)"
+grep '^--- ' "$LOG"
+echo "log: $LOG"

@@ -25,6 +25,7 @@ TRAIN_SIZE=${TRAIN_SIZE:-512} TRAIN_BATCH=${TRAIN_BATCH:-16} TRAIN_STEPS=${TRAIN
 CKPT_STEPS=${CKPT_STEPS:-300} CKPT_WIDTH=${CKPT_WIDTH:-256} CKPT_BATCH=${CKPT_BATCH:-16}
 TILES=${TILES:-32} TILE=${TILE:-1024} WIDTH=${WIDTH:-672}
 PROCS=${PROCS:-1 2 4}
+TRAIN_PRESETS=${TRAIN_PRESETS:-b0,light} INFERENCE_SKIP=${INFERENCE_SKIP:-memory}  # bench_inference.py --skip
 LIMIT=${LIMIT:-240}  # seconds per step
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
@@ -58,13 +59,13 @@ folder_run() {  # folder_run <processes> <output>: the tiles through inference.p
 export -f machine folder_run
 
 step "machine" machine
-step "training steps/s" "$PYTHON" benchmarks/bench_train.py --device "$DEVICE" --size "$TRAIN_SIZE" \
-  --batch "$TRAIN_BATCH" --steps "$TRAIN_STEPS" --no-grid --no-cache --json "$OUT_DIR/train.json"
+step "training steps/s" "$PYTHON" benchmarks/bench_train.py --device "$DEVICE" --presets "$TRAIN_PRESETS" \
+  --size "$TRAIN_SIZE" --batch "$TRAIN_BATCH" --steps "$TRAIN_STEPS" --no-grid --no-cache --json "$OUT_DIR/train.json"
 step "checkpoint" "$PYTHON" train.py arch=b0 device="$DEVICE" max_steps="$CKPT_STEPS" width="$CKPT_WIDTH" \
   batch_size="$CKPT_BATCH" pretrained=false progress=false output_dir="$OUT_DIR/train"
 if [ -f "$OUT_DIR/train/best.pth" ]; then
   step "inference" "$PYTHON" benchmarks/bench_inference.py --device "$DEVICE" --model "$OUT_DIR/train/best.pth" \
-    --tiles "$TILES" --size "$TILE" --width "$WIDTH" --skip memory --workdir "$OUT_DIR/inference"
+    --tiles "$TILES" --size "$TILE" --width "$WIDTH" --skip $INFERENCE_SKIP --workdir "$OUT_DIR/inference"
   if [ -d "$OUT_DIR/inference/tiles/images" ]; then
     step "trial cached" folder_run 1 "$OUT_DIR/procs_warmup"
     for n in $PROCS; do

@@ -14,7 +14,7 @@
 # 5. processes per GPU: the same tiles under torchrun with 1, 2 and 4 processes sharing the GPU (whole
 #    process, wall seconds; the backend trial is cached first).
 # Each step has a time limit, and a failed step does not stop the next ones. Everything printed goes to
-# <folder>/log.txt; the benchmarks' JSON beside it. PYTHON, DEVICE and the sizes below can be overridden
+# <folder>/log.txt (or $LOG); the benchmarks' JSON beside it. PYTHON, DEVICE and the sizes below can be overridden
 # (DEVICE=cpu TILES=2 TILE=512 WIDTH=256 ... checks the script itself on a CPU in a few minutes).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,7 @@ TRAIN_PRESETS=${TRAIN_PRESETS:-b0,light} INFERENCE_SKIP=${INFERENCE_SKIP:-memory
 LIMIT=${LIMIT:-240}  # seconds per step
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
-LOG=$OUT_DIR/log.txt
+LOG=${LOG:-$OUT_DIR/log.txt}  # or a file elsewhere, kept even if the run is stopped before its end
 : >"$LOG"
 export PYTHONUNBUFFERED=1 BUILDINGS_CACHE=$OUT_DIR/cache PYTHON DEVICE OUT_DIR TILE WIDTH
 

@@ -21,7 +21,8 @@ Figures printed (each against a baseline measured in the same run, same model an
    against model-only images/s: on an accelerator's host, whether the pipeline can keep up.
 3. Precision: fp32 (NCHW), fp32 channels_last, bf16 autocast + channels_last: forward time and how many
    mask pixels agree with fp32. On CPUs without native bf16 (no AMX / AVX512-BF16) bf16 is emulated
-   and measured at a small size only.
+   and measured at a small size only. `--compile` adds the fastest of them under torch.compile (the
+   compile time printed apart): whether compiling pays on this machine.
 4. Peak resident memory of `inference.py` on a 2048^2 and an 8192^2 scene (separate processes). A
    2048-px scene at tile 1024 has only 3 windows a row to batch, so with a larger batch part of the
    difference is the model's memory at a larger batch; benchmarks/bench_memory.py compares a square
@@ -284,7 +285,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def precision_table(ckpt: Path, tiles: list[Path], size: int, batch: int, device) -> list[dict]:
+def precision_table(ckpt: Path, tiles: list[Path], size: int, batch: int, device, compile_too: bool = False) -> list[dict]:
+    """Forward time and agreement with fp32 per precision; `compile_too` adds the fastest autocast row under
+    torch.compile (its one-off compile time apart), to learn whether compiling pays on this machine."""
     net = M.load_model(ckpt).to(device)
     imgs = []
     for p in (tiles * batch)[:batch]:
@@ -300,12 +303,21 @@ def precision_table(ckpt: Path, tiles: list[Path], size: int, batch: int, device
     if device.type == "cuda":
         cands.append(("fp16 autocast + channels_last", torch.float16))
     thr_median = float(p_ref.median())
+
+    def row(label: str, t: float, p: torch.Tensor, **extra) -> dict:
+        return {"mode": label, "s_per_batch": t, "agree": float(((p >= 0.5) == (p_ref >= 0.5)).float().mean()),
+                "agree_at_median": float(((p >= thr_median) == (p_ref >= thr_median)).float().mean()),
+                "max_diff": float((p - p_ref).abs().max()), **extra}
+
     for label, dtype in cands:
-        t, p = time_forward(net_cl, xc, dtype)
-        rows.append({"mode": label, "s_per_batch": t,
-                     "agree": float(((p >= 0.5) == (p_ref >= 0.5)).float().mean()),
-                     "agree_at_median": float(((p >= thr_median) == (p_ref >= thr_median)).float().mean()),
-                     "max_diff": float((p - p_ref).abs().max())})
+        rows.append(row(label, *time_forward(net_cl, xc, dtype)))
+    if compile_too:
+        label, dtype = cands[min(range(len(cands)), key=lambda i: rows[1 + i]["s_per_batch"])]
+        compiled = torch.compile(net_cl)
+        start = time.perf_counter()
+        time_forward(compiled, xc, dtype, repeats=1, warmup=False)  # the first call compiles
+        compile_s = time.perf_counter() - start
+        rows.append(row(f"{label} + torch.compile", *time_forward(compiled, xc, dtype), compile_s=compile_s))
     return rows
 
 
@@ -387,6 +399,8 @@ def main() -> None:
     ap.add_argument("--precision-size", type=int, default=None,
                     help="input side for the precision table (default: width, or 224 without native bf16 on CPU)")
     ap.add_argument("--precision-batch", type=int, default=4)
+    ap.add_argument("--compile", action="store_true", help="section 3: also the fastest autocast row under "
+                    "torch.compile (compile time printed apart; minutes on a CPU)")
     ap.add_argument("--memory-sizes", type=int, nargs="*", default=[2048, 8192])
     ap.add_argument("--memory-width", type=int, default=None, help="model width for the memory runs (default width)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["tta", "backends", "pipeline", "precision", "memory"])
@@ -475,12 +489,13 @@ def main() -> None:
         size = args.precision_size or (args.width if native else 128)
         print(f"\n[3] precision, batch {args.precision_batch} at {size}^2"
               + ("" if native else " (bf16 is emulated on this CPU: small size only)"))
-        rows = precision_table(ckpt, tiles, size, args.precision_batch, device)
+        rows = precision_table(ckpt, tiles, size, args.precision_batch, device, args.compile)
         ref = rows[0]["s_per_batch"]
         for r in rows:
             extra = f"  agree@median {100 * r['agree_at_median']:.2f} %" if "agree_at_median" in r else ""
-            print(f"  {r['mode']:32s} {r['s_per_batch']:8.3f} s/batch  x{ref / r['s_per_batch']:5.2f}  "
-                  f"masks agree {100 * r['agree']:.2f} %{extra}  max|dp| {r['max_diff']:.4f}")
+            extra += f"  (compiled in {r['compile_s']:.1f} s)" if "compile_s" in r else ""
+            print(f"  {r['mode']:46s} {r['s_per_batch']:8.3f} s/batch  x{ref / r['s_per_batch']:5.2f}  "
+                  f"masks agree {100 * r['agree']:.2f} %  max|dp| {r['max_diff']:.4f}{extra}")
         results["precision"] = rows
 
     if "memory" not in args.skip and args.memory_sizes:

@@ -10,7 +10,7 @@
 #    footprints written below are a trained model's rather than a random one's;
 # 4. inference (benchmarks/bench_inference.py) with that checkpoint on TILES generated tiles: the seed's loop
 #    against the defaults, the pipeline against model-only (target >= 90 %) with what its CPU stages allow,
-#    and the precision table;
+#    and the precision table with the fastest autocast also under torch.compile;
 # 5. processes per GPU: the same tiles under torchrun with 1, 2 and 4 processes sharing the GPU (whole
 #    process, wall seconds; the backend trial is cached first).
 # Each step has a time limit, and a failed step does not stop the next ones. Everything printed goes to
@@ -25,7 +25,7 @@ TRAIN_SIZE=${TRAIN_SIZE:-512} TRAIN_BATCH=${TRAIN_BATCH:-16} TRAIN_STEPS=${TRAIN
 CKPT_STEPS=${CKPT_STEPS:-300} CKPT_WIDTH=${CKPT_WIDTH:-256} CKPT_BATCH=${CKPT_BATCH:-16}
 TILES=${TILES:-32} TILE=${TILE:-1024} WIDTH=${WIDTH:-672}
 PROCS=${PROCS:-1 2 4}
-TRAIN_PRESETS=${TRAIN_PRESETS:-b0,light} INFERENCE_SKIP=${INFERENCE_SKIP:-memory}  # bench_inference.py --skip
+TRAIN_PRESETS=${TRAIN_PRESETS:-b0,light} INFERENCE_ARGS=${INFERENCE_ARGS:---skip memory --compile}
 LIMIT=${LIMIT:-240}  # seconds per step
 mkdir -p "$OUT_DIR"
 OUT_DIR=$(cd "$OUT_DIR" && pwd)
@@ -65,7 +65,7 @@ step "checkpoint" "$PYTHON" train.py arch=b0 device="$DEVICE" max_steps="$CKPT_S
   batch_size="$CKPT_BATCH" pretrained=false progress=false output_dir="$OUT_DIR/train"
 if [ -f "$OUT_DIR/train/best.pth" ]; then
   step "inference" "$PYTHON" benchmarks/bench_inference.py --device "$DEVICE" --model "$OUT_DIR/train/best.pth" \
-    --tiles "$TILES" --size "$TILE" --width "$WIDTH" --skip $INFERENCE_SKIP --workdir "$OUT_DIR/inference"
+    --tiles "$TILES" --size "$TILE" --width "$WIDTH" $INFERENCE_ARGS --workdir "$OUT_DIR/inference"
   if [ -d "$OUT_DIR/inference/tiles/images" ]; then
     step "trial cached" folder_run 1 "$OUT_DIR/procs_warmup"
     for n in $PROCS; do

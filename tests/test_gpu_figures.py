@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_step_runs_and_leaves_its_figures(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "TRAIN_PRESETS": "light", "TRAIN_SIZE": "64",
            "TRAIN_BATCH": "2", "TRAIN_STEPS": "1", "CKPT_STEPS": "2", "CKPT_WIDTH": "64", "CKPT_BATCH": "2",
-           "TILES": "1", "TILE": "256", "WIDTH": "128", "PROCS": "2", "INFERENCE_SKIP": "tta backends memory"}
+           "TILES": "1", "TILE": "256", "WIDTH": "128", "PROCS": "2", "INFERENCE_ARGS": "--skip tta backends memory"}
     out = tmp_path / "figures"
     res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_figures.sh"), str(out)], check=False,
                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -21,7 +21,7 @@ Figures printed (each against a baseline measured in the same run, same model an
    against model-only images/s: on an accelerator's host, whether the pipeline can keep up.
 3. Precision: fp32 (NCHW), fp32 channels_last, bf16 autocast + channels_last: forward time and how many
    mask pixels agree with fp32. On CPUs without native bf16 (no AMX / AVX512-BF16) bf16 is emulated
-   and measured at a small size only. `--compile` adds the fastest of them under torch.compile (the
+   and measured at a small size only. `--compile` adds the fastest channels_last row under torch.compile (the
    compile time printed apart): whether compiling pays on this machine.
 4. Peak resident memory of `inference.py` on a 2048^2 and an 8192^2 scene (separate processes). A
    2048-px scene at tile 1024 has only 3 windows a row to batch, so with a larger batch part of the
@@ -286,7 +286,7 @@ def _sync(device):
 
 
 def precision_table(ckpt: Path, tiles: list[Path], size: int, batch: int, device, compile_too: bool = False) -> list[dict]:
-    """Forward time and agreement with fp32 per precision; `compile_too` adds the fastest autocast row under
+    """Forward time and agreement with fp32 per precision; `compile_too` adds the fastest channels_last row under
     torch.compile (its one-off compile time apart), to learn whether compiling pays on this machine."""
     net = M.load_model(ckpt).to(device)
     imgs = []
@@ -399,7 +399,7 @@ def main() -> None:
     ap.add_argument("--precision-size", type=int, default=None,
                     help="input side for the precision table (default: width, or 224 without native bf16 on CPU)")
     ap.add_argument("--precision-batch", type=int, default=4)
-    ap.add_argument("--compile", action="store_true", help="section 3: also the fastest autocast row under "
+    ap.add_argument("--compile", action="store_true", help="section 3: also the fastest channels_last row under "
                     "torch.compile (compile time printed apart; minutes on a CPU)")
     ap.add_argument("--memory-sizes", type=int, nargs="*", default=[2048, 8192])
     ap.add_argument("--memory-width", type=int, default=None, help="model width for the memory runs (default width)")

@@ -10,7 +10,7 @@
 #    footprints written below are a trained model's rather than a random one's;
 # 4. inference (benchmarks/bench_inference.py) with that checkpoint on TILES generated tiles: the seed's loop
 #    against the defaults, the pipeline against model-only (target >= 90 %) with what its CPU stages allow,
-#    and the precision table with the fastest autocast also under torch.compile;
+#    and the precision table with its fastest channels_last row also under torch.compile;
 # 5. processes per GPU: the same tiles under torchrun with 1, 2 and 4 processes sharing the GPU (whole
 #    process, wall seconds; the backend trial is cached first).
 # Each step has a time limit, and a failed step does not stop the next ones. Everything printed goes to

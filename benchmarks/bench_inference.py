@@ -285,7 +285,8 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def precision_table(ckpt: Path, tiles: list[Path], size: int, batch: int, device, compile_too: bool = False) -> list[dict]:
+def precision_table(ckpt: Path, tiles: list[Path], size: int, batch: int, device,
+                    compile_too: bool = False) -> list[dict]:
     """Forward time and agreement with fp32 per precision; `compile_too` adds the fastest channels_last row under
     torch.compile (its one-off compile time apart), to learn whether compiling pays on this machine."""
     net = M.load_model(ckpt).to(device)

@@ -17,8 +17,12 @@
 # <folder>/log.txt (or $LOG); the benchmarks' JSON beside it. PYTHON, DEVICE and the sizes below can be overridden
 # (DEVICE=cpu TILES=2 TILE=512 WIDTH=256 ... checks the script itself on a CPU in a few minutes).
 set -uo pipefail
+OUT_DIR=${1:-$(dirname "$0")/../outputs/gpu_figures}  # a folder given is taken from where the script is called
+mkdir -p "$OUT_DIR"
+OUT_DIR=$(cd "$OUT_DIR" && pwd)
+LOG=$(realpath "${LOG:-$OUT_DIR/log.txt}")  # or a file elsewhere, kept even if the run is stopped before its end
+: >"$LOG"
 cd "$(dirname "$0")/.."
-OUT_DIR=${1:-outputs/gpu_figures}
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 TRAIN_SIZE=${TRAIN_SIZE:-512} TRAIN_BATCH=${TRAIN_BATCH:-16} TRAIN_STEPS=${TRAIN_STEPS:-20}
@@ -27,10 +31,6 @@ TILES=${TILES:-32} TILE=${TILE:-1024} WIDTH=${WIDTH:-672}
 PROCS=${PROCS:-1 2 4}
 TRAIN_PRESETS=${TRAIN_PRESETS:-b0,light} INFERENCE_ARGS=${INFERENCE_ARGS:---skip memory --compile}
 LIMIT=${LIMIT:-240}  # seconds per step
-mkdir -p "$OUT_DIR"
-OUT_DIR=$(cd "$OUT_DIR" && pwd)
-LOG=${LOG:-$OUT_DIR/log.txt}  # or a file elsewhere, kept even if the run is stopped before its end
-: >"$LOG"
 export PYTHONUNBUFFERED=1 BUILDINGS_CACHE=$OUT_DIR/cache PYTHON DEVICE OUT_DIR TILE WIDTH
 
 step() {  # step <title> <command...>: run it under the time limit, log its output and how it ended

@@ -13,7 +13,8 @@ with native bf16 kernels (AVX512-BF16 / AMX); elsewhere it is emulated and far s
 Then, for the fastest preset and precision, the pipeline is timed for num_workers 0/1/2 x torch threads 1/2
 (on CPU): the figures behind train.yaml's num_workers default. Last, the first preset's pipeline without
 and with the decoded-chip cache (chip_cache_mb); then the first preset's model-only step in NCHW against the
-default memory format (channels_last=auto). Precisions are explicit here, so no precision=auto trial runs.
+default memory format (channels_last=auto); with `--compile`, that preset at its fastest precision under
+torch.compile against eager. Precisions are explicit here, so no precision=auto trial runs.
 """
 
 from __future__ import annotations
@@ -144,6 +145,27 @@ def cache_rows(args, device) -> list[dict]:
     return rows
 
 
+def compile_row(args, device, rows: list[dict]) -> dict:
+    """Model-only steps/s of the first preset at its fastest precision with compile=true (torch.compile),
+    against the same preset and precision eager (from `rows`); the first step, which compiles, timed apart."""
+    preset = args.presets.split(",")[0]
+    eager = max((r for r in rows if r["preset"] == preset), key=lambda r: r["model_steps_s"])
+    s = session(args, preset, eager["precision"], args.workers, args.threads, ("compile=true",))
+    batch = next(s.task.train_batches(s))
+    sync(s.device)
+    start = time.perf_counter()
+    trainer.train_step(s, batch)  # compiles forward and backward
+    sync(s.device)
+    compile_s = time.perf_counter() - start
+    model_s, _ = measure(s, args.steps, args.warmup, batch)
+    row = {"preset": preset, "precision": eager["precision"], "compiled_steps_s": 1 / model_s,
+           "eager_steps_s": eager["model_steps_s"], "compile_s": compile_s}
+    print(f"torch.compile: {preset} {eager['precision']}, model-only {row['compiled_steps_s']:.3f} steps/s against "
+          f"{row['eager_steps_s']:.3f} eager -> {row['compiled_steps_s'] / row['eager_steps_s']:.2f}x "
+          f"(first step, compiling: {compile_s:.1f} s)", flush=True)
+    return row
+
+
 def format_rows(args, device) -> list[dict]:
     """Model-only steps/s of the first preset at each native precision with NCHW (channels_last=false)
     and with the default memory format (channels_last=auto: NHWC on CPU and CUDA), alternated twice."""
@@ -186,6 +208,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--cache-warmup", type=int, default=24, help="untimed steps before the chip-cache measurement")
     parser.add_argument("--no-cache", action="store_true", help="skip the decoded-chip cache measurement")
     parser.add_argument("--no-format", action="store_true", help="skip the memory-format measurement")
+    parser.add_argument("--compile", action="store_true",
+                        help="also the first preset at its fastest precision under torch.compile (compile=true)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="all .* chips come from one scene")  # expected on one-scene chips
@@ -208,8 +232,9 @@ def main(argv=None) -> dict:
         grid = loader_grid(args, best, device)
     cache = [] if args.no_cache else cache_rows(args, device)
     formats = [] if args.no_format else format_rows(args, device)
+    compiled = compile_row(args, device, rows) if args.compile else None
     result = {"args": vars(args), "device": str(device), "name": where, "presets": rows, "loader": grid,
-              "chip_cache": cache, "memory_format": formats}
+              "chip_cache": cache, "memory_format": formats, "compile": compiled}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return result

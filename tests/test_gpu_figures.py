@@ -20,18 +20,21 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_step_runs_and_leaves_its_figures(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "DEVICE": "cpu", "TRAIN_PRESETS": "light", "TRAIN_SIZE": "64",
            "TRAIN_BATCH": "2", "TRAIN_STEPS": "1", "CKPT_STEPS": "2", "CKPT_WIDTH": "64", "CKPT_BATCH": "2",
-           "TILES": "1", "TILE": "256", "WIDTH": "128", "PROCS": "2", "INFERENCE_ARGS": "--skip tta backends memory"}
+           "TILES": "1", "TILE": "256", "WIDTH": "128", "PROCS": "2",
+           "EXTRA_INFERENCE_ARGS": "--skip tta backends pipeline memory", "EXTRA_TRAIN_ARGS": "--presets light"}
     out = tmp_path / "figures"
     res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_figures.sh"), str(out)], check=False,
                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     log = (out / "log.txt").read_text()
     ends = dict(re.findall(r"^--- (.+): exit (\d+) after \d+ ms$", log, re.MULTILINE))
-    assert ends == {"machine": "0", "training steps/s": "0", "checkpoint": "0", "inference": "0",
-                    "trial cached": "0", "processes per GPU: 2": "0"}, res.stdout[-3000:] + res.stderr[-2000:]
+    assert ends == {"machine": "0", "training steps/s": "0", "checkpoint": "0", "pipeline against model-only": "0",
+                    "trial cached": "0", "processes per GPU: 2": "0", "inference, other sections": "0",
+                    "training, memory format and compile": "0"}, res.stdout[-3000:] + res.stderr[-2000:]
     rows = json.loads((out / "train.json").read_text())
     assert any(r.get("preset") == "light" and r.get("model_steps_s", 0) > 0 for r in rows["presets"]), rows
-    results = json.loads((out / "inference" / "results.json").read_text())
-    pair = results["pipeline_vs_model"][0]
+    assert json.loads((out / "train_extra.json").read_text())["memory_format"]
+    pair = json.loads((out / "inference" / "results.json").read_text())["pipeline_vs_model"][0]
     assert pair["model_only_inputs_s"] > 0 and pair["pipeline_inputs_s"] > 0
+    assert json.loads((out / "inference_rest" / "results.json").read_text())["precision"][0]["mode"] == "fp32 NCHW"
     # both processes wrote their share of the folder: one tile, so one of them had nothing to do
     assert (out / "procs_2" / "run.json").exists() and list((out / "procs_2" / "masks").glob("*.tif"))

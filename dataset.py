@@ -32,6 +32,7 @@ import torch
 from lib.chip_cache import DecodedChips
 from lib.chip_writer import IGNORE_SUFFIX, INSTANCES_SUFFIX, MASK_SUFFIX, RESOLUTIONS_FILE, write_chips
 from lib.cli import cli, compose_config
+from lib.devices import loader_workers
 from lib.distributed import Dist
 from lib.errors import UserError
 from lib.instance_targets import ids_from_mask, instance_targets, widths_px
@@ -498,8 +499,9 @@ def load_data(cfg, d: Dist) -> Data:
 
 
 def make_loader(items, cfg, sampler, device) -> torch.utils.data.DataLoader:
-    """DataLoader over (epoch, index) batches; its own generator keeps the global torch RNG untouched."""
-    workers = int(cfg.num_workers)
+    """DataLoader over (epoch, index) batches; its own generator keeps the global torch RNG untouched.
+    `num_workers=auto`: lib.devices.loader_workers for `device`."""
+    workers = loader_workers(cfg.num_workers, device)
     return torch.utils.data.DataLoader(
         items, batch_sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,

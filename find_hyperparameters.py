@@ -462,8 +462,10 @@ def inference_config(cfg, paths: list[str]):
             raise UserError(f"inference_args: {key} is not an inference.py option")
         icfg[key] = value
     icfg.model = list(paths)
-    for key in ("device", "precision", "tile_size", "overlap", "batch_size", "num_workers", "progress"):
+    for key in ("device", "precision", "tile_size", "overlap", "batch_size", "progress"):
         icfg[key] = cfg[key]
+    if cfg.num_workers != "auto":  # a count given for training's loader also reads windows ahead; auto: inference's
+        icfg.num_workers = cfg.num_workers
     if cfg.tta is not None:
         icfg.tta = list(cfg.tta)
     return icfg

@@ -39,6 +39,7 @@ import point_task
 from lib import trainer
 from lib.checkpoints import load_checkpoint
 from lib.cli import CONFIG_DIR, cli, compose_config
+from lib.devices import loader_workers
 from lib.distributed import Dist, all_reduce, broadcast_object, leave_process_group, setup_distributed
 from lib.errors import UserError
 from lib.instances import label_instances
@@ -110,6 +111,7 @@ def check_config(cfg) -> None:
     check_input_multiple("width", cfg.width)
     if int(cfg.batch_size) < 1:
         raise UserError(f"batch_size={cfg.batch_size}: must be at least 1")
+    loader_workers(cfg.num_workers)  # a bad value fails before any work
     if cfg.max_steps is None and not cfg.num_epochs:
         raise UserError("num_epochs and max_steps are both unset; give at least one")
     if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -305,7 +307,7 @@ class SegmentationTask:
         if "val_loader" not in s.cache:
             val_set = s.data.val_set
             shard = torch.utils.data.Subset(val_set, list(range(s.d.rank, len(val_set), s.d.world)))
-            workers = int(s.cfg.num_workers)
+            workers = loader_workers(s.cfg.num_workers, s.device)
             s.cache["val_loader"] = torch.utils.data.DataLoader(
                 shard, batch_size=int(s.cfg.val_batch_size or s.cfg.batch_size), num_workers=workers,
                 pin_memory=s.device.type == "cuda", persistent_workers=workers > 0, generator=torch.Generator())

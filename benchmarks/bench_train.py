@@ -35,7 +35,7 @@ from kampala_holdout import cpu_name
 import train
 from lib import trainer
 from lib.cli import compose_config
-from lib.devices import cpu_has_native_bf16, resolve_device
+from lib.devices import cpu_has_native_bf16, loader_workers, resolve_device
 
 
 def sync(device: torch.device) -> None:
@@ -200,7 +200,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
-    parser.add_argument("--workers", type=int, default=None, help="DataLoader workers (default: train.yaml's)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="DataLoader workers (default: train.yaml's, auto resolved for the device)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--data-dir", default=None, help="training chips (default: the built-in demo chips)")
@@ -213,9 +214,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", message="all .* chips come from one scene")  # expected on one-scene chips
-    if args.workers is None:
-        args.workers = int(compose_config("train").num_workers)
     device = resolve_device(args.device)
+    if args.workers is None:
+        args.workers = loader_workers(compose_config("train").num_workers, device)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     print(f"train step, {args.size}x{args.size}, batch {args.batch}, {args.steps} steps after {args.warmup}; "
           f"device {device} ({where}); torch {torch.__version__}, {torch.get_num_threads()} threads; native bf16: "

@@ -76,13 +76,42 @@ def finishing_threads(value="auto", device=None) -> int:
     FINISHING_THREADS_MAX; the cores are those of this process's share of the node under torchrun
     (LOCAL_WORLD_SIZE processes). `device` None: only checks the value."""
     if value in (None, "auto"):
-        cores = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        cores = process_cores()
         share = cores // 4 if device is None or device.type == "cpu" else cores // 2
         return max(1, min(FINISHING_THREADS_MAX, share))
+    return _count(value, "finish_workers", "threads", 1)
+
+
+LOADER_WORKERS_CPU = 2  # `num_workers=auto` with the model on the CPU
+LOADER_WORKERS_MAX = 8  # `num_workers=auto` beside an accelerator never starts more
+
+
+def loader_workers(value="auto", device=None) -> int:
+    """Training's data-loading processes (`num_workers`: auto or a count >= 0).
+
+    With the model on the CPU the workers take its cores: 0, 1 and 2 were within noise on 2 cores
+    (benchmarks/bench_train.py's grid, benchmarks/RESULTS.md), so auto is 2 there. An accelerator steps
+    through batches many times faster than one worker decodes and augments chips, so beside one, auto is
+    every core of this process's share of the node but the main process's, from 2 to LOADER_WORKERS_MAX.
+    `device` None: only checks the value."""
+    if value in (None, "auto"):
+        if device is None or device.type == "cpu":
+            return LOADER_WORKERS_CPU
+        return max(LOADER_WORKERS_CPU, min(LOADER_WORKERS_MAX, process_cores() - 1))
+    return _count(value, "num_workers", "processes", 0)
+
+
+def process_cores() -> int:
+    """This process's share of the node's cores (torchrun starts LOCAL_WORLD_SIZE processes on it)."""
+    return max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def _count(value, key: str, unit: str, minimum: int) -> int:
+    """`value` as a whole number >= minimum, or a UserError naming `key`."""
     try:
         count = int(value)
     except (TypeError, ValueError):
-        count = 0
-    if count < 1 or str(count) != str(value).strip():
-        raise UserError(f"finish_workers must be auto or a number of threads >= 1, not {value}")
+        count = minimum - 1
+    if count < minimum or str(count) != str(value).strip():
+        raise UserError(f"{key} must be auto or a number of {unit} >= {minimum}, not {value}")
     return count

@@ -207,6 +207,7 @@ def test_model_init_and_load_state_take_weights_and_moments(chips, tmp_path):
     ("select_by=aggregate", "segmentation chooses best.pth by polygon_f1 or jaccard"),
     ("instance_loss=l2", "instance_loss=l2: use bce_dice or focal_dice"),
     ("val_every=10m", "val_every=10m: use auto, a number of steps"),
+    ("num_workers=many", "num_workers must be auto or a number of processes >= 0, not many"),
 ])
 def test_bad_inputs_are_one_line_user_errors(override, match, chips, tmp_path):
     (tmp_path / "empty").mkdir()

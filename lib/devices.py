@@ -1,4 +1,4 @@
-"""Which device and which arithmetic a run uses."""
+"""Which device and which arithmetic a run uses, and how many threads and processes work beside the model."""
 
 from __future__ import annotations
 

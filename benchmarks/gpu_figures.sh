@@ -11,8 +11,9 @@
 #    footprints written below are a trained model's rather than a random one's;
 # 4. the inference pipeline against the model alone (bench_inference.py section 2, target >= 90 %) on TILES
 #    generated tiles, with what its CPU stages allow;
-# 5. processes per GPU: the same tiles under torchrun with 1, 2 and 4 processes sharing the GPU (whole
-#    process, wall seconds; the backend trial is cached first);
+# 5. processes per GPU: PROC_IMAGES copies of the tiles under torchrun with 1, 2, 4 and 8 processes sharing the
+#    GPU (the backend trial is cached first); benchmarks/folder_rate.py then prints each run's steady images/s
+#    after the processes' start-up and first image, as a share of step 4's model-only images/s;
 # 6. the rest of bench_inference.py: the seed's loop against the defaults and each backend, and the precision
 #    table with its fastest channels_last row also under torch.compile (EXTRA_INFERENCE_ARGS);
 # 7. the rest of bench_train.py: b0 in NCHW against channels_last, and under torch.compile (EXTRA_TRAIN_ARGS).
@@ -32,11 +33,11 @@ TRAIN_SIZE=${TRAIN_SIZE:-512} TRAIN_BATCH=${TRAIN_BATCH:-16} TRAIN_STEPS=${TRAIN
 TRAIN_PRESETS=${TRAIN_PRESETS:-b0,light}
 CKPT_STEPS=${CKPT_STEPS:-300} CKPT_WIDTH=${CKPT_WIDTH:-256} CKPT_BATCH=${CKPT_BATCH:-16}
 TILES=${TILES:-32} TILE=${TILE:-1024} WIDTH=${WIDTH:-672}
-PROCS=${PROCS:-1 2 4}
+PROCS=${PROCS:-1 2 4 8} PROC_IMAGES=${PROC_IMAGES:-128}
 EXTRA_INFERENCE_ARGS=${EXTRA_INFERENCE_ARGS:---skip pipeline memory --compile}
 EXTRA_TRAIN_ARGS=${EXTRA_TRAIN_ARGS:---presets b0 --precision bf16,fp16 --compile}
 LIMIT=${LIMIT:-240}
-export PYTHONUNBUFFERED=1 BUILDINGS_CACHE=$OUT_DIR/cache PYTHON DEVICE OUT_DIR TILE WIDTH
+export PYTHONUNBUFFERED=1 BUILDINGS_CACHE=$OUT_DIR/cache PYTHON DEVICE OUT_DIR TILE WIDTH PROC_IMAGES
 
 step() {  # step <title> <command...>: run it under the time limit, log its output and how it ended
   local title=$1 start rc
@@ -56,10 +57,20 @@ machine() {
 }
 
 export tta='[none,hflip,vflip,hvflip,transpose]'
-folder_run() {  # folder_run <processes> <output>: the tiles through inference.py, torchrun-started
+folder_run() {  # folder_run <processes> <images> <output>: a folder of tiles through inference.py, torchrun-started
   "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$1" inference.py device="$DEVICE" \
-    data_dir="$OUT_DIR/inference/tiles/images" model="$OUT_DIR/train/best.pth" tile_size="$TILE" width="$WIDTH" \
-    tta="$tta" match_gsd=false progress=false overwrite=true output_dir="$2"
+    data_dir="$2" model="$OUT_DIR/train/best.pth" tile_size="$TILE" width="$WIDTH" \
+    tta="$tta" match_gsd=false progress=false overwrite=true output_dir="$3"
+}
+copies() {  # copies <tiles> <folder>: PROC_IMAGES hard links to the tiles, so that every process has many images
+  local i=0 tile
+  rm -rf "$2" && mkdir -p "$2"
+  while [ "$i" -lt "$PROC_IMAGES" ]; do
+    for tile in "$1"/*.tif; do
+      [ "$i" -lt "$PROC_IMAGES" ] && ln "$tile" "$2/$(printf 'copy%04d' "$i")_$(basename "$tile")"
+      i=$((i + 1))
+    done
+  done
 }
 export -f machine folder_run
 
@@ -80,10 +91,15 @@ step "checkpoint" "$PYTHON" train.py arch=b0 device="$DEVICE" max_steps="$CKPT_S
 if [ -f "$OUT_DIR/train/best.pth" ]; then
   bench_inference "pipeline against model-only" inference --skip tta backends precision memory
   if [ -d "$OUT_DIR/inference/tiles/images" ]; then
-    step "trial cached" folder_run 1 "$OUT_DIR/procs_warmup"
+    step "trial cached" folder_run 1 "$OUT_DIR/inference/tiles/images" "$OUT_DIR/procs_warmup"
+    copies "$OUT_DIR/inference/tiles/images" "$OUT_DIR/procs_tiles"
+    runs=()
     for n in $PROCS; do
-      step "processes per GPU: $n" folder_run "$n" "$OUT_DIR/procs_$n"
+      step "processes per GPU: $n" folder_run "$n" "$OUT_DIR/procs_tiles" "$OUT_DIR/procs_$n"
+      runs+=("$OUT_DIR/procs_$n")
     done
+    step "processes per GPU: steady images/s" "$PYTHON" benchmarks/folder_rate.py "${runs[@]}" \
+      --model-only "$OUT_DIR/inference/results.json"
   fi
   # shellcheck disable=SC2086  # the extra arguments are words
   bench_inference "inference, other sections" inference_rest $EXTRA_INFERENCE_ARGS

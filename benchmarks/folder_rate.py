@@ -42,6 +42,10 @@ def steady_rate(times: list[float], processes: int) -> float | None:
     return (len(times) - k) / (times[-1] - times[k - 1])
 
 
+def _count(n: int, noun: str, plural: str) -> str:
+    return f"{n} {noun if n == 1 else plural}"
+
+
 def model_only_images_s(results: Path) -> float:
     """Images/s of the model alone, from bench_inference.py's section 2 (its last pair)."""
     return json.loads(results.read_text())["pipeline_vs_model"][-1]["model_only_images_s"]
@@ -65,10 +69,12 @@ def main(argv: list[str] | None = None) -> None:
         if not times:
             print(f"{run}: no finished images in its run.json")
         elif rate is None:
-            print(f"{run}: {len(times)} images on {ranks} process(es): too few to time after the warm-up")
+            print(f"{run}: {_count(len(times), 'image', 'images')} on {_count(ranks, 'process', 'processes')}: "
+                  "too few to time after the warm-up")
         else:
             share = f", {100 * rate / model:5.1f} % of the model alone" if model else ""
-            print(f"{run}: {ranks} process(es), {len(times)} images, steady {rate:.2f} images/s{share}")
+            print(f"{run}: {_count(ranks, 'process', 'processes')}, {len(times)} images, steady {rate:.2f} "
+                  f"images/s{share}")
 
 
 if __name__ == "__main__":

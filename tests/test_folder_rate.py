@@ -49,8 +49,13 @@ def test_a_real_folder_run_is_timed_from_its_stac_items(drone, checkpoints, tmp_
     fr.main([str(out), str(tmp_path / "missing"), "--model-only", str(results)])
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("model alone: 2.00 images/s")
-    assert printed[1] == f"{out}: 1 process(es), 4 images, steady 0.75 images/s,  37.5 % of the model alone"
+    assert printed[1] == f"{out}: 1 process, 4 images, steady 0.75 images/s,  37.5 % of the model alone"
     assert printed[2] == f"{tmp_path / 'missing'}: no finished images in its run.json"
-    (out / "stac" / "c.json").unlink()
+    run = json.loads((out / "run.json").read_text())
+    run["images"] = {"a": run["images"]["a"]}  # one image left: nothing to time after it
+    (out / "run.json").write_text(json.dumps(run))
+    fr.main([str(out)])
+    assert capsys.readouterr().out == f"{out}: 1 image on 1 process: too few to time after the warm-up\n"
+    (out / "stac" / "a.json").unlink()
     fr.main([str(out)])
     assert "an image's STAC item is missing" in capsys.readouterr().out

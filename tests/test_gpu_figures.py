@@ -41,6 +41,6 @@ def test_every_step_runs_and_leaves_its_figures(tmp_path):
     run = json.loads((out / "procs_2" / "run.json").read_text())["images"]
     assert len(run) == 4 and {rank for r in run.values() for rank in r["ranks"]} == {"0", "1"}
     assert len(list((out / "procs_2" / "masks").glob("*.tif"))) == 4
-    rate = re.search(r"procs_2: 2 process\(es\), 4 images, steady ([\d.]+) images/s, +([\d.]+) % of the model alone",
+    rate = re.search(r"procs_2: 2 processes, 4 images, steady ([\d.]+) images/s, +([\d.]+) % of the model alone",
                      log)
     assert rate and float(rate[1]) > 0 and float(rate[2]) > 0, log[-2000:]

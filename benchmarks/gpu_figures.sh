@@ -62,12 +62,13 @@ folder_run() {  # folder_run <processes> <images> <output>: a folder of tiles th
     data_dir="$2" model="$OUT_DIR/train/best.pth" tile_size="$TILE" width="$WIDTH" \
     tta="$tta" match_gsd=false progress=false overwrite=true output_dir="$3"
 }
-copies() {  # copies <tiles> <folder>: PROC_IMAGES hard links to the tiles, so that every process has many images
-  local i=0 tile
+copies() {  # copies <tiles> <folder>: PROC_IMAGES hard links to the tiles (copies where links fail), so that
+  local i=0 tile copy  # every process has many images
   rm -rf "$2" && mkdir -p "$2"
   while [ "$i" -lt "$PROC_IMAGES" ]; do
     for tile in "$1"/*.tif; do
-      [ "$i" -lt "$PROC_IMAGES" ] && ln "$tile" "$2/$(printf 'copy%04d' "$i")_$(basename "$tile")"
+      copy=$2/$(printf 'copy%04d' "$i")_$(basename "$tile")
+      [ "$i" -lt "$PROC_IMAGES" ] && { ln "$tile" "$copy" 2>/dev/null || cp "$tile" "$copy"; }
       i=$((i + 1))
     done
   done

@@ -46,9 +46,14 @@ def _count(n: int, noun: str, plural: str) -> str:
     return f"{n} {noun if n == 1 else plural}"
 
 
-def model_only_images_s(results: Path) -> float:
-    """Images/s of the model alone, from bench_inference.py's section 2 (its last pair)."""
-    return json.loads(results.read_text())["pipeline_vs_model"][-1]["model_only_images_s"]
+def model_only_images_s(results: Path) -> float | None:
+    """Images/s of the model alone, from bench_inference.py's section 2 (its last pair); None, said in a
+    line, where the file has none (section 2 skipped or failed): the rates are still printed."""
+    try:
+        return float(json.loads(results.read_text())["pipeline_vs_model"][-1]["model_only_images_s"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        print(f"{results}: no model-only images/s (bench_inference.py section 2) in it")
+        return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             times, ranks = finish_times(run)
         except OSError as e:
-            print(f"{run}: an image's STAC item is missing ({e})")
+            print(f"{e.filename}: missing, so {run} cannot be timed")
             continue
         rate = steady_rate(times, ranks)
         if not times:

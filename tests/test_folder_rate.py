@@ -57,5 +57,7 @@ def test_a_real_folder_run_is_timed_from_its_stac_items(drone, checkpoints, tmp_
     fr.main([str(out)])
     assert capsys.readouterr().out == f"{out}: 1 image on 1 process: too few to time after the warm-up\n"
     (out / "stac" / "a.json").unlink()
-    fr.main([str(out)])
-    assert "an image's STAC item is missing" in capsys.readouterr().out
+    fr.main([str(out), "--model-only", str(tmp_path / "none.json")])
+    assert capsys.readouterr().out.splitlines() == [
+        f"{tmp_path / 'none.json'}: no model-only images/s (bench_inference.py section 2) in it",
+        f"{out / 'stac' / 'a.json'}: missing, so {out} cannot be timed"]

@@ -37,7 +37,7 @@ PROCS=${PROCS:-1 2 4 8} PROC_IMAGES=${PROC_IMAGES:-128}
 EXTRA_INFERENCE_ARGS=${EXTRA_INFERENCE_ARGS:---skip pipeline memory --compile}
 EXTRA_TRAIN_ARGS=${EXTRA_TRAIN_ARGS:---presets b0 --precision bf16,fp16 --compile}
 LIMIT=${LIMIT:-240}
-export PYTHONUNBUFFERED=1 BUILDINGS_CACHE=$OUT_DIR/cache PYTHON DEVICE OUT_DIR TILE WIDTH PROC_IMAGES
+export PYTHONUNBUFFERED=1 BUILDINGS_CACHE=$OUT_DIR/cache PYTHON DEVICE OUT_DIR TILE WIDTH
 
 step() {  # step <title> <command...>: run it under the time limit, log its output and how it ended
   local title=$1 start rc
@@ -62,15 +62,13 @@ folder_run() {  # folder_run <processes> <images> <output>: a folder of tiles th
     data_dir="$2" model="$OUT_DIR/train/best.pth" tile_size="$TILE" width="$WIDTH" \
     tta="$tta" match_gsd=false progress=false overwrite=true output_dir="$3"
 }
-copies() {  # copies <tiles> <folder>: PROC_IMAGES hard links to the tiles (copies where links fail), so that
-  local i=0 tile copy  # every process has many images
+copies() {  # copies <tiles> <folder>: PROC_IMAGES hard links to the tiles, round robin (copies where links fail),
+  local tiles=("$1"/*.tif) i tile copy  # so that every process has many images
   rm -rf "$2" && mkdir -p "$2"
-  while [ "$i" -lt "$PROC_IMAGES" ]; do
-    for tile in "$1"/*.tif; do
-      copy=$2/$(printf 'copy%04d' "$i")_$(basename "$tile")
-      [ "$i" -lt "$PROC_IMAGES" ] && { ln "$tile" "$copy" 2>/dev/null || cp "$tile" "$copy"; }
-      i=$((i + 1))
-    done
+  for ((i = 0; i < PROC_IMAGES; i++)); do
+    tile=${tiles[i % ${#tiles[@]}]}
+    copy=$2/$(printf 'copy%04d' "$i")_$(basename "$tile")
+    ln "$tile" "$copy" 2>/dev/null || cp "$tile" "$copy"
   done
 }
 export -f machine folder_run

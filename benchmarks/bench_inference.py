@@ -58,6 +58,7 @@ from lib.backend_trial import describe
 from lib.checkpoints import save_checkpoint
 from lib.cli import compose_config
 from lib.devices import cpu_has_native_bf16, finishing_threads
+from lib.model_contract import model_input
 from lib.tta import tta_forward, tta_inverse
 
 TTA = ["none", "hflip", "vflip", "hvflip", "transpose"]
@@ -193,7 +194,8 @@ def pipeline_vs_model(ckpt: Path, tiles: list[Path], out: Path, args, device) ->
     eng, records = inference.build_engine(cfg, device=device, images=[inference.ImageInput(t.stem, t) for t in tiles])
     net, exported = eng.models[0], eng.exported[0]
     per_call = max(1, args.batch_size // len(TTA)) * len(TTA)
-    x = torch.randn(per_call, 3, args.width, args.width, device=device)
+    images = torch.randint(0, 256, (per_call, 3, args.width, args.width), dtype=torch.uint8)
+    x = model_input(net, images).to(device)  # normalised, unless the graph normalises its own input
     x = x.contiguous() if eng.is_onnx[0] else x.contiguous(memory_format=torch.channels_last)
 
     def model_only(calls: int) -> tuple[float, float]:

@@ -80,8 +80,10 @@ def main() -> None:
     whole.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(onnx, whole)
     n = args.calibration
-    spread, _ = int8.windows_from_images([args.image], RasterSource, lambda gsd: args.side, args.width, n=2 * n - 1)
+    spread, _ = int8.windows_from_images([args.image], RasterSource, lambda gsd: args.side, args.width, n=2 * n - 1,
+                                         normalized=False)  # uint8, as the compiled graphs take them
     calib, held = spread[0::2], spread[1::2]  # calibrated on every other window, compared on those between
+    calib = M.normalize(torch.from_numpy(calib)).numpy()  # the quantizer runs the ONNX graph: normalised inputs
     demo = trial_input(args.width, 3).numpy()
 
     fp32 = OpenVinoModel(onnx, "fp32")

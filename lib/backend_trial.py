@@ -32,7 +32,7 @@ from lib.devices import cpu_has_native_bf16, cpu_has_native_int8, onednn_isa_cap
 from lib.errors import UserError
 from lib.exported import GRAPH_REVISION, onnx_cache_dir
 from lib.files import write_json
-from lib.model_contract import normalize
+from lib.model_contract import model_input
 from lib.tiling import takes_arrays
 
 AGREEMENT_MIN = 0.995  # share of mask pixels a faster path must reproduce (the engine's precision=auto rule)
@@ -167,7 +167,8 @@ def store_trial(cache_file: Path, key: dict, result: dict) -> bool:
 # --------------------------------------------------------------------------------------------------
 
 def trial_input(width: int, channels: int) -> torch.Tensor:
-    """TRIAL_BATCH normalised demo tiles [N, C, width, width] (roofs, roads, ground; deterministic)."""
+    """TRIAL_BATCH uint8 demo tiles [N, C, width, width] (roofs, roads, ground; deterministic), as the engine
+    hands them to `model_contract.model_input`."""
     from lib import demo_scene
 
     rgba = demo_scene.generate_scene(7, size=(width, width), detail=False, nodata_corner=False).rgba
@@ -175,15 +176,17 @@ def trial_input(width: int, channels: int) -> torch.Tensor:
     if channels > tile.shape[0]:  # more bands than the demo has: repeat its grey level
         tile = torch.cat([tile, tile[:1].expand(channels - tile.shape[0], -1, -1)])
     batch = torch.stack([tile, tile.flip(-1)][:TRIAL_BATCH])
-    return normalize(batch)
+    return batch
 
 
 def decoded_maps(models: list, x: torch.Tensor, precision: str, decoder, device: torch.device) -> torch.Tensor:
-    """The decoded maps of every model on x, the way the engine calls them."""
+    """The decoded maps of every model on the uint8 images x, the way the engine calls them (normalising
+    the input is part of the call: a graph that normalises its own is timed with it)."""
     outs = []
     for m in models:
         takes_nchw = takes_arrays(m)
-        xm = x.contiguous() if takes_nchw else x.contiguous(memory_format=torch.channels_last)
+        xm = model_input(m, x)
+        xm = xm.contiguous() if takes_nchw else xm.contiguous(memory_format=torch.channels_last)
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if not takes_nchw else None
         with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             maps, _ = decoder(m(xm), x.shape[0], device)

@@ -188,13 +188,15 @@ class Calibration:
         return {"inputs": len(self()), "digest": self.digest, "windows": list(self.sources)}
 
 
-def windows_from_images(paths: list, open_image, source_side, width: int, n: int = CALIBRATION_INPUTS):
+def windows_from_images(paths: list, open_image, source_side, width: int, n: int = CALIBRATION_INPUTS,
+                        normalized: bool = True):
     """Up to `n` model inputs cut from the images to predict, for Calibration: windows spread along each of
     the first images' diagonal (more per image when there are fewer images), of `source_side(gsd)` source
     pixels (what the engine resizes to `width`), resized at the engine's scale and normalised as the
     engine does; a window cut smaller by a small image keeps that scale and is mirrored up to width x
     width, as the engine pads it. Windows less than half valid are passed over, and so is an image that
-    cannot be read. Returns (batch [N, C, width, width] float32, one 'file: rows, cols' line per input)."""
+    cannot be read. Returns (batch [N, C, width, width] float32, one 'file: rows, cols' line per input);
+    with `normalized=False` the batch is the uint8 images themselves (what lib.model_contract.model_input takes)."""
     import cv2
     import torch
 
@@ -222,9 +224,9 @@ def windows_from_images(paths: list, open_image, source_side, width: int, n: int
         except (OSError, ValueError, UserError) as err:  # unreadable here: the run itself reports it
             print(f"warning: {path}: not used for int8 calibration ({one_line(err, 100)})", file=sys.stderr)
     if not inputs:
-        return np.zeros((0, 3, width, width), np.float32), []
-    batch = torch.from_numpy(np.stack(inputs))
-    return normalize(batch.permute(0, 3, 1, 2)).numpy(), sources
+        return np.zeros((0, 3, width, width), np.float32 if normalized else np.uint8), []
+    batch = torch.from_numpy(np.stack(inputs)).permute(0, 3, 1, 2)
+    return (normalize(batch).numpy() if normalized else np.ascontiguousarray(batch.numpy())), sources
 
 
 def calibration_for(paths: list, open_image, cfg, width: int, model_gsd: float | None) -> Calibration:

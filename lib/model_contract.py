@@ -28,19 +28,42 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def normalization(channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of 0..1 images: ImageNet's for RGB, and for channels beyond
+    RGB the mean of the RGB statistics. `normalize` uses them; a graph that normalises its own input
+    (lib.openvino_backend) is built with them."""
+    mean = list(IMAGENET_MEAN[:channels]) + [sum(IMAGENET_MEAN) / 3] * max(0, channels - 3)
+    std = list(IMAGENET_STD[:channels]) + [sum(IMAGENET_STD) / 3] * max(0, channels - 3)
+    return mean, std
+
+
 def normalize(x: torch.Tensor) -> torch.Tensor:
     """uint8 (or 0..255 float) images [N,C,H,W] or [C,H,W] -> float32 ImageNet-normalised input.
 
     Every caller (training data, inference, export) goes through it, so the model always sees what the
     pretrained encoder expects. Channels beyond RGB are normalised with the mean of the RGB statistics.
     """
-    c = x.shape[-3]
-    mean = list(IMAGENET_MEAN[:c]) + [sum(IMAGENET_MEAN) / 3] * max(0, c - 3)
-    std = list(IMAGENET_STD[:c]) + [sum(IMAGENET_STD) / 3] * max(0, c - 3)
-    shape = (c, 1, 1)
+    mean, std = normalization(x.shape[-3])
+    shape = (len(mean), 1, 1)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=x.device).view(shape) * 255.0
     std_t = torch.tensor(std, dtype=torch.float32, device=x.device).view(shape) * 255.0
     return (x.float() - mean_t) / std_t
+
+
+def takes_uint8(model) -> bool:
+    """A model that normalises its own input (`uint8_input`): it is handed the uint8 images themselves,
+    which are a quarter of the bytes to flip for TTA, batch and copy into the graph."""
+    return bool(getattr(model, "uint8_input", False))
+
+
+def model_input(model, images: torch.Tensor) -> torch.Tensor:
+    """uint8 images [N, C, H, W] -> what `model` takes: themselves when it normalises its own input, else
+    `normalize(images)`."""
+    if takes_uint8(model):
+        if images.dtype != torch.uint8:
+            raise ValueError(f"this model takes uint8 images (it normalises them itself), not {images.dtype}")
+        return images
+    return normalize(images)
 
 
 def check_input_multiple(name: str, value: int) -> int:

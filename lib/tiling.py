@@ -287,14 +287,16 @@ class Engine:
         outs = [self._run_model(model, chunk, dtype) for chunk in x.split(self.batch_size)]
         return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
-    def _to_device(self, batch: np.ndarray) -> torch.Tensor:
-        """[N, H, W, C] windows (uint8 RGB, or the task's floats) -> model input [N, C, H, W] on the device."""
+    def _to_device(self, batch: np.ndarray, model) -> torch.Tensor:
+        """[N, H, W, C] windows (uint8 RGB, or the task's floats) -> `model`'s input [N, C, H, W] on the device
+        (normalised, unless the model normalises its own input: lib.model_contract.model_input)."""
         t = torch.from_numpy(batch)
         if self.device.type == "cuda":
             t = t.pin_memory().to(self.device, non_blocking=True)
         t = t.permute(0, 3, 1, 2)
         # a decoder may bring its task's input rule (SAR arrives as floats already in 0..1)
-        x = getattr(self.decoder, "prepare_input", model_contract.normalize)(t)
+        prepare = getattr(self.decoder, "prepare_input", None)
+        x = prepare(t) if prepare is not None else model_contract.model_input(model, t)
         return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     # ----- geometry per scene ---------------------------------------------------------------------
@@ -401,7 +403,7 @@ class Engine:
         n_scores = torch.zeros(len(self.decoder.scores), device=self.device)
         for p, key in zip(self.passes, sizes):
             _, _, ph, pw = key
-            x = self._to_device(np.stack([it.inputs[key] for it in items]))
+            x = self._to_device(np.stack([it.inputs[key] for it in items]), self.models[p.model])
             groups: dict[tuple, list[str]] = {}
             for name in p.tta:  # transforms giving the same shape are batched together
                 groups.setdefault(tuple(tta_forward(x[:1], name).shape), []).append(name)

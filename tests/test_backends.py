@@ -159,6 +159,30 @@ def test_openvino_matches_onnxruntime_and_records_its_precision(drone, checkpoin
     assert np.array_equal(read(tmp_path / "ov2" / "probabilities" / "drone.tif")[0].astype(int), b)
 
 
+@pytest.mark.skipif(not (_installed("openvino") and _installed("onnxruntime")), reason="openvino is optional")
+def test_openvino_graph_takes_uint8_images_and_normalises_them_itself(checkpoints, tmp_path):
+    """The compiled segmentation graph is handed the uint8 images (a quarter of the bytes to flip and
+    batch): its fp32 maps are ONNX Runtime's on the normalised images, and a float input is refused."""
+    import model as M
+    from lib.exported import load_exported, onnx_exports
+    from lib.model_contract import model_input
+    from lib.openvino_backend import openvino_models
+
+    net = M.load_models([checkpoints["b0"]])[0]
+    onnx = onnx_exports([net], [checkpoints["b0"]], tmp_path)[0]
+    images = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8))
+    ov, ort = openvino_models([onnx], "fp32")[0], load_exported(onnx)
+    assert model_input(ov, images) is images
+    assert torch.equal(model_input(ort, images), M.normalize(images)) and torch.equal(model_input(net, images),
+                                                                                       M.normalize(images))
+    for a, b in zip(ov.probabilities(images), ort.probabilities(M.normalize(images))):
+        assert a.shape == b.shape and (a - b).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="uint8"):
+        ov.probabilities(M.normalize(images))
+    with pytest.raises(ValueError, match="uint8"):
+        model_input(ov, images.float())
+
+
 def test_backend_openvino_without_bf16_says_what_it_runs(monkeypatch, drone, checkpoints, tmp_path):
     import inference
     from lib import backend_trial as bt

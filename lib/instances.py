@@ -20,7 +20,7 @@ import shapely
 from affine import Affine
 from rasterio.features import shapes
 
-from lib.footprints import Piece, Polygonizer
+from lib.footprints import Piece, Polygonizer, polygon_of
 
 
 def label_instances(prob, border, contact, *, threshold: float, seed_threshold: float,
@@ -46,13 +46,15 @@ def instance_pieces(labels: np.ndarray, prob_u8: np.ndarray | None, row_off: int
     n = int(labels.max(initial=0))
     if n == 0:
         return []
-    counts = np.bincount(labels.ravel(), minlength=n + 1)
-    sums = (np.bincount(labels.ravel(), weights=prob_u8.ravel(), minlength=n + 1) if prob_u8 is not None
+    at = np.flatnonzero(labels)  # the buildings' pixels alone: a tile is mostly background
+    own = labels.ravel()[at]
+    counts = np.bincount(own, minlength=n + 1)
+    sums = (np.bincount(own, weights=prob_u8.ravel()[at], minlength=n + 1) if prob_u8 is not None
             else counts * 255.0)
     best: dict[int, object] = {}
     for geom, value in shapes(labels, mask=labels > 0, connectivity=4,
                               transform=Affine.translation(col_off, row_off)):
-        label, polygon = int(value), shapely.geometry.shape(geom)
+        label, polygon = int(value), polygon_of(geom)
         if label not in best or polygon.area > best[label].area:
             best[label] = polygon
     return [Piece(best[k], int(counts[k]), float(sums[k])) for k in sorted(best)]
@@ -80,12 +82,11 @@ def _instances(mask, prob, border, contact, seed_threshold: float, seed_min_px: 
     n_blobs, blobs, boxes, _ = blobs
     if border is None and contact is None:
         return blobs
-    score = _unit(prob) if prob is not None else np.ones(mask.shape, np.float32)
-    for m in (border, contact):
-        if m is not None:
-            score = score * (1 - _unit(m))
-    _, seeds, stats, _ = cv2.connectedComponentsWithStats(((score >= seed_threshold) & mask).astype(np.uint8),
-                                                          connectivity=4, ltype=cv2.CV_32S)
+    at = np.flatnonzero(mask)  # the score is needed on the blobs only: a tile is mostly background
+    score = _score(*(None if m is None else np.asarray(m).ravel()[at] for m in (prob, border, contact)), len(at))
+    seeded = np.zeros(mask.shape, np.uint8)
+    seeded.ravel()[at[score >= seed_threshold]] = 1
+    _, seeds, stats, _ = cv2.connectedComponentsWithStats(seeded, connectivity=4, ltype=cv2.CV_32S)
     keep = stats[:, cv2.CC_STAT_AREA] >= seed_min_px
     keep[0] = False
     lut = np.where(keep, np.cumsum(keep), 0).astype(np.int32)
@@ -107,10 +108,21 @@ def _instances(mask, prob, border, contact, seed_threshold: float, seed_min_px: 
             x, y, w, h = boxes[b, :4]
             rows, cols = slice(y, y + h), slice(x, x + w)
             inside = blobs[rows, cols] == b
-            flooded = watershed(1 - score[rows, cols], np.where(inside, lut[seeds[rows, cols]], 0), mask=inside,
-                                connectivity=1)
+            crop = _score(*(None if m is None else np.asarray(m)[rows, cols] for m in (prob, border, contact)), (h, w))
+            flooded = watershed(1 - crop, np.where(inside, lut[seeds[rows, cols]], 0), mask=inside, connectivity=1)
             labels[rows, cols][inside] = flooded[inside]
     return labels
+
+
+def _score(prob, border, contact, shape) -> np.ndarray:
+    """Where a building's inner part is: building x (1 - border) x (1 - contact), float32 0..1, element by
+    element (so a crop or a selection of pixels gets the values of the whole map's); a missing map counts
+    as building 1, border or contact 0."""
+    score = _unit(prob) if prob is not None else np.ones(shape, np.float32)
+    for m in (border, contact):
+        if m is not None:
+            score = score * (1 - _unit(m))
+    return score
 
 
 @dataclass

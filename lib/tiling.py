@@ -297,7 +297,13 @@ class Engine:
         # a decoder may bring its task's input rule (SAR arrives as floats already in 0..1)
         prepare = getattr(self.decoder, "prepare_input", None)
         x = prepare(t) if prepare is not None else model_contract.model_input(model, t)
-        return x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
+        return x.contiguous(memory_format=self._input_format(model))
+
+    def _input_format(self, model) -> torch.memory_format:
+        """channels_last for a PyTorch model run so; NCHW for a graph run outside PyTorch (it takes NCHW
+        arrays), made so before TTA's flips and batching, which then copy plain rows."""
+        nhwc = self.channels_last and not takes_arrays(model)
+        return torch.channels_last if nhwc else torch.contiguous_format
 
     # ----- geometry per scene ---------------------------------------------------------------------
     def factor(self, p: Pass, gsd: float | None) -> float:
@@ -398,22 +404,22 @@ class Engine:
     def _predict_items(self, items: list[_Item], sizes: list, eh: int, ew: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Maps [k, maps, eh, ew] averaged over passes and TTA, and scores [k, scores] (NaN where none)."""
         k = len(items)
-        total = torch.zeros((k, len(self.decoder.maps), eh, ew), device=self.device)
+        total = None  # the first pass's maps, then the sum of all: [k, maps, eh, ew]
         score_total = torch.zeros((k, len(self.decoder.scores)), device=self.device)
         n_scores = torch.zeros(len(self.decoder.scores), device=self.device)
         for p, key in zip(self.passes, sizes):
             _, _, ph, pw = key
             x = self._to_device(np.stack([it.inputs[key] for it in items]), self.models[p.model])
             groups: dict[tuple, list[str]] = {}
+            shape_only = torch.empty((1, *x.shape[1:]), device="meta")  # flipped without a byte copied
             for name in p.tta:  # transforms giving the same shape are batched together
-                groups.setdefault(tuple(tta_forward(x[:1], name).shape), []).append(name)
+                groups.setdefault(tuple(tta_forward(shape_only, name).shape), []).append(name)
             # the pass's TTA maps are summed at the model's resolution and upsampled once: bilinear
             # interpolation is linear, so this equals upsampling each, at a fifth of the cost for 5-way TTA
             summed: dict[tuple, torch.Tensor] = {}
             for names in groups.values():
-                xt = torch.cat([tta_forward(x, n) for n in names])
-                nchw = self.is_onnx[p.model] or not self.channels_last
-                xt = xt.contiguous(memory_format=torch.contiguous_format if nchw else torch.channels_last)
+                xt = torch.cat([tta_forward(x, n) for n in names]).contiguous(
+                    memory_format=self._input_format(self.models[p.model]))
                 maps, scores = self._forward(self.models[p.model], xt, self.exported[p.model])
                 for i, n in enumerate(names):
                     part = tta_inverse(maps[i * k:(i + 1) * k], n)
@@ -425,8 +431,8 @@ class Engine:
                     score_total[:, known] += s[:, known]
                     n_scores += known
             for part in summed.values():
-                up = F.interpolate(part, size=(ph, pw), mode="bilinear", align_corners=False)
-                total += up[:, :, :eh, :ew]
+                up = F.interpolate(part, size=(ph, pw), mode="bilinear", align_corners=False)[:, :, :eh, :ew]
+                total = up if total is None else total.add_(up)
         n = sum(len(p.tta) for p in self.passes)
         mean_scores = torch.where(n_scores > 0, score_total / n_scores.clamp(min=1), float("nan"))
         return total / n, mean_scores

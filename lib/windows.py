@@ -117,6 +117,24 @@ def balanced_bands(length: int, extent: int, overlap: int, n: int) -> list[tuple
     return list(itertools.pairwise(bounds))
 
 
+_OUTER: dict = {}  # (a, b, device) -> a x b: the weight grids of the last few window and block shapes
+_OUTER_KEEP = 4
+
+
+def outer(a: np.ndarray, b: np.ndarray, device) -> torch.Tensor:
+    """The outer product of two float32 weight vectors, [len(a), len(b)] on `device` (a x b in float32, as
+    ever), made once for the last few pairs: a folder of same-sized tiles asks for the same window weights
+    and weight sums for every image (two products of 1024 x 1024 per tile). Never modified by callers."""
+    key = (a.tobytes(), b.tobytes(), str(device))
+    grid = _OUTER.get(key)
+    if grid is None:
+        grid = torch.from_numpy(a).to(device)[:, None] * torch.from_numpy(b).to(device)[None, :]
+        if len(_OUTER) >= _OUTER_KEEP:
+            _OUTER.pop(next(iter(_OUTER)))
+        _OUTER[key] = grid
+    return grid
+
+
 class BlendSweep:
     """Blend one scene's windows into finished blocks with Hann weights, in column blocks (see above).
 
@@ -136,11 +154,9 @@ class BlendSweep:
         self.band = band
         self.rows = windows_touching(self.row_offsets, extent_h, *band)
         self.device = torch.device(device)
-        wr = torch.from_numpy(blend_weights_1d(extent_h, floor)).to(self.device)
-        wc = torch.from_numpy(blend_weights_1d(extent_w, floor)).to(self.device)
-        self.w2d = wr[:, None] * wc[None, :]
-        self.sum_r = torch.from_numpy(weight_sums(height, extent_h, self.row_offsets, floor)).to(self.device)
-        self.sum_c = torch.from_numpy(weight_sums(width, extent_w, self.col_offsets, floor)).to(self.device)
+        self.w2d = outer(blend_weights_1d(extent_h, floor), blend_weights_1d(extent_w, floor), self.device)
+        self.sum_r = weight_sums(height, extent_h, self.row_offsets, floor)
+        self.sum_c = weight_sums(width, extent_w, self.col_offsets, floor)
         self.out_cols = out_cols
         self.blocks = [(c, min(width, c + out_cols)) for c in range(0, width, out_cols)]
         # the last window of a row that touches each block: once it is added, the block is final
@@ -166,22 +182,31 @@ class BlendSweep:
             if carried is not None:
                 acc[:, :carried[0].shape[1]] = carried[0]
                 valid[:carried[1].shape[0]] = carried[1]
-            self.live[b] = acc, valid
-            cols = sum(v.shape[1] for _, v in self.live.values())
-            self.peak_cols = max(self.peak_cols, cols)
-            self.peak_bytes = max(self.peak_bytes, cols * self.eh * (4 * self.n_maps + 1) + self.carry.ram_bytes)
+            self._start(b, acc, valid)
         return self.live[b]
+
+    def _start(self, b: int, acc: torch.Tensor, valid: np.ndarray) -> None:
+        self.live[b] = acc, valid
+        cols = sum(v.shape[1] for _, v in self.live.values())
+        self.peak_cols = max(self.peak_cols, cols)
+        self.peak_bytes = max(self.peak_bytes, cols * self.eh * (4 * self.n_maps + 1) + self.carry.ram_bytes)
 
     def add(self, j: int, maps: torch.Tensor, valid: np.ndarray) -> None:
         """Add window j of the current row: its maps [n_maps, eh, ew], Hann-weighted, and validity [eh, ew]."""
         c = self.col_offsets[j]
         weighted = maps * self.w2d
         for b in range(c // self.out_cols, (c + self.ew - 1) // self.out_cols + 1):
-            acc, v = self._block(b)
             c0, c1 = self.blocks[b]
             lo, hi = max(c, c0), min(c + self.ew, c1)
-            acc[:, :, lo - c0:hi - c0] += weighted[:, :, lo - c:hi - c]
-            v[:, lo - c0:hi - c0] |= valid[:, lo - c:hi - c]
+            part, part_valid = weighted[:, :, lo - c:hi - c], valid[:, lo - c:hi - c]
+            if b not in self.live and (lo, hi) == (c0, c1) and not self.carry.holds(b):
+                # the first window of a block covers it whole: its weighted maps are the block's sum so far
+                # (0 + x = x), with no zeroed accumulator to add them to -- a tile's whole-scene window
+                self._start(b, part, part_valid.copy())
+                continue
+            acc, v = self._block(b)
+            acc[:, :, lo - c0:hi - c0] += part
+            v[:, lo - c0:hi - c0] |= part_valid
 
     def advance(self, k: int, j: int) -> Iterator[tuple[int, int, torch.Tensor, np.ndarray]]:
         """Hand out the blocks of row k that no window after window j touches."""
@@ -203,7 +228,7 @@ class BlendSweep:
             self.carry.put(b, acc[:, n:], v[n:])
         if lo < hi:
             valid = v[lo - top:hi - top].copy()
-            out = acc[:, lo - top:hi - top] / (self.sum_r[lo:hi, None] * self.sum_c[None, c0:c1])
+            out = acc[:, lo - top:hi - top] / outer(self.sum_r[lo:hi], self.sum_c[c0:c1], self.device)
             out.masked_fill_(~torch.from_numpy(valid).to(self.device), 0.0)
         del acc, v  # the block is gone before the consumer gets its rows
         if lo < hi:
@@ -236,6 +261,9 @@ class _CarryStore:
         self.file.write(memoryview(maps.contiguous().cpu().numpy()).cast("B"))
         self.file.write(memoryview(np.ascontiguousarray(valid)).cast("B"))
         self.held[b] = tuple(maps.shape), valid.shape
+
+    def holds(self, b: int) -> bool:
+        return b in self.held
 
     def take(self, b: int) -> tuple[torch.Tensor, np.ndarray] | None:
         item = self.held.pop(b, None)

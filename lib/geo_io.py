@@ -257,8 +257,9 @@ def read_window(ds, window: Window | None = None, stretch: np.ndarray | None = N
     h, w = round(window.height), round(window.width)
     c0, r0 = max(col, 0), max(row, 0)
     c1, r1 = min(col + w, ds.width), min(row + h, ds.height)
-    data = np.full((len(bands), h, w), ds.nodata or 0, dtype=ds.dtypes[bands[0] - 1])
-    valid = np.zeros((h, w), dtype=bool)
+    inside = h > 0 and w > 0 and (c0, r0, c1, r1) == (col, row, col + w, row + h)  # the read is the window
+    data = None if inside else np.full((len(bands), h, w), ds.nodata or 0, dtype=ds.dtypes[bands[0] - 1])
+    valid = None if inside else np.zeros((h, w), dtype=bool)
     if c1 > c0 and r1 > r0:
         inner = Window(c0, r0, c1 - c0, r1 - r0)
         wanted = sorted(set(bands) | ({alpha} if alpha is not None else set()))
@@ -275,17 +276,21 @@ def read_window(ds, window: Window | None = None, stretch: np.ndarray | None = N
                 ok &= ds.read_masks(1, window=inner) > 0
         except RasterioError as err:
             raise UserError(f"{ds.name}: corrupt or truncated raster ({gdal_reason(err, ds.name)})") from None
-        rows, cols = slice(r0 - row, r1 - row), slice(c0 - col, c1 - col)
-        data[:, rows, cols] = part
-        valid[rows, cols] = ok
+        if inside:
+            data, valid = part, ok
+        else:
+            rows, cols = slice(r0 - row, r1 - row), slice(c0 - col, c1 - col)
+            data[:, rows, cols] = part
+            valid[rows, cols] = ok
     if zero_is_nodata:
         valid &= np.any(data != 0, axis=0)
     if stretch is not None:
         lo = stretch[:, 0][:, None, None]
         hi = stretch[:, 1][:, None, None]
         data = np.clip((data.astype(np.float32) - lo) / (hi - lo) * 255.0, 0, 255).round()
-    rgb = np.ascontiguousarray(np.moveaxis(data.astype(np.uint8), 0, -1))
-    rgb[~valid] = 0
+    rgb = np.ascontiguousarray(np.moveaxis(data.astype(np.uint8, copy=False), 0, -1))
+    if not valid.all():
+        rgb[~valid] = 0
     return rgb, valid
 
 

@@ -229,7 +229,8 @@ class BlendSweep:
         if lo < hi:
             valid = v[lo - top:hi - top].copy()
             out = acc[:, lo - top:hi - top] / outer(self.sum_r[lo:hi], self.sum_c[c0:c1], self.device)
-            out.masked_fill_(~torch.from_numpy(valid).to(self.device), 0.0)
+            if not valid.all():  # most blocks of most scenes have imagery everywhere
+                out.masked_fill_(~torch.from_numpy(valid).to(self.device), 0.0)
         del acc, v  # the block is gone before the consumer gets its rows
         if lo < hi:
             yield lo, c0, out, valid

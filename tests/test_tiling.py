@@ -274,6 +274,31 @@ def test_sweep_equals_a_whole_scene_accumulator_bit_for_bit(carry_ram):
     assert {(r, c) for r, c, _, _ in boxes} == {(r, c) for r in [0, 88, 176, 202] for c in range(0, 610, 150)}
 
 
+@pytest.mark.parametrize("tile_size, out_cols", [(128, 50), (700, 1000)])
+def test_blocks_started_by_a_whole_window_equal_the_whole_scene_accumulator(tile_size, out_cols):
+    """A block whose first window covers it whole starts from that window's weighted maps instead of
+    zeros plus them: blocks narrower than the windows, and one window over the whole scene (a tile)."""
+    src = _nodata_scene(330, 610)
+    eng = Engine([PositionalModel()], widths=[64], tta=["none", "hflip"], tile_size=tile_size, overlap=40,
+                 batch_size=4, num_workers=0, decoder=TwoHeatmaps())
+    eng.out_cols = out_cols
+    ref, ref_valid = whole_scene_reference(eng, src)
+    out, valid, _ = _paste(eng, src)
+    assert np.array_equal(out, ref) and np.array_equal(valid, ref_valid) and ref.std() > 0.05
+
+
+def test_weight_grids_are_made_once_per_shape_and_the_cache_stays_small():
+    from lib import windows
+
+    a, b = windows.blend_weights_1d(96), windows.blend_weights_1d(64)
+    grid = windows.outer(a, b, "cpu")
+    assert torch.equal(grid, torch.from_numpy(a)[:, None] * torch.from_numpy(b)[None, :])
+    assert windows.outer(a.copy(), b.copy(), "cpu") is grid  # same values, same grid
+    for n in range(10, 10 + 2 * windows._OUTER_KEEP):
+        windows.outer(windows.blend_weights_1d(n), b, "cpu")
+    assert len(windows._OUTER) <= windows._OUTER_KEEP
+
+
 def test_rows_equal_the_same_rows_of_a_whole_scene_run_and_compute_only_their_windows(checkpoints):
     import model as M
 

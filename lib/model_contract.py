@@ -50,16 +50,11 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return (x.float() - mean_t) / std_t
 
 
-def takes_uint8(model) -> bool:
-    """A model that normalises its own input (`uint8_input`): it is handed the uint8 images themselves,
-    which are a quarter of the bytes to flip for TTA, batch and copy into the graph."""
-    return bool(getattr(model, "uint8_input", False))
-
-
 def model_input(model, images: torch.Tensor) -> torch.Tensor:
-    """uint8 images [N, C, H, W] -> what `model` takes: themselves when it normalises its own input, else
+    """uint8 images [N, C, H, W] -> what `model` takes: themselves when it normalises its own input
+    (`uint8_input`; a quarter of the bytes to flip for TTA, batch and copy into the graph), else
     `normalize(images)`."""
-    if takes_uint8(model):
+    if getattr(model, "uint8_input", False):
         if images.dtype != torch.uint8:
             raise ValueError(f"this model takes uint8 images (it normalises them itself), not {images.dtype}")
         return images

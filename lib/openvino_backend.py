@@ -9,8 +9,10 @@ is a property of the compiled graph and is recorded as such (`.precision`).
 
 A segmentation graph is compiled to take the uint8 images and normalise them itself (OpenVINO's
 preprocessing, with `model_contract.normalization`'s mean and standard deviation): the engine then flips
-and batches the TTA inputs in uint8, a quarter of the bytes, and the model runs no slower (b0 bf16 at
-672 px: 4.41-4.52 inputs/s fed uint8 against 4.45-4.51 fed normalised floats, on a 2-core EPYC).
+and batches the TTA inputs in uint8, a quarter of the bytes, and the model's speed is the same within
+noise (b0 bf16 at 672 px, batch 5, alternated 12 times on a 2-core EPYC: medians 4.26 inputs/s fed uint8
+and 4.30 fed normalised floats; benchmarks/RESULTS.md). Loading a cached graph costs about 0.08 s more,
+as OpenVINO hashes the in-memory graph.
 """
 
 from __future__ import annotations
@@ -69,7 +71,7 @@ class OpenVinoModel(ExportedModel):
         self.precision = precision
         settings = {"INFERENCE_PRECISION_HINT": HINTS[precision], "PERFORMANCE_HINT": "LATENCY",
                     "INFERENCE_NUM_THREADS": max(1, torch.get_num_threads()), "ENABLE_CPU_PINNING": PIN_THREADS}
-        if cache_dir is not None:  # b0's compiled graph: loaded in 0.14-0.18 s instead of compiled in 0.28 s
+        if cache_dir is not None:  # b0's compiled graph: loaded in 0.17-0.19 s instead of compiled in 0.3-0.4 s
             settings["CACHE_DIR"] = str(cache_dir)
         core = ov.Core()
         try:
